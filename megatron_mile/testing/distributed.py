@@ -1,0 +1,141 @@
+"""Run a function in N processes joined by a gloo process group, and collect what each returns.
+
+Many cases should run inside one launch: each process pays the import of torch (about 2 s)
+and megatron-core (about 8 s) once.
+
+    def _body(rank: int, world_size: int, gamma: float) -> float:
+        ...                                  # torch.distributed is initialised here
+        return loss.item()
+
+    results = run_distributed(_body, world_size=2, args=(1.0,))   # [result_rank0, result_rank1]
+
+A failure on any rank is re-raised in the caller with that rank's traceback, and the other
+ranks are terminated instead of being left blocked in a collective. A run that exceeds
+``timeout_s`` is terminated and reported as a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable, Sequence
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class DistributedTestError(RuntimeError):
+    """A rank raised, crashed or hung; the message carries the rank and its traceback."""
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    init_file: str,
+    fn: Callable[..., Any],
+    args: Sequence[Any],
+    results: "mp.Queue",
+    env: dict[str, str],
+) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    try:
+        dist.init_process_group(
+            backend="gloo", init_method=f"file://{init_file}", rank=rank,
+            world_size=world_size, timeout=timedelta(seconds=120),
+        )
+        out = fn(rank, world_size, *args)
+        results.put((rank, True, out))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: Sequence[Any] = (),
+    *,
+    timeout_s: float = 300.0,
+    env: dict[str, str] | None = None,
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes over gloo.
+
+    Args:
+        fn: a module-level (picklable) function; ``torch.distributed`` is initialised before
+            it is called and destroyed after it returns.
+        world_size: number of processes.
+        args: extra positional arguments, pickled to every rank.
+        timeout_s: wall-clock limit for the whole run; past it every rank is terminated.
+        env: extra environment variables set in each rank before initialisation.
+
+    Returns:
+        The values returned by ``fn``, indexed by rank.
+
+    Raises:
+        DistributedTestError: a rank raised or died, or the run exceeded ``timeout_s``.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    with tempfile.TemporaryDirectory(prefix="mile-dist-") as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [
+            ctx.Process(
+                target=_worker,
+                args=(rank, world_size, init_file, fn, tuple(args), results, env),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        outputs: dict[int, Any] = {}
+        try:
+            deadline = time.monotonic() + timeout_s
+            while len(outputs) < world_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DistributedTestError(
+                        f"distributed run of {fn.__name__} exceeded {timeout_s:.0f} s "
+                        f"(ranks finished: {sorted(outputs)}); likely a hang in a collective"
+                    )
+                try:
+                    rank, ok, payload = results.get(timeout=min(remaining, 1.0))
+                except queue.Empty:
+                    dead = [r for r, p in enumerate(procs)
+                            if r not in outputs and p.exitcode is not None]
+                    if dead:
+                        # A rank that exited without reporting may still have a message in
+                        # flight: give the queue a moment before declaring a crash.
+                        try:
+                            rank, ok, payload = results.get(timeout=2.0)
+                        except queue.Empty:
+                            raise DistributedTestError(
+                                f"rank {dead[0]} of {fn.__name__} died with exit code "
+                                f"{procs[dead[0]].exitcode} without reporting"
+                            ) from None
+                    else:
+                        continue
+                if not ok:
+                    raise DistributedTestError(
+                        f"rank {rank} of {world_size} failed in {fn.__name__}:\n{payload}"
+                    )
+                outputs[rank] = payload
+        finally:
+            for p in procs:
+                p.join(timeout=5)
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+                    p.join(timeout=5)
+    return [outputs[r] for r in range(world_size)]
