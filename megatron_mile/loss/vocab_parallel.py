@@ -165,7 +165,7 @@ class _VocabParallelWeightedCE(torch.autograd.Function):
                 rowmax_n = max_buf[_HEADER:]
                 if error is None and any_error:
                     error = "another tensor-parallel rank reported invalid input (see its error)"
-                if error is None and vp_max != -vp_min:
+                if vp_max != -vp_min:  # the root cause of any vocabulary-range error too
                     error = (
                         f"vocabulary shard sizes differ across tensor-parallel ranks "
                         f"(min {int(-vp_min)}, max {int(vp_max)}): every rank must hold v/tp "
