@@ -357,7 +357,7 @@ class TrainConfig:
         if p.context_parallel_size > 1 and m.transformer_impl != "transformer_engine":
             raise ConfigError("parallel.context_parallel_size > 1 needs "
                               "model.transformer_impl=transformer_engine")
-        if not self.data.mock and not self.data.data_path and not self.data.blend_per_split:
+        if not self.data.mock and not self.data.data_path:
             raise ConfigError("data.data_path is empty: give Megatron .bin/.idx prefixes (make "
                               "them with tools/preprocess_data.py) or set data.mock=true")
 
