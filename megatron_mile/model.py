@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    get_transformer_layer_offset,
+)
 
 from megatron_mile.config import ConfigError, TrainConfig
 from megatron_mile.loss import LossConfig, token_losses
@@ -80,11 +88,56 @@ def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool) -> Transf
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
+        # Interleaved 1F1B: unbatched, overlapped p2p, as Megatron-LM sets it (batched p2p
+        # pairs the wrong messages at PP=2; see megatron_mile.platform.check_pipeline_config).
+        overlap_p2p_comm=bool(p.virtual_pipeline_model_parallel_size),
+        batch_p2p_comm=not p.virtual_pipeline_model_parallel_size,
         **fp8,
     )
 
 
-def layer_spec(cfg: TrainConfig):
+class RMSNorm(torch.nn.Module):
+    """RMSNorm for the local (non-TE) spec that, unlike megatron's WrappedTorchNorm, supports
+    sequence parallelism: its weight is marked ``sequence_parallel`` so megatron's
+    ``finalize_model_grads`` all-reduces its gradient over the TP group (each rank saw only
+    its slice of the sequence). Computes in fp32, returns the input dtype."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x_sbh: torch.Tensor) -> torch.Tensor:
+        x32 = x_sbh.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x_sbh.dtype) * self.weight
+
+
+class LayoutInvariantTransformerLayer(TransformerLayer):
+    """A TransformerLayer whose initial weights depend on the seed and its global layer number
+    only, not on which pipeline stage builds it.
+
+    It reseeds the CPU generator before building. With ``use_cpu_initialization`` (CPU runs),
+    megatron draws every full weight from that generator and slices it per TP rank, so TP=1,
+    TP=2, PP=1 and PP=2 start from the same model: the layout-equivalence tests rely on it.
+    The embedding (built before any layer) and the output layer (after the last) then see the
+    same stream in every layout too. On GPU megatron initialises on the device from its own
+    RNG tracker, so this only fixes the order of the CPU stream there.
+    """
+
+    def __init__(self, config: TransformerConfig, submodules, layer_number: int = 1,
+                 *args, init_seed: int = 0, **kwargs):
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        global_number = layer_number + get_transformer_layer_offset(
+            config, kwargs.get("vp_stage"), pp_rank)
+        torch.manual_seed(init_seed * 1_000_003 + global_number)
+        super().__init__(config, submodules, layer_number, *args, **kwargs)
+
+
+def layer_spec(cfg: TrainConfig, config: TransformerConfig, vp_stage: Optional[int] = None):
+    """Transformer Engine's spec, or megatron's local spec with :class:`RMSNorm` norms; the
+    latter as a block spec (layers of this pipeline stage + the final norm)."""
     if cfg.model.transformer_impl == "transformer_engine":
         try:
             from megatron.core.models.gpt.gpt_layer_specs import (
@@ -97,7 +150,13 @@ def layer_spec(cfg: TrainConfig):
                 f"({e}); use NVIDIA's PyTorch container or model.transformer_impl=local"
             ) from None
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.module = LayoutInvariantTransformerLayer
+    layer.params = {**(layer.params or {}), "init_seed": cfg.training.seed}
+    layer.submodules.input_layernorm = RMSNorm
+    layer.submodules.pre_mlp_layernorm = RMSNorm
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)
 
 
 class MileGPTModel(GPTModel):
@@ -129,7 +188,7 @@ def build_model_chunk(cfg: TrainConfig, config: TransformerConfig, vocab_size: i
     """One pipeline chunk of the model (all of it when PP = 1)."""
     return MileGPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(cfg),
+        transformer_layer_spec=layer_spec(cfg, config, vp_stage),
         vocab_size=vocab_size,
         max_sequence_length=cfg.model.seq_length,
         pre_process=pre_process,

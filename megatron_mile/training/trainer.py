@@ -47,7 +47,7 @@ from megatron_mile.model import (
     padded_vocab_size,
     transformer_config,
 )
-from megatron_mile.platform import initialize_distributed
+from megatron_mile.platform import check_pipeline_config, initialize_distributed
 from megatron_mile.training import checkpointing
 from megatron_mile.training.logger import MetricsLogger
 
@@ -132,6 +132,7 @@ class Trainer:
         # CPU initialisation builds each full weight from one generator and slices it, so the
         # weights do not depend on the TP size (used by the layout-equivalence tests).
         self.transformer_config = transformer_config(cfg, use_cpu_initialization=not on_gpu)
+        check_pipeline_config(self.transformer_config)
         vpp = cfg.parallel.virtual_pipeline_model_parallel_size
         chunks = []
         for vp_stage in range(vpp or 1):
@@ -175,10 +176,14 @@ class Trainer:
         )
         optimizer = get_megatron_optimizer(opt_config, self.model)
         train_iters = self.cfg.training.train_iters
+        decay_steps = o.lr_decay_iters or train_iters
+        # megatron's scheduler needs warm-up < decay: a short debug run (train_iters=10 on a
+        # 2000-step warm-up config) warms up for all but its last step.
+        warmup_steps = min(o.lr_warmup_iters, max(decay_steps - 1, 0))
         scheduler = OptimizerParamScheduler(
             optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=min(o.lr_warmup_iters, train_iters),
-            lr_decay_steps=o.lr_decay_iters or train_iters,
+            lr_warmup_steps=warmup_steps,
+            lr_decay_steps=max(decay_steps, warmup_steps + 1),
             lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
             wd_incr_steps=train_iters, wd_incr_style="constant",
         )
@@ -199,17 +204,25 @@ class Trainer:
         train_ds, valid_ds, _ = build_datasets(cfg.data, self.tokenizer, cfg.model.seq_length,
                                                num_samples, t.seed)
         self.valid_dataset = valid_ds
-        loader = build_data_loader(train_ds, self.consumed_samples, t.micro_batch_size,
-                                   self.dp_rank, self.dp_size, cfg.data.num_workers)
-        self.train_iterator = iter(loader)
+        self.train_iterator = self._iterators(train_ds, self.consumed_samples,
+                                              cfg.data.num_workers)
 
-    def _valid_iterator(self) -> Optional[Iterator]:
+    def _iterators(self, dataset, consumed_samples: int, num_workers: int):
+        """One iterator per model chunk, over the same samples: with interleaved pipelining
+        the schedule calls ``next`` on the first chunk for the tokens and on the last chunk
+        for the labels of the same micro-batch."""
+        iterators = [
+            iter(build_data_loader(dataset, consumed_samples, self.cfg.training.micro_batch_size,
+                                   self.dp_rank, self.dp_size, num_workers))
+            for _ in self.model
+        ]
+        return iterators[0] if len(iterators) == 1 else iterators
+
+    def _valid_iterator(self):
         if self.valid_dataset is None:
             return None
         # Every evaluation reads the same first eval_iters global batches: comparable numbers.
-        loader = build_data_loader(self.valid_dataset, 0, self.cfg.training.micro_batch_size,
-                                   self.dp_rank, self.dp_size, 0)
-        return iter(loader)
+        return self._iterators(self.valid_dataset, 0, 0)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -313,10 +326,9 @@ class Trainer:
 
     def _forward_backward(self, data_iterator, forward_only: bool) -> list[dict]:
         forward_backward = get_forward_backward_func()
-        iterator = data_iterator if len(self.model) == 1 else [data_iterator] * len(self.model)
         return forward_backward(
             forward_step_func=self._forward_step,
-            data_iterator=iterator,
+            data_iterator=data_iterator,
             model=self.model,
             num_microbatches=self.num_microbatches,
             seq_length=self.cfg.model.seq_length,
