@@ -20,6 +20,7 @@ it, so resuming from ``consumed_samples`` gives exactly the batches an uninterru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from typing import Callable, Iterator, Sequence
@@ -104,9 +105,27 @@ def build_datasets(
         mid_level_dataset_surplus=cfg.mid_level_dataset_surplus,
     )
     cls = MockGPTDataset if cfg.mock else GPTDataset
-    train, valid, test = BlendedMegatronDatasetBuilder(
-        cls, list(num_samples), built_here, gpt_cfg).build()
+    with _rank_zero_without_process_group():
+        train, valid, test = BlendedMegatronDatasetBuilder(
+            cls, list(num_samples), built_here, gpt_cfg).build()
     return train, valid, test
+
+
+@contextlib.contextmanager
+def _rank_zero_without_process_group() -> Iterator[None]:
+    """Work around megatron-core 0.16.1: ``BlendedDataset._build_indices`` calls
+    ``torch.distributed.get_rank()`` unguarded when ``path_to_cache`` is set, which raises in
+    a single process without a process group. There the one process *is* rank 0, so answer 0
+    for the duration of the build; with a process group nothing is changed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        yield
+        return
+    original = torch.distributed.get_rank
+    torch.distributed.get_rank = lambda group=None: 0  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.distributed.get_rank = original
 
 
 def _check_data(cfg: DataConfig, tokenizer: Tokenizer, built_here: Callable[[], bool]) -> None:

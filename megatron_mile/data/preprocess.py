@@ -125,7 +125,8 @@ def _encode_chunk(fmt: InputFormat, records: list[Record]) -> _ChunkResult:
         else:
             texts.append(text)
     eod = _SP.eos_id()
-    ids = _SP.encode(texts) if texts else []
+    # One thread: parallelism is --workers (SentencePiece would otherwise use every core).
+    ids = _SP.encode(texts, num_threads=1) if texts else []
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     tokens = np.empty(int(lengths.sum()), dtype=_DTYPE)
     pos = 0
