@@ -97,7 +97,10 @@ def _pair(rank: int, world_size: int, tmp: str) -> dict:
         sig = _run(LAYOUTS["pp2"] + [f"checkpoint.save={os.path.join(tmp, 'signal')}"], 2)
     finally:
         Trainer.train_step = original
-    out["signal"] = {"reason": sig["exit_reason"], "iteration": sig["iteration"]}
+    from megatron_mile.training.checkpointing import find_latest_checkpoint
+
+    out["signal"] = {"reason": sig["exit_reason"], "iteration": sig["iteration"],
+                     "checkpoint": find_latest_checkpoint(os.path.join(tmp, "signal"))}
     return out
 
 
@@ -149,4 +152,4 @@ def test_resume_reproduces_the_uninterrupted_run(pair):
 
 
 def test_signal_on_one_rank_saves_and_stops_all(pair):
-    assert pair["signal"] == {"reason": "signal", "iteration": 3}
+    assert pair["signal"] == {"reason": "signal", "iteration": 3, "checkpoint": 3}
