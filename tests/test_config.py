@@ -101,3 +101,25 @@ def test_cli_missing_data_path_fails_fast_with_the_fix(tmp_path):
     assert proc.returncode != 0
     assert str(missing) in proc.stderr and "preprocess_data.py" in proc.stderr, proc.stderr[-2000:]
     assert "iteration" not in proc.stdout  # failed before training
+
+
+def test_configuration_reference_is_generated_and_current():
+    proc = subprocess.run([sys.executable, "tools/gen_config_docs.py", "--check"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_config_field_has_a_docstring():
+    import dataclasses
+    import typing
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from gen_config_docs import field_docs
+
+    from megatron_mile.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    missing = [f"{s.name}.{f.name}" for s in dataclasses.fields(TrainConfig)
+               for f in dataclasses.fields(hints[s.name])
+               if not field_docs(hints[s.name]).get(f.name)]
+    assert not missing, f"fields without a docstring: {missing}"
