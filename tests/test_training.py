@@ -97,6 +97,29 @@ def _pair(rank: int, world_size: int, tmp: str) -> dict:
         sig = _run(LAYOUTS["pp2"] + [f"checkpoint.save={os.path.join(tmp, 'signal')}"], 2)
     finally:
         Trainer.train_step = original
+    # Half precision through the trainer (Float16Module, fp32 master weights; fp16 with
+    # dynamic loss scaling), TP=2 with the distributed optimizer.
+    for dtype in ("bf16", "fp16"):
+        out[dtype] = _curve(_run(LAYOUTS["tp2_distopt"] + [f"precision.dtype={dtype}"], 2))
+
+    # A non-finite loss seen on ONE rank stops every rank with a clear error, no hang.
+    original_reduce = Trainer._reduce_report
+
+    def reduce_with_nan(self, reports):
+        metrics = original_reduce(self, reports)
+        if self.iteration == 2 and rank == 0:
+            metrics["lm_loss"] = float("nan")
+        return metrics
+
+    Trainer._reduce_report = reduce_with_nan
+    try:
+        _run(LAYOUTS["tp2"], 2)
+        out["nan"] = None
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        out["nan"] = f"{type(e).__name__}: {e}"
+    finally:
+        Trainer._reduce_report = original_reduce
+
     from megatron_mile.training.checkpointing import find_latest_checkpoint
 
     out["signal"] = {"reason": sig["exit_reason"], "iteration": sig["iteration"],
@@ -153,3 +176,17 @@ def test_resume_reproduces_the_uninterrupted_run(pair):
 
 def test_signal_on_one_rank_saves_and_stops_all(pair):
     assert pair["signal"] == {"reason": "signal", "iteration": 3, "checkpoint": 3}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_trains_like_fp32(pair, dtype):
+    """bf16 has an 8-bit mantissa: over 8 steps of a 4-layer model the curve stays within 2e-2
+    of fp32 (measured ~2e-3); fp16 has 11 bits and dynamic loss scaling."""
+    curve = pair[dtype]
+    _assert_same_curve(curve, pair["tp2_distopt"], dtype, rtol=2e-2)
+    assert curve[-1] < curve[0] - 0.5
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank(pair):
+    assert pair["nan"] is not None and pair["nan"].startswith("NonFiniteLossError: non-finite "
+                                                              "loss at iteration 2"), pair["nan"]
