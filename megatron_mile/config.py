@@ -1,0 +1,486 @@
+"""The one typed configuration of a training run: YAML file + dotted command-line overrides.
+
+    cfg = load_config("tiny", ["loss.gamma=2", "parallel.tensor_model_parallel_size=2"])
+
+Each section is a dataclass whose fields carry a docstring (the string literal right after
+the field); ``docs/configuration.md`` is generated from them by ``tools/gen_config_docs.py``,
+so the reference cannot drift. Values are checked field by field in ``__post_init__`` and
+across sections in :meth:`TrainConfig.validate`, before any process group or model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from megatron_mile.data.config import DataConfig
+from megatron_mile.loss.config import LossConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def _positive(section: str, **values: Any) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{section}.{name}={value} must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    """LLaMA-style decoder (RMSNorm, SwiGLU, RoPE, no biases) on megatron-core's GPTModel."""
+
+    num_layers: int = 2
+    """Transformer layers; divisible by pipeline_model_parallel_size (x virtual stages)."""
+    hidden_size: int = 64
+    """Model width h."""
+    num_attention_heads: int = 4
+    """Query heads; divisible by tensor_model_parallel_size; hidden_size divisible by it."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; None means multi-head (= heads)."""
+    ffn_hidden_size: Optional[int] = None
+    """SwiGLU inner width; None means LLaMA's rule: 2/3 * 4h rounded up to a multiple of 256."""
+    seq_length: int = 128
+    """Tokens per training sample."""
+    vocab_size: Optional[int] = None
+    """None: the tokenizer's vocabulary. The embedding is padded to a multiple of
+    make_vocab_size_divisible_by x tensor_model_parallel_size."""
+    make_vocab_size_divisible_by: int = 128
+    """Padding multiple of the embedding rows (per TP rank), as in Megatron-LM."""
+    init_method_std: float = 0.01
+    """Std of the normal weight init (the paper: 0.01)."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon (the paper: 1e-5)."""
+    rotary_base: int = 10000
+    """RoPE base."""
+    untie_embeddings: bool = True
+    """Separate input embedding and output layer weights (LLaMA, the paper)."""
+    transformer_impl: str = "local"
+    """Layer implementation: 'local' (megatron-core modules, CPU or GPU) or
+    'transformer_engine' (GPU, needs Transformer Engine; required for FP8)."""
+    recompute_granularity: Optional[str] = None
+    """Activation recomputation: None, 'selective' (attention core) or 'full'."""
+    recompute_num_layers: int = 1
+    """With 'full': layers per recomputed block (uniform method)."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP (LLaMA: 0)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities (LLaMA: 0)."""
+
+    def __post_init__(self) -> None:
+        _positive("model", num_layers=self.num_layers, hidden_size=self.hidden_size,
+                  num_attention_heads=self.num_attention_heads,
+                  num_query_groups=self.num_query_groups, ffn_hidden_size=self.ffn_hidden_size,
+                  seq_length=self.seq_length, vocab_size=self.vocab_size,
+                  make_vocab_size_divisible_by=self.make_vocab_size_divisible_by,
+                  init_method_std=self.init_method_std, norm_epsilon=self.norm_epsilon,
+                  rotary_base=self.rotary_base, recompute_num_layers=self.recompute_num_layers)
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}")
+        if self.num_query_groups and self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.num_query_groups={self.num_query_groups}")
+        if self.transformer_impl not in ("local", "transformer_engine"):
+            raise ConfigError(f"model.transformer_impl={self.transformer_impl!r} is not one of "
+                              "('local', 'transformer_engine')")
+        if self.recompute_granularity not in (None, "selective", "full"):
+            raise ConfigError(f"model.recompute_granularity={self.recompute_granularity!r} is "
+                              "not one of (None, 'selective', 'full')")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return 256 * math.ceil(int(8 * self.hidden_size / 3) / 256)
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and the batch are split over processes. Data parallel size is derived:
+    world_size / (tensor x pipeline x context)."""
+
+    tensor_model_parallel_size: int = 1
+    """TP: splits attention heads, MLP and the vocabulary (the loss reduces over it)."""
+    pipeline_model_parallel_size: int = 1
+    """PP: splits layers into stages run with the 1F1B schedule."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline stage for the interleaved schedule (None: plain 1F1B)."""
+    sequence_parallel: bool = False
+    """Shard activations along the sequence in norm/dropout regions (needs TP > 1)."""
+    context_parallel_size: int = 1
+    """CP: splits the sequence across ranks in attention (needs Transformer Engine)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state and fp32 master weights over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass."""
+
+    def __post_init__(self) -> None:
+        _positive("parallel", tensor_model_parallel_size=self.tensor_model_parallel_size,
+                  pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+                  virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
+                  context_parallel_size=self.context_parallel_size)
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs "
+                              "parallel.tensor_model_parallel_size > 1")
+        if self.virtual_pipeline_model_parallel_size and self.pipeline_model_parallel_size < 2:
+            raise ConfigError("parallel.virtual_pipeline_model_parallel_size needs "
+                              "parallel.pipeline_model_parallel_size >= 2")
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric formats. The loss always computes in fp32, whatever the logits' dtype."""
+
+    dtype: str = "bf16"
+    """Parameter/activation dtype: 'fp32', 'bf16' (fp32 master weights in the optimizer) or
+    'fp16' (plus dynamic loss scaling)."""
+    fp8: Optional[str] = None
+    """FP8 GEMMs through Transformer Engine: None, 'hybrid' (e4m3 forward, e5m2 backward) or
+    'e4m3'. Needs model.transformer_impl='transformer_engine' and a GPU with FP8."""
+    fp8_amax_history_len: int = 1024
+    """Delayed-scaling recipe: amax history length."""
+    fp8_amax_compute_algo: str = "max"
+    """Delayed-scaling recipe: 'max' or 'most_recent'."""
+    fp8_margin: int = 0
+    """Delayed-scaling recipe: scaling-factor margin (powers of 2)."""
+    initial_loss_scale: float = 65536.0
+    """fp16 only: initial dynamic loss scale."""
+    min_loss_scale: float = 1.0
+    """fp16 only: floor of the dynamic loss scale."""
+    loss_scale_window: int = 1000
+    """fp16 only: iterations without overflow before the scale doubles."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision.dtype={self.dtype!r} is not one of ('fp32', 'bf16', "
+                              "'fp16')")
+        if self.fp8 not in (None, "hybrid", "e4m3"):
+            raise ConfigError(f"precision.fp8={self.fp8!r} is not one of (None, 'hybrid', 'e4m3')")
+        if self.fp8_amax_compute_algo not in ("max", "most_recent"):
+            raise ConfigError(f"precision.fp8_amax_compute_algo={self.fp8_amax_compute_algo!r} "
+                              "is not one of ('max', 'most_recent')")
+        _positive("precision", fp8_amax_history_len=self.fp8_amax_history_len,
+                  initial_loss_scale=self.initial_loss_scale, min_loss_scale=self.min_loss_scale,
+                  loss_scale_window=self.loss_scale_window)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW through megatron-core's optimizer, with its OptimizerParamScheduler."""
+
+    lr: float = 3e-4
+    """Peak learning rate (the paper: 3e-4)."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    lr_warmup_iters: int = 2000
+    """Linear warm-up iterations (the paper: 2000)."""
+    lr_decay_iters: Optional[int] = None
+    """Iterations over which the lr decays to min_lr; None means training.train_iters."""
+    lr_decay_style: str = "cosine"
+    """'cosine', 'linear' or 'constant'."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (the paper: 0.1)."""
+    adam_beta1: float = 0.9
+    """Adam beta1 (the paper: 0.9)."""
+    adam_beta2: float = 0.95
+    """Adam beta2 (the paper: 0.95)."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold (0 disables)."""
+
+    def __post_init__(self) -> None:
+        _positive("optimizer", lr=self.lr, lr_decay_iters=self.lr_decay_iters,
+                  adam_eps=self.adam_eps)
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optimizer.min_lr={self.min_lr} must be in [0, optimizer.lr="
+                              f"{self.lr}]")
+        if self.lr_warmup_iters < 0:
+            raise ConfigError(f"optimizer.lr_warmup_iters={self.lr_warmup_iters} must be >= 0")
+        if self.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"optimizer.lr_decay_style={self.lr_decay_style!r} is not one of "
+                              "('cosine', 'linear', 'constant')")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optimizer.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.weight_decay < 0 or self.clip_grad < 0:
+            raise ConfigError(f"optimizer.weight_decay={self.weight_decay} and optimizer."
+                              f"clip_grad={self.clip_grad} must be >= 0")
+
+
+@dataclass
+class TrainingConfig:
+    """Batch sizes, length of the run, evaluation and logging cadence."""
+
+    micro_batch_size: int = 2
+    """Samples per micro-batch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Samples per optimizer step: micro_batch_size x data-parallel size x micro-batches."""
+    train_iters: int = 100
+    """Optimizer steps."""
+    seed: int = 1234
+    """Seed of initialisation, dropout and data order."""
+    log_interval: int = 10
+    """Iterations between console/TensorBoard logs."""
+    eval_interval: int = 100
+    """Iterations between validation runs (also run at the end); 0 disables."""
+    eval_iters: int = 10
+    """Global batches per validation run."""
+    exit_on_signal: bool = True
+    """On SIGTERM/SIGUSR1: finish the iteration, save a checkpoint, exit 0 (for requeue)."""
+
+    def __post_init__(self) -> None:
+        _positive("training", micro_batch_size=self.micro_batch_size,
+                  global_batch_size=self.global_batch_size, train_iters=self.train_iters,
+                  log_interval=self.log_interval)
+        if self.eval_interval < 0 or self.eval_iters < 0:
+            raise ConfigError(f"training.eval_interval={self.eval_interval} and training."
+                              f"eval_iters={self.eval_iters} must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where checkpoints go and where a run resumes from."""
+
+    save: Optional[str] = None
+    """Directory to save checkpoints into (None: never save)."""
+    save_interval: Optional[int] = None
+    """Iterations between saves; the last iteration is always saved when save is set."""
+    load: Optional[str] = None
+    """Directory to resume from. It MUST hold a complete checkpoint: a missing or corrupt one
+    is an error, never a silent fresh start."""
+    auto_resume: bool = True
+    """If load is unset: resume from save when it holds a complete checkpoint, else start
+    fresh (what requeued Slurm jobs need)."""
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint", save_interval=self.save_interval)
+
+
+@dataclass
+class LoggingConfig:
+    """Console and TensorBoard output."""
+
+    tensorboard_dir: Optional[str] = None
+    """TensorBoard event directory (None: console only)."""
+
+
+@dataclass
+class TrainConfig:
+    """A whole run. Load with :func:`load_config`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Training objective."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Numeric formats."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and learning-rate schedule."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Run length, batches, cadence."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Datasets and tokenizer."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+
+    def data_parallel_size(self, world_size: int) -> int:
+        p = self.parallel
+        return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                              * p.context_parallel_size)
+
+    def validate(self, world_size: int) -> None:
+        """Cross-section checks for a run on ``world_size`` processes."""
+        p, m, t = self.parallel, self.model, self.training
+        model_parallel = (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                          * p.context_parallel_size)
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor x pipeline x context "
+                f"parallel = {p.tensor_model_parallel_size} x {p.pipeline_model_parallel_size} "
+                f"x {p.context_parallel_size}; launch a multiple of {model_parallel} processes")
+        if m.num_attention_heads % p.tensor_model_parallel_size:
+            raise ConfigError(
+                f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+                f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}")
+        groups = m.num_query_groups or m.num_attention_heads
+        if groups % p.tensor_model_parallel_size:
+            raise ConfigError(f"model.num_query_groups={groups} is not divisible by "
+                              f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}")
+        stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
+        if m.num_layers % stages:
+            raise ConfigError(
+                f"model.num_layers={m.num_layers} is not divisible by the {stages} pipeline "
+                "stages (pipeline_model_parallel_size x virtual_pipeline_model_parallel_size)")
+        dp = self.data_parallel_size(world_size)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(
+                f"training.global_batch_size={t.global_batch_size} is not divisible by "
+                f"training.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
+        if p.virtual_pipeline_model_parallel_size:
+            num_mb = t.global_batch_size // (t.micro_batch_size * dp)
+            if num_mb % p.pipeline_model_parallel_size:
+                raise ConfigError(
+                    f"the interleaved schedule needs the {num_mb} micro-batches per step to be "
+                    f"a multiple of parallel.pipeline_model_parallel_size="
+                    f"{p.pipeline_model_parallel_size}")
+        if self.precision.fp8 and m.transformer_impl != "transformer_engine":
+            raise ConfigError(f"precision.fp8={self.precision.fp8!r} needs "
+                              "model.transformer_impl=transformer_engine")
+        if p.context_parallel_size > 1 and m.transformer_impl != "transformer_engine":
+            raise ConfigError("parallel.context_parallel_size > 1 needs "
+                              "model.transformer_impl=transformer_engine")
+        if not self.data.mock and not self.data.data_path:
+            raise ConfigError("data.data_path is empty: give Megatron .bin/.idx prefixes (make "
+                              "them with tools/preprocess_data.py) or set data.mock=true")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading
+
+def _resolve_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a shipped config "
+                      f"(shipped: {', '.join(names)})")
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is a value, not a section")
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["a.b=1", "c.d=[x, y]"]`` -> nested dict; values are parsed as YAML."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or key.startswith("-"):
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if value is None:
+        raise ConfigError(f"{where}=None is not allowed (expected {getattr(tp, '__name__', tp)})")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}={value!r} must be a string")
+        return str(value)
+    return value
+
+
+def _build(cls: type, values: dict, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping of fields, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown field(s) {', '.join(f'{where}.{u}'.lstrip('.') for u in unknown)}; "
+                          f"{where or 'the config'} has: {', '.join(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        path = f"{where}.{name}".lstrip(".")
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, path)
+        else:
+            kwargs[name] = _coerce(value, tp, path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # section validators raise ValueError naming the field
+        raise ConfigError(str(e)) from None
+
+
+def load_config(name_or_path: str, overrides: Optional[list[str]] = None,
+                world_size: Optional[int] = None) -> TrainConfig:
+    """Read a YAML config (a path or a shipped name), apply overrides, validate.
+
+    ``world_size`` defaults to ``$WORLD_SIZE`` (1 when unset), so that the layout is checked
+    before any process group exists.
+    """
+    path = _resolve_path(name_or_path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    tree = _merge(tree, parse_overrides(overrides or []))
+    cfg = _build(TrainConfig, tree, "")
+    cfg.validate(world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    return cfg

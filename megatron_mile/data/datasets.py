@@ -1,0 +1,257 @@
+"""Tokenizer, GPT datasets and data loaders for the trainer, on megatron-core 0.16.1.
+
+    tokenizer = build_tokenizer(cfg)
+    train_ds, valid_ds, test_ds = build_datasets(cfg, tokenizer, seq_length=1024,
+                                                 num_samples=(train_iters * gbs, eval_n, test_n),
+                                                 seed=1234)
+    loader = build_data_loader(train_ds, consumed_samples, micro_batch_size,
+                               dp_rank, dp_size, cfg.num_workers)
+    batch = next(iter(loader))       # dict of tensors, b = micro_batch_size, s = seq_length:
+    # tokens [b, s] int64, labels [b, s] int64 (tokens shifted by one), loss_mask [b, s] float32,
+    # position_ids [b, s] int64, and attention_mask [b, 1, s, s] bool (True = masked) only
+    # with cfg.create_attention_mask.
+
+Datasets are built by megatron-core's ``BlendedMegatronDatasetBuilder`` (``GPTDataset``, or
+``MockGPTDataset`` with ``cfg.mock``). Under ``torch.distributed`` it is called on every rank:
+global rank 0 builds and caches the document/sample/shuffle indices first, the others wait at
+a barrier and then load the cache. The sample order is fixed by ``seed``; the loader only walks
+it, so resuming from ``consumed_samples`` gives exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import (
+    BlendedMegatronDatasetBuilder,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.indexed_dataset import DType
+from torch.utils.data import DataLoader, Dataset
+
+from megatron_mile.data.config import DataConfig
+from megatron_mile.data.tokenizer import NullTokenizer, SentencePieceTokenizer, Tokenizer
+
+_TOKENS_CHECKED = 1 << 20
+"""Tokens read from the start of each .bin to check they fit the tokenizer's vocabulary."""
+
+
+def build_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """The tokenizer ``cfg`` names: SentencePiece if ``tokenizer_model``, else null."""
+    if cfg.tokenizer_model is not None:
+        return SentencePieceTokenizer(cfg.tokenizer_model)
+    assert cfg.vocab_size is not None  # DataConfig guarantees one of the two
+    return NullTokenizer(cfg.vocab_size)
+
+
+def build_datasets(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    seq_length: int,
+    num_samples: tuple[int, int, int],
+    seed: int,
+    is_built_on_rank: Callable[[], bool] | None = None,
+) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
+    """Build the train, validation and test datasets.
+
+    Args:
+        cfg: the data configuration.
+        tokenizer: from :func:`build_tokenizer`; its ``eod`` drives ``eod_mask_loss`` and the
+            ``reset_*`` options and its vocabulary must cover the data.
+        seq_length: tokens per sample (``s``); each sample reads ``s + 1`` tokens.
+        num_samples: (train, valid, test) samples to provide at least; a dataset repeats in
+            further shuffled epochs to reach it.
+        seed: seed of the shuffles; same seed, same data order.
+        is_built_on_rank: whether this rank holds data (e.g. only tensor-parallel rank 0);
+            must be True on global rank 0. Default: every rank.
+
+    Returns:
+        ``(train, valid, test)``: megatron-core datasets of dict samples, None for a split
+        with no data (e.g. a 0 test weight) or on ranks where ``is_built_on_rank`` is False.
+
+    Raises:
+        FileNotFoundError: a data prefix has no ``.bin``/``.idx`` (raised on every rank, before
+            any index is built; the message says how to create it).
+        ValueError: bad arguments, or data with token ids beyond the tokenizer's vocabulary.
+    """
+    if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
+        raise ValueError(f"seq_length={seq_length!r}: must be a positive integer")
+    if len(num_samples) != 3 or any(
+            n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0)
+            for n in num_samples):
+        raise ValueError(f"num_samples={num_samples!r}: must be (train, valid, test) "
+                         f"non-negative integers")
+    built_here = is_built_on_rank or (lambda: True)
+    _check_data(cfg, tokenizer, built_here)
+
+    per_split = cfg.blend_per_split()
+    gpt_cfg = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=None if per_split else cfg.blend(),
+        blend_per_split=per_split,
+        split=None if (per_split or cfg.mock) else cfg.split,
+        path_to_cache=cfg.path_to_cache,
+        tokenizer=tokenizer,
+        reset_position_ids=cfg.reset_position_ids,
+        reset_attention_mask=cfg.reset_attention_mask,
+        eod_mask_loss=cfg.eod_mask_loss,
+        create_attention_mask=cfg.create_attention_mask,
+        mid_level_dataset_surplus=cfg.mid_level_dataset_surplus,
+    )
+    cls = MockGPTDataset if cfg.mock else GPTDataset
+    with _rank_zero_without_process_group():
+        train, valid, test = BlendedMegatronDatasetBuilder(
+            cls, list(num_samples), built_here, gpt_cfg).build()
+    return train, valid, test
+
+
+@contextlib.contextmanager
+def _rank_zero_without_process_group() -> Iterator[None]:
+    """Work around megatron-core 0.16.1: ``BlendedDataset._build_indices`` calls
+    ``torch.distributed.get_rank()`` unguarded when ``path_to_cache`` is set, which raises in
+    a single process without a process group. There the one process *is* rank 0, so answer 0
+    for the duration of the build; with a process group nothing is changed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        yield
+        return
+    original = torch.distributed.get_rank
+    torch.distributed.get_rank = lambda group=None: 0  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.distributed.get_rank = original
+
+
+def _check_data(cfg: DataConfig, tokenizer: Tokenizer, built_here: Callable[[], bool]) -> None:
+    """Raise on every rank if any rank lacks data, so that no rank waits in a barrier."""
+    error: str | None = None
+    if not cfg.mock and built_here():
+        try:
+            for name, prefix in cfg.all_prefixes():
+                _check_prefix(name, prefix, tokenizer.vocab_size)
+        except (FileNotFoundError, ValueError) as err:
+            error = f"{type(err).__name__}: {err}"
+    errors = [error]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        errors = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(errors, error)
+    for rank, err in enumerate(errors):
+        if err is not None:
+            where = f" (reported by rank {rank})" if len(errors) > 1 else ""
+            kind, _, msg = err.partition(": ")
+            raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(msg + where)
+
+
+def _check_prefix(name: str, prefix: str, vocab_size: int) -> None:
+    missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
+    if missing:
+        hint = ""
+        if prefix.endswith((".bin", ".idx")):
+            hint = f" DataConfig.{name} takes the prefix without .bin/.idx: use {prefix[:-4]!r}."
+        elif os.path.isdir(os.path.dirname(prefix) or ".") and any(
+                f.startswith(os.path.basename(prefix) + ".bin.tmp-")
+                for f in os.listdir(os.path.dirname(prefix) or ".")):
+            hint = " A preprocessing run for it was interrupted: run it again."
+        raise FileNotFoundError(
+            f"DataConfig.{name}: no indexed dataset at prefix {prefix!r} (missing "
+            f"{', '.join(missing)}).{hint} Create it with: python tools/preprocess_data.py "
+            f"--input CORPUS.jsonl --output-prefix {prefix} --tokenizer-model TOKENIZER.model")
+    dtype = _idx_dtype(prefix + ".idx")
+    n = min(_TOKENS_CHECKED, os.path.getsize(prefix + ".bin") // np.dtype(dtype).itemsize)
+    if n:
+        top = int(np.fromfile(prefix + ".bin", dtype=dtype, count=n).max())
+        if top >= vocab_size:
+            raise ValueError(
+                f"DataConfig.{name}: {prefix}.bin holds token id {top} but the tokenizer has "
+                f"vocab_size={vocab_size}: the data was preprocessed with another tokenizer. "
+                f"Use that tokenizer_model, or re-run tools/preprocess_data.py with this one")
+
+
+def _idx_dtype(idx_path: str) -> type:
+    # Header: 9-byte magic, uint64 version, uint8 dtype code (megatron-core's _IndexWriter).
+    with open(idx_path, "rb") as f:
+        head = f.read(18)
+    if len(head) < 18 or head[:9] != b"MMIDIDX\x00\x00":
+        raise ValueError(f"{idx_path} is not a Megatron index file (bad header); re-run "
+                         f"tools/preprocess_data.py")
+    return DType.dtype_from_code(struct.unpack("<B", head[17:18])[0])
+
+
+class PretrainingSampler:
+    """Megatron's pretraining batch sampler: contiguous, deterministic, resumable.
+
+    Sample indices ``consumed_samples, consumed_samples + 1, ...`` are cut into global
+    micro-batch sets of ``micro_batch_size * data_parallel_size``; data-parallel rank ``r``
+    takes slice ``[r * micro_batch_size, (r + 1) * micro_batch_size)`` of each set. The
+    dataset itself is already shuffled (by seed), so walking it in order is random but
+    reproducible, and restarting at ``consumed_samples`` continues exactly where a run
+    stopped. An incomplete last set is dropped.
+    """
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 data_parallel_rank: int, data_parallel_size: int) -> None:
+        if total_samples <= 0:
+            raise ValueError(f"total_samples={total_samples}: the dataset is empty")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size={micro_batch_size}: must be >= 1")
+        if data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size={data_parallel_size}: must be >= 1")
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(f"data_parallel_rank={data_parallel_rank}: must be in "
+                             f"[0, {data_parallel_size})")
+        if not 0 <= consumed_samples < total_samples:
+            raise ValueError(
+                f"consumed_samples={consumed_samples}: must be in [0, {total_samples}) for a "
+                f"dataset of {total_samples} samples. Resuming past its end means "
+                f"build_datasets was given fewer train samples than this run needs: raise "
+                f"num_samples[0] to at least train_iters * global_batch_size")
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_rank = data_parallel_rank
+        self.global_micro_batch = micro_batch_size * data_parallel_size
+
+    def __len__(self) -> int:
+        """Micro-batches this rank yields."""
+        return (self.total_samples - self.consumed_samples) // self.global_micro_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self.consumed_samples + self.data_parallel_rank * self.micro_batch_size
+        for i in range(len(self)):
+            first = start + i * self.global_micro_batch
+            yield list(range(first, first + self.micro_batch_size))
+
+
+def build_data_loader(
+    dataset: Dataset | None,
+    consumed_samples: int,
+    micro_batch_size: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    num_workers: int,
+) -> DataLoader | None:
+    """A DataLoader over ``dataset`` yielding this DP rank's micro-batches from
+    ``consumed_samples`` on (see :class:`PretrainingSampler`); None if ``dataset`` is None.
+
+    Batches are dicts of stacked samples: ``tokens``/``labels``/``position_ids`` [b, s]
+    int64, ``loss_mask`` [b, s] float32, ``attention_mask`` [b, 1, s, s] bool if created.
+    """
+    if dataset is None:
+        return None
+    if num_workers < 0:
+        raise ValueError(f"num_workers={num_workers}: must be >= 0")
+    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
+                                 data_parallel_rank, data_parallel_size)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0)
+
+
+__all__: Sequence[str] = ("build_tokenizer", "build_datasets", "build_data_loader",
+                          "PretrainingSampler")

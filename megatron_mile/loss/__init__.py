@@ -1,0 +1,66 @@
+"""Losses over vocabulary-parallel logits: MiLe, focal and cross-entropy.
+
+``vocab_parallel.py`` holds the autograd Function, ``reference.py`` the dense float64
+specification, ``reduction.py`` the normalisation into a micro-batch loss, ``config.py`` the
+typed configuration, and :func:`token_losses` the one dispatch the model calls.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_mile.loss.config import LOSS_TYPES, LossConfig
+from megatron_mile.loss.reduction import (
+    NORMALIZATIONS,
+    ReducedLoss,
+    reduce_global,
+    reduce_paper,
+    reduce_token_losses,
+)
+from megatron_mile.loss.vocab_parallel import (
+    IGNORE_INDEX,
+    WeightedCrossEntropy,
+    vocab_parallel_focal_loss,
+    vocab_parallel_mile_loss,
+    vocab_parallel_weighted_cross_entropy,
+)
+
+__all__ = [
+    "IGNORE_INDEX", "LOSS_TYPES", "NORMALIZATIONS", "LossConfig", "ReducedLoss",
+    "WeightedCrossEntropy", "reduce_global", "reduce_paper", "reduce_token_losses",
+    "token_losses", "vocab_parallel_focal_loss", "vocab_parallel_mile_loss",
+    "vocab_parallel_weighted_cross_entropy",
+]
+
+
+def token_losses(
+    vocab_parallel_logits: torch.Tensor,
+    target: torch.Tensor,
+    cfg: LossConfig,
+    tp_group: Optional[dist.ProcessGroup] = None,
+) -> WeightedCrossEntropy:
+    """Per-token losses of the configured objective; ``[s, b, v/tp]`` logits, ``[s, b]`` target.
+
+    ``cross_entropy`` goes through megatron-core's ``vocab_parallel_cross_entropy`` (3
+    all-reduces on megatron's TP group, so ``tp_group`` must be that group or None); its
+    weight is 1 and its entropy is not computed (NaN). ``focal`` and ``mile`` use the fused
+    Function of ``vocab_parallel.py`` (2 all-reduces).
+    """
+    if cfg.type == "cross_entropy":
+        from megatron.core import parallel_state, tensor_parallel
+
+        if (tp_group is not None and parallel_state.model_parallel_is_initialized()
+                and tp_group is not parallel_state.get_tensor_model_parallel_group()):
+            raise ValueError("loss.type=cross_entropy runs on megatron-core's TP group only")
+        ce = tensor_parallel.vocab_parallel_cross_entropy(vocab_parallel_logits, target)
+        ones = torch.ones_like(ce, dtype=torch.float32).detach()
+        nan = torch.full_like(ones, float("nan"))
+        return WeightedCrossEntropy(ce.float(), ones, ce.detach().float(), nan)
+    weighting = "mile" if cfg.type == "mile" else "focal"
+    return vocab_parallel_weighted_cross_entropy(
+        vocab_parallel_logits, target, weighting=weighting, gamma=cfg.gamma, sigma=cfg.sigma,
+        tp_group=tp_group, validate=cfg.validate_targets,
+    )

@@ -1,0 +1,101 @@
+"""From per-token ``(weighted_ce, weight, loss_mask)`` to the scalar a micro-batch contributes.
+
+Megatron's pipeline schedules call ``loss_func`` once per micro-batch on the last pipeline
+stage, and take ``(loss_sum, num_tokens, report)``:
+
+- ``"paper"`` (default, the official code's semantics, arXiv 2310.19531): on each rank
+  ``alpha_r = 1 / mean(weight over this micro-batch's unmasked tokens)``; alpha is the mean
+  of ``alpha_r`` over the data-parallel (x context-parallel) ranks that have tokens; the
+  micro-batch loss is ``alpha * sum(weighted_ce * mask) / sum(mask)``. The schedule divides
+  ``loss_sum`` by ``num_tokens`` and by the number of micro-batches, and DDP averages over
+  DP: the objective is the mean over micro-steps and ranks, as with HF gradient accumulation
+  + DeepSpeed. One deliberate difference from the official code: masked tokens count nowhere
+  (the official code averages over all positions, ignored ones included).
+- ``"global"``: the exact weighted mean ``sum(w * CE * mask) / sum(w * mask)`` over the global
+  batch. ``loss_sum = sum(weighted_ce * mask)``; the trainer runs with
+  ``calculate_per_token_loss=True`` and divides the gradients by the weight total summed over
+  micro-batches and all-reduced over DP x CP (see ``megatron_mile.training``).
+
+alpha is never reduced over tensor-parallel ranks: after the loss's all-reduces every TP
+rank holds the same entropy, hence the same weights and alpha.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["NORMALIZATIONS", "ReducedLoss", "reduce_paper", "reduce_global", "reduce_token_losses"]
+
+NORMALIZATIONS = ("paper", "global")
+
+
+class ReducedLoss(NamedTuple):
+    """One micro-batch's contribution; scalars."""
+
+    loss_sum: torch.Tensor
+    """Differentiable numerator handed to the schedule."""
+    num_tokens: torch.Tensor
+    """Unmasked tokens, int: the schedule divides ``loss_sum`` by it unless per-token mode."""
+    weight_sum: torch.Tensor
+    """sum(weight * mask), detached fp32: the ``"global"`` mode's denominator term."""
+    alpha: torch.Tensor
+    """The detached normaliser applied (1 in ``"global"`` mode, which has none)."""
+
+
+def _masked_sums(weighted_ce: torch.Tensor, weight: torch.Tensor, loss_mask: torch.Tensor):
+    if loss_mask.shape != weighted_ce.shape:
+        raise ValueError(
+            f"loss_mask shape {tuple(loss_mask.shape)} does not match the per-token loss shape "
+            f"{tuple(weighted_ce.shape)}"
+        )
+    mask = loss_mask.to(torch.float32)
+    return (weighted_ce * mask).sum(), (weight * mask).sum(), mask.sum()
+
+
+def reduce_paper(
+    weighted_ce: torch.Tensor,
+    weight: torch.Tensor,
+    loss_mask: torch.Tensor,
+    dp_cp_group: Optional[dist.ProcessGroup],
+) -> ReducedLoss:
+    """``"paper"`` normalisation of one micro-batch.
+
+    Collectives: one SUM all-reduce of 2 fp32 values (alpha_r, has_tokens) on ``dp_cp_group``
+    (skipped when it is None or of size 1).
+    An all-masked micro-batch gives loss 0 and alpha 0 on that rank, never a NaN.
+    """
+    wce_sum, w_sum, n = _masked_sums(weighted_ce, weight, loss_mask)
+    has_tokens = (w_sum > 0).to(torch.float32)
+    alpha_r = torch.where(w_sum > 0, n / w_sum.clamp_min(torch.finfo(torch.float32).tiny),
+                          torch.zeros_like(w_sum))
+    buf = torch.stack([alpha_r.detach(), has_tokens])
+    if dp_cp_group is not None and dist.get_world_size(dp_cp_group) > 1:
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=dp_cp_group)
+    alpha = buf[0] / buf[1].clamp_min(1.0)
+    return ReducedLoss(alpha * wce_sum, n.round().to(torch.int), w_sum.detach(), alpha)
+
+
+def reduce_global(
+    weighted_ce: torch.Tensor, weight: torch.Tensor, loss_mask: torch.Tensor
+) -> ReducedLoss:
+    """``"global"`` normalisation: no collective here; the denominator is reduced by the trainer."""
+    wce_sum, w_sum, n = _masked_sums(weighted_ce, weight, loss_mask)
+    return ReducedLoss(wce_sum, n.round().to(torch.int), w_sum.detach(), torch.ones_like(w_sum))
+
+
+def reduce_token_losses(
+    normalization: str,
+    weighted_ce: torch.Tensor,
+    weight: torch.Tensor,
+    loss_mask: torch.Tensor,
+    dp_cp_group: Optional[dist.ProcessGroup],
+) -> ReducedLoss:
+    """Dispatch on ``normalization`` (``"paper"`` or ``"global"``)."""
+    if normalization == "paper":
+        return reduce_paper(weighted_ce, weight, loss_mask, dp_cp_group)
+    if normalization == "global":
+        return reduce_global(weighted_ce, weight, loss_mask)
+    raise ValueError(f"normalization={normalization!r} is not one of {NORMALIZATIONS}")

@@ -1,0 +1,338 @@
+"""Token-weighted cross-entropy over vocabulary-parallel logits: MiLe and focal loss.
+
+Shape legend (tensor names carry their shapes):
+    s: sequence length          b: micro-batch size          n = s * b tokens
+    v: full vocabulary size     v/tp (written ``vp``): the columns held by one TP rank
+
+Both losses are ``w_i * CE_i`` with a per-token weight ``w_i`` that is detached:
+
+    MiLe  (arXiv 2310.19531):  w_i = (sigma + H_i) ** gamma,  H_i the softmax entropy over ALL of v
+    focal (its baseline):      w_i = (1 - p_i[target]) ** gamma
+
+With ``m = max_v z``, ``e_v = exp(z_v - m)``, ``S = sum_v e_v`` and ``T = sum_v e_v (z_v - m)``:
+
+    CE = log S - (z_target - m)        H = log S - T / S        p_target = exp(-CE)
+
+so the entropy needs no second pass over the vocabulary. Over a vocabulary sharded across TP
+ranks, ``m`` is a MAX all-reduce and ``(S, T, z_target - m)`` are additive once every rank
+uses the same global ``m``: one SUM all-reduce of a concatenated ``[3, n]`` buffer. That is
+two collectives in forward (Megatron's unfused CE issues three) and none in backward, since
+``dCE/dz = softmax - onehot`` is local to each shard once ``S`` is known.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "IGNORE_INDEX",
+    "WeightedCrossEntropy",
+    "vocab_parallel_weighted_cross_entropy",
+    "vocab_parallel_mile_loss",
+    "vocab_parallel_focal_loss",
+]
+
+IGNORE_INDEX = -100
+"""Target id whose token counts nowhere: weighted CE 0, weight 0, zero gradient (HF convention).
+Megatron pipelines normally keep every target in range and use a loss mask instead."""
+
+_WEIGHTINGS = ("mile", "focal", "none")
+# float64 is accepted (computed in float64) so the Function can be gradchecked.
+_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# Elements of the fp32 temporary used per chunk of rows while exponentiating. Small on CPU so
+# the chunk stays in cache; large on GPU so the Python loop issues few kernels.
+_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 25}
+
+# Header of the MAX all-reduce when validating: [error flag, shard size, -shard size].
+_HEADER = 3
+
+
+class WeightedCrossEntropy(NamedTuple):
+    """Per-token results, each ``[s, b]`` fp32; only ``weighted_ce`` carries a gradient."""
+
+    weighted_ce: torch.Tensor
+    """``weight * ce``: differentiable w.r.t. the logits (through ce only)."""
+    weight: torch.Tensor
+    """The detached per-token weight (1 for unweighted CE, 0 for IGNORE_INDEX targets)."""
+    ce: torch.Tensor
+    """Plain cross-entropy ``-log p[target]``, detached (0 for IGNORE_INDEX targets)."""
+    entropy: torch.Tensor
+    """Softmax entropy over the full vocabulary, detached (NaN-free; computed for every token)."""
+
+
+def _check_params(weighting: str, gamma: float, sigma: float) -> None:
+    """Argument checks that every rank evaluates identically: safe to raise before collectives."""
+    if weighting not in _WEIGHTINGS:
+        raise ValueError(f"weighting={weighting!r} is not one of {_WEIGHTINGS}")
+    if not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"gamma={gamma} must be a finite number >= 0 (the paper uses 1)")
+    if not math.isfinite(sigma):
+        raise ValueError(f"sigma={sigma} must be finite (the paper uses 1)")
+    if weighting == "mile" and sigma < 0 and gamma != int(gamma):
+        raise ValueError(
+            f"sigma={sigma} < 0 with non-integer gamma={gamma}: (sigma + H) ** gamma is NaN "
+            "wherever the entropy H < -sigma; use sigma >= 0 or an integer gamma"
+        )
+
+
+def _local_tensor_error(
+    logits: torch.Tensor, target: torch.Tensor, vocab_size: int, validate_target: bool
+) -> Optional[str]:
+    """Checks of this rank's tensors; the verdict is shared through the MAX all-reduce."""
+    if logits.dtype not in _LOGITS_DTYPES:
+        return f"logits dtype {logits.dtype} is not one of fp32, bf16, fp16 (or fp64)"
+    if logits.dim() < 2 or logits.shape[:-1] != target.shape:
+        return (
+            f"logits shape {tuple(logits.shape)} does not match target shape "
+            f"{tuple(target.shape)}: expected logits [s, b, v/tp] and target [s, b]"
+        )
+    if target.dtype not in (torch.int64, torch.int32):
+        return f"target dtype {target.dtype} must be int64 or int32 (vocabulary ids)"
+    if target.device != logits.device:
+        return f"target is on {target.device} but logits are on {logits.device}"
+    if validate_target and target.numel() > 0:
+        bad = ((target < 0) & (target != IGNORE_INDEX)) | (target >= vocab_size)
+        if bool(bad.any()):
+            first = target[bad].flatten()[0].item()
+            return (
+                f"target id {first} is outside the vocabulary [0, {vocab_size}) "
+                f"({int(bad.sum())} such tokens); use loss_mask (or {IGNORE_INDEX}) for "
+                "positions without a target, and check that the tokenizer's vocab_size "
+                "matches the model's"
+            )
+    return None
+
+
+def _tp_info(tp_group: Optional[dist.ProcessGroup]) -> tuple[Optional[dist.ProcessGroup], int, int]:
+    """(group, rank, world size); a single process without torch.distributed is TP=1."""
+    if tp_group is None:
+        if not dist.is_available() or not dist.is_initialized():
+            return None, 0, 1
+        from megatron.core import parallel_state
+
+        if not parallel_state.model_parallel_is_initialized():
+            raise ValueError(
+                "tp_group=None means megatron-core's tensor-parallel group, but "
+                "parallel_state.initialize_model_parallel() has not been called: call it, "
+                "or pass tp_group explicitly"
+            )
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    return tp_group, dist.get_rank(tp_group), dist.get_world_size(tp_group)
+
+
+class _VocabParallelWeightedCE(torch.autograd.Function):
+    """forward -> (weighted_ce_n, weight_n, ce_n, entropy_n); backward is local to each shard.
+
+    Collectives on ``tp_group`` (none when its size is 1):
+      forward  1. all-reduce MAX of ``[header(3) +] rowmax_n``   (header only if validating)
+               2. all-reduce SUM of ``[3, n]`` = (sum exp, sum exp * (z - m), z_target - m)
+      backward none.
+    Memory: one fp32 ``[n, v/tp]`` buffer holding exp(z - m), turned into the gradient in
+    place. For fp32 logits that buffer IS the caller's logits tensor (overwritten, as
+    megatron-core's CE does); for bf16/fp16 it is a new fp32 tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_sbvp, target_sb, weighting, gamma, sigma, tp_group, validate):
+        group, tp_rank, tp_size = _tp_info(tp_group)
+        vp = logits_sbvp.shape[-1] if logits_sbvp.dim() > 0 else 0
+        vocab_size = vp * tp_size
+        error = _local_tensor_error(logits_sbvp, target_sb, vocab_size, validate)
+        n = target_sb.numel() if error is None else logits_sbvp.numel() // max(vp, 1)
+        device = logits_sbvp.device
+        # fp32 arithmetic for fp32/bf16/fp16 logits; fp64 only for fp64 (gradcheck).
+        cdtype = torch.float64 if logits_sbvp.dtype == torch.float64 else torch.float32
+
+        # ---- collective 1: MAX of the row maxima (and of the validation header) ----
+        if error is None:
+            logits_nvp = logits_sbvp.reshape(n, vp)
+            rowmax_n = (logits_nvp.amax(dim=-1).to(cdtype) if vp > 0
+                        else torch.zeros(n, dtype=cdtype, device=device))
+        else:
+            rowmax_n = torch.zeros(n, dtype=cdtype, device=device)
+        if tp_size > 1:
+            if validate:
+                header = torch.tensor([float(error is not None), vp, -vp], dtype=cdtype,
+                                      device=device)
+                max_buf = torch.cat([header, rowmax_n])
+                dist.all_reduce(max_buf, op=dist.ReduceOp.MAX, group=group)
+                any_error, vp_max, vp_min = max_buf[:_HEADER].tolist()
+                rowmax_n = max_buf[_HEADER:]
+                if error is None and any_error:
+                    error = "another tensor-parallel rank reported invalid input (see its error)"
+                if vp_max != -vp_min:  # the root cause of any vocabulary-range error too
+                    error = (
+                        f"vocabulary shard sizes differ across tensor-parallel ranks "
+                        f"(min {int(-vp_min)}, max {int(vp_max)}): every rank must hold v/tp "
+                        "columns; pad the vocabulary to a multiple of the TP size"
+                    )
+            else:
+                dist.all_reduce(rowmax_n, op=dist.ReduceOp.MAX, group=group)
+        if error is not None:
+            raise ValueError(error)
+        if vp == 0:
+            raise ValueError("logits have an empty vocabulary dimension")
+
+        # ---- local statistics relative to the global max ----
+        vocab_start = tp_rank * vp
+        target_n = target_sb.reshape(n).long()
+        ignored_n = target_n == IGNORE_INDEX
+        local_t_n = target_n - vocab_start
+        owned_n = (local_t_n >= 0) & (local_t_n < vp)
+        local_t_n = torch.where(owned_n, local_t_n, torch.zeros_like(local_t_n))
+        # Gather the target logit before the buffer is overwritten (it may be the logits).
+        z_target_n = logits_nvp.gather(1, local_t_n.unsqueeze(1)).squeeze(1).to(cdtype) - rowmax_n
+        z_target_n = torch.where(owned_n, z_target_n, torch.zeros_like(z_target_n))
+
+        exp_nvp = logits_nvp if logits_nvp.dtype == cdtype else torch.empty(
+            n, vp, dtype=cdtype, device=device
+        )
+        sums_3n = torch.empty(3, n, dtype=cdtype, device=device)
+        rows = max(1, _CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"] // vp)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            z_cvp = logits_nvp[r0:r1].to(cdtype) - rowmax_n[r0:r1, None]  # temporary [c, v/tp]
+            e_cvp = exp_nvp[r0:r1]
+            torch.exp(z_cvp, out=e_cvp)
+            sums_3n[0, r0:r1] = e_cvp.sum(dim=-1)
+            # sum_v e_v * z_v as a batched dot product: no [c, v/tp] product is stored. The
+            # entropy is computed for every weighting, since the trainer reports it.
+            sums_3n[1, r0:r1] = torch.bmm(e_cvp.unsqueeze(1), z_cvp.unsqueeze(2)).view(-1)
+        sums_3n[2] = z_target_n
+
+        # ---- collective 2: SUM of (sum exp, sum exp * z, target logit) ----
+        if tp_size > 1:
+            dist.all_reduce(sums_3n, op=dist.ReduceOp.SUM, group=group)
+        sum_exp_n, sum_exp_z_n, z_target_n = sums_3n.unbind(0)
+
+        log_sum_exp_n = torch.log(sum_exp_n)
+        ce_n = log_sum_exp_n - z_target_n
+        # H >= 0 mathematically; rounding can leave -1e-7, which a negative base would turn
+        # into NaN under a fractional gamma.
+        entropy_n = (log_sum_exp_n - sum_exp_z_n / sum_exp_n).clamp_min(0.0)
+        if weighting == "mile":
+            weight_n = (sigma + entropy_n).pow(gamma)
+        elif weighting == "focal":
+            weight_n = (-torch.expm1(-ce_n)).clamp_min(0.0).pow(gamma)  # (1 - p_target)**gamma
+        else:
+            weight_n = torch.ones_like(ce_n)
+        zero = torch.zeros_like(ce_n)
+        ce_n = torch.where(ignored_n, zero, ce_n)
+        weight_n = torch.where(ignored_n, zero, weight_n)
+        weighted_ce_n = weight_n * ce_n
+
+        # Save the caller's tensor itself, not a view of it: autograd forbids saving a view
+        # made here of a tensor that is later modified in place.
+        aliases_input = exp_nvp.data_ptr() == logits_sbvp.data_ptr() and logits_sbvp.is_contiguous()
+        saved_exp = logits_sbvp if aliases_input else exp_nvp
+        ctx.save_for_backward(saved_exp, sum_exp_n, weight_n, local_t_n, owned_n & ~ignored_n)
+        ctx.logits_shape = logits_sbvp.shape
+        shape = target_sb.shape
+        outputs = tuple(t.view(shape) for t in (weighted_ce_n, weight_n, ce_n, entropy_n))
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_wce_sb, _grad_weight, _grad_ce, _grad_entropy):
+        # d(w * CE)/dz = w * (softmax - onehot) with w detached; no communication.
+        exp_nvp, sum_exp_n, weight_n, local_t_n, owned_n = ctx.saved_tensors
+        grad_n = grad_wce_sb.reshape(-1).to(weight_n.dtype) * weight_n
+        # Reuse the exp buffer in place: softmax * grad, then - grad at the target column.
+        grad_nvp = exp_nvp.view(-1, exp_nvp.shape[-1])
+        grad_nvp.mul_((grad_n / sum_exp_n).unsqueeze(1))
+        rows_n = torch.arange(grad_nvp.shape[0], device=grad_nvp.device)
+        grad_nvp[rows_n, local_t_n] -= torch.where(owned_n, grad_n, torch.zeros_like(grad_n))
+        return grad_nvp.view(ctx.logits_shape), None, None, None, None, None, None
+
+
+def vocab_parallel_weighted_cross_entropy(
+    vocab_parallel_logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    weighting: str = "mile",
+    gamma: float = 1.0,
+    sigma: float = 1.0,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    validate: bool = True,
+) -> WeightedCrossEntropy:
+    """Weighted CE with every per-token statistic; see :func:`vocab_parallel_mile_loss`.
+
+    Args:
+        weighting: ``"mile"``, ``"focal"`` or ``"none"`` (plain CE with weight 1).
+        validate: check target ids, shapes and shard sizes collectively (the check rides on
+            the MAX all-reduce; on GPU it costs one host sync per call). Set False only
+            for benchmarking trusted inputs.
+    """
+    _check_params(weighting, float(gamma), float(sigma))
+    return WeightedCrossEntropy(*_VocabParallelWeightedCE.apply(
+        vocab_parallel_logits, target, weighting, float(gamma), float(sigma), tp_group, validate
+    ))
+
+
+def vocab_parallel_mile_loss(
+    vocab_parallel_logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    sigma: float = 1.0,
+    tp_group: Optional[dist.ProcessGroup] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MiLe loss per token over vocabulary-parallel logits.
+
+    Args:
+        vocab_parallel_logits: ``[s, b, v/tp]`` fp32, bf16 or fp16; this rank's vocabulary
+            columns ``[rank * v/tp, (rank + 1) * v/tp)``. fp32 logits are OVERWRITTEN
+            (the buffer becomes exp(z - max), then the gradient), as in megatron-core's CE:
+            pass a clone if you still need them.
+        target: ``[s, b]`` global vocabulary ids; ``IGNORE_INDEX`` (-100) marks a token that
+            counts nowhere.
+        gamma: exponent of the weight, >= 0; ``gamma=0`` is plain cross-entropy.
+        sigma: offset added to the entropy before the power.
+        tp_group: the tensor-parallel group the vocabulary is split over; ``None`` means
+            megatron-core's tensor-parallel group (or a single process when
+            torch.distributed is not initialised).
+
+    Returns:
+        ``(weighted_ce, weight)``, both ``[s, b]`` fp32: ``weight = (sigma + H) ** gamma`` with
+        H the entropy of the softmax over the FULL vocabulary, detached, and
+        ``weighted_ce = weight * CE``. The gradient w.r.t. the logits is
+        ``grad_out * weight * (softmax - onehot)``, computed in fp32 and returned in the
+        logits' dtype.
+
+    Collectives on ``tp_group``: forward one MAX all-reduce of ``[3 + n]`` and one SUM
+    all-reduce of ``[3, n]`` fp32 (n = s * b); backward none.
+
+    Raises:
+        ValueError: gamma < 0, sigma < 0 with a fractional gamma, target ids outside the
+            vocabulary, shape or dtype mismatches, or shard sizes that differ across TP ranks.
+            Tensor checks are agreed through the MAX all-reduce, so every TP rank raises
+            together and none is left blocked. Non-finite logits give a NaN loss, never a
+            finite one.
+    """
+    out = vocab_parallel_weighted_cross_entropy(
+        vocab_parallel_logits, target, weighting="mile", gamma=gamma, sigma=sigma,
+        tp_group=tp_group,
+    )
+    return out.weighted_ce, out.weight
+
+
+def vocab_parallel_focal_loss(
+    vocab_parallel_logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    tp_group: Optional[dist.ProcessGroup] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Focal loss per token (the paper's baseline): ``weight = (1 - p_target) ** gamma``.
+
+    Same interface, collectives, memory use and errors as :func:`vocab_parallel_mile_loss`.
+    """
+    out = vocab_parallel_weighted_cross_entropy(
+        vocab_parallel_logits, target, weighting="focal", gamma=gamma, tp_group=tp_group,
+    )
+    return out.weighted_ce, out.weight

@@ -1,0 +1,224 @@
+"""The LLaMA-style GPT model on megatron-core, with the configured loss hooked in once.
+
+Shape legend: b micro-batch, s sequence, v/tp vocabulary shard, k = len(TOKEN_STATS).
+
+``MileGPTModel.compute_language_model_loss`` is megatron-core's single place where a model
+turns logits into a loss. It returns ``[b, s, k]``: the differentiable weighted CE and the
+detached per-token statistics the normalisation and the logs need, so nothing is stashed on
+the module between the forward and the loss function.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    get_transformer_layer_offset,
+)
+
+from megatron_mile.config import ConfigError, TrainConfig
+from megatron_mile.loss import LossConfig, token_losses
+
+TOKEN_STATS = ("weighted_ce", "weight", "ce", "entropy")
+"""Channels of the model's training output ``[b, s, k]``; only ``weighted_ce`` has a gradient."""
+
+
+def padded_vocab_size(vocab_size: int, cfg: TrainConfig) -> int:
+    """Pad so every TP rank holds the same number of rows, a multiple of the padding unit."""
+    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor_model_parallel_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool) -> TransformerConfig:
+    """megatron-core's TransformerConfig for ``cfg`` (LLaMA: RMSNorm, SwiGLU, no biases)."""
+    m, p, prec = cfg.model, cfg.parallel, cfg.precision
+    on_gpu = torch.cuda.is_available()
+    fp8 = {}
+    if prec.fp8:
+        fp8 = dict(fp8=prec.fp8, fp8_margin=prec.fp8_margin,
+                   fp8_amax_history_len=prec.fp8_amax_history_len,
+                   fp8_amax_compute_algo=prec.fp8_amax_compute_algo)
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        init_method_std=m.init_method_std,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        context_parallel_size=p.context_parallel_size,
+        params_dtype=prec.torch_dtype,
+        pipeline_dtype=prec.torch_dtype,
+        bf16=prec.dtype == "bf16",
+        fp16=prec.dtype == "fp16",
+        recompute_granularity=m.recompute_granularity,
+        recompute_method="uniform" if m.recompute_granularity == "full" else None,
+        recompute_num_layers=m.recompute_num_layers if m.recompute_granularity == "full" else None,
+        # "global" normalisation divides by the summed weights itself (see training/step.py).
+        calculate_per_token_loss=cfg.loss.normalization == "global",
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=True,
+        # Fusions that need CUDA kernels (apex/TE/jit) are switched on only on GPU.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=on_gpu and m.transformer_impl == "transformer_engine",
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        cross_entropy_loss_fusion=False,
+        # Interleaved 1F1B: unbatched, overlapped p2p, as Megatron-LM sets it (batched p2p
+        # pairs the wrong messages at PP=2; see megatron_mile.platform.check_pipeline_config).
+        overlap_p2p_comm=bool(p.virtual_pipeline_model_parallel_size),
+        batch_p2p_comm=not p.virtual_pipeline_model_parallel_size,
+        **fp8,
+    )
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm for the local (non-TE) spec that, unlike megatron's WrappedTorchNorm, supports
+    sequence parallelism: its weight is marked ``sequence_parallel`` so megatron's
+    ``finalize_model_grads`` all-reduces its gradient over the TP group (each rank saw only
+    its slice of the sequence). Computes in fp32, returns the input dtype."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x_sbh: torch.Tensor) -> torch.Tensor:
+        x32 = x_sbh.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x_sbh.dtype) * self.weight
+
+
+class LayoutInvariantTransformerLayer(TransformerLayer):
+    """A TransformerLayer whose initial weights depend on the seed and its global layer number
+    only, not on which pipeline stage builds it.
+
+    It reseeds the CPU generator before building. With ``use_cpu_initialization`` (CPU runs),
+    megatron draws every full weight from that generator and slices it per TP rank, so TP=1,
+    TP=2, PP=1 and PP=2 start from the same model: the layout-equivalence tests rely on it.
+    The embedding (built before any layer) and the output layer (after the last) then see the
+    same stream in every layout too. On GPU megatron initialises on the device from its own
+    RNG tracker, so this only fixes the order of the CPU stream there.
+    """
+
+    def __init__(self, config: TransformerConfig, submodules, layer_number: int = 1,
+                 *args, init_seed: int = 0, **kwargs):
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        global_number = layer_number + get_transformer_layer_offset(
+            config, kwargs.get("vp_stage"), pp_rank)
+        torch.manual_seed(init_seed * 1_000_003 + global_number)
+        super().__init__(config, submodules, layer_number, *args, **kwargs)
+
+
+def layer_spec(cfg: TrainConfig, config: TransformerConfig, vp_stage: Optional[int] = None):
+    """Transformer Engine's spec, or megatron's local spec with :class:`RMSNorm` norms; the
+    latter as a block spec (layers of this pipeline stage + the final norm)."""
+    if cfg.model.transformer_impl == "transformer_engine":
+        try:
+            from megatron.core.models.gpt.gpt_layer_specs import (
+                get_gpt_layer_with_transformer_engine_spec,
+            )
+            import transformer_engine  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(
+                "model.transformer_impl=transformer_engine needs Transformer Engine "
+                f"({e}); use NVIDIA's PyTorch container or model.transformer_impl=local"
+            ) from None
+        return get_gpt_layer_with_transformer_engine_spec()
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.module = LayoutInvariantTransformerLayer
+    layer.params = {**(layer.params or {}), "init_seed": cfg.training.seed}
+    layer.submodules.input_layernorm = RMSNorm
+    layer.submodules.pre_mlp_layernorm = RMSNorm
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)
+
+
+class MileGPTModel(GPTModel):
+    """GPTModel whose loss is the configured objective (CE, focal or MiLe) over the
+    vocabulary-parallel logits, reduced over megatron-core's tensor-parallel group."""
+
+    def __init__(self, *args, loss_config: LossConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        if getattr(self.config, "mtp_num_layers", None):
+            raise ConfigError("multi-token prediction is not supported with MileGPTModel")
+        self.loss_config = loss_config
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """labels ``[b, s]``, logits ``[s, b, v/tp]`` -> ``[b, s, k]`` (see TOKEN_STATS).
+
+        Collectives: those of :func:`megatron_mile.loss.token_losses` on the TP group (2
+        all-reduces for focal/MiLe, 3 for megatron's CE); none in backward.
+        """
+        labels_sb = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b], as the logits
+        out = token_losses(logits, labels_sb, self.loss_config,
+                           tp_group=parallel_state.get_tensor_model_parallel_group())
+        stats_sbk = torch.stack(out, dim=-1)  # only channel 0 carries a gradient
+        return stats_sbk.transpose(0, 1).contiguous()  # [s, b, k] -> [b, s, k]
+
+
+def build_model_chunk(cfg: TrainConfig, config: TransformerConfig, vocab_size: int,
+                      pre_process: bool, post_process: bool,
+                      vp_stage: Optional[int] = None) -> MileGPTModel:
+    """One pipeline chunk of the model (all of it when PP = 1)."""
+    return MileGPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(cfg, config, vp_stage),
+        vocab_size=vocab_size,
+        max_sequence_length=cfg.model.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not cfg.model.untie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=cfg.model.rotary_base,
+        vp_stage=vp_stage,
+        loss_config=cfg.loss,
+    )
+
+
+def num_parameters(cfg: TrainConfig, vocab_size: int) -> dict[str, int]:
+    """Analytic parameter counts of the full (unsharded) model."""
+    m = cfg.model
+    h, L, ffn = m.hidden_size, m.num_layers, m.ffn_size
+    kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn + 2 * h  # qkv, proj, SwiGLU, 2 norms
+    embedding = vocab_size * h
+    output = vocab_size * h if m.untie_embeddings else 0
+    total = L * per_layer + embedding + output + h  # + final norm
+    return {"total": total, "non_embedding": total - embedding, "per_layer": per_layer}
+
+
+def flops_per_token(cfg: TrainConfig, vocab_size: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters + attention scores (fwd + bwd)."""
+    m = cfg.model
+    matmul_params = num_parameters(cfg, vocab_size)["non_embedding"]
+    if not m.untie_embeddings:
+        matmul_params += vocab_size * m.hidden_size
+    attention = 12 * m.num_layers * m.hidden_size * m.seq_length
+    return 6.0 * matmul_params + attention

@@ -1,0 +1,455 @@
+"""GPT pretraining on megatron-core pieces: the loop Megatron-LM's ``megatron/training`` runs,
+written out small (megatron-core's wheel does not ship ``megatron/training``).
+
+    trainer = Trainer(cfg)       # builds nothing yet
+    trainer.setup()              # process groups, model, optimizer, data, resume
+    summary = trainer.train()    # iterations, evaluation, checkpoints, logs
+
+Shape legend: b micro-batch, s sequence, k = len(TOKEN_STATS).
+Per iteration, collectives beyond the model's own: megatron's schedule (p2p between stages,
+DP gradient reduction in ``finalize_model_grads``), one SUM all-reduce of the loss report
+over DP (x CP), one MAX all-reduce of [signal, non-finite] flags over the world.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import resource
+import signal
+import time
+from functools import partial
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+from megatron.core.utils import get_model_config
+
+from megatron_mile.config import TrainConfig
+from megatron_mile.data.datasets import build_data_loader, build_datasets, build_tokenizer
+from megatron_mile.loss import reduce_token_losses
+from megatron_mile.model import (
+    TOKEN_STATS,
+    build_model_chunk,
+    flops_per_token,
+    num_parameters,
+    padded_vocab_size,
+    transformer_config,
+)
+from megatron_mile.platform import check_pipeline_config, initialize_distributed
+from megatron_mile.training import checkpointing
+from megatron_mile.training.logger import MetricsLogger
+
+log = logging.getLogger("megatron_mile")
+
+_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Report keys that are (numerator, denominator) pairs summed over micro-batches and DP ranks.
+_PAIR_KEYS = ("lm_loss", "objective", "entropy", "weight", "alpha")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf."""
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while isinstance(module, (DistributedDataParallel, Float16Module)):
+        module = module.module
+    return module
+
+
+class Trainer:
+    """Owns the model chunks, optimizer, scheduler, data iterators and counters of one run."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.iteration = 0
+        self.consumed_samples = 0
+        self._signal_received = False
+        self._weight_total: Optional[torch.Tensor] = None  # "global" mode denominator
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.device = initialize_distributed()
+        world_size = dist.get_world_size()
+        cfg.validate(world_size)
+        p = cfg.parallel
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tensor_model_parallel_size,
+            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+            context_parallel_size=p.context_parallel_size,
+        )
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.num_microbatches = cfg.training.global_batch_size // (
+            cfg.training.micro_batch_size * self.dp_size)
+        self._seed(cfg.training.seed)
+
+        self.tokenizer = build_tokenizer(cfg.data)
+        self.vocab_size = padded_vocab_size(cfg.model.vocab_size or self.tokenizer.vocab_size, cfg)
+        self.model = self._build_model()
+        self.optimizer, self.scheduler = self._build_optimizer()
+        self.logger = MetricsLogger(cfg, is_logging_rank=dist.get_rank() == world_size - 1)
+        self._resume()
+        self._build_data()
+        if cfg.training.exit_on_signal:
+            for sig in _SIGNALS:
+                signal.signal(sig, self._on_signal)
+        params = num_parameters(cfg, self.vocab_size)
+        self.logger.info(
+            f"model: {params['total'] / 1e6:.2f}M parameters ({params['non_embedding'] / 1e6:.2f}M"
+            f" non-embedding), padded vocab {self.vocab_size}; world {world_size} = TP "
+            f"{p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x CP "
+            f"{p.context_parallel_size} x DP {self.dp_size}; {self.num_microbatches} "
+            f"micro-batches/step; loss {cfg.loss.type} (gamma {cfg.loss.gamma}, sigma "
+            f"{cfg.loss.sigma}, {cfg.loss.normalization}); device {self.device}, "
+            f"dtype {cfg.precision.dtype}")
+
+    def _seed(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        # Megatron's TP-aware RNG tracker (dropout inside TP regions, weight init on GPU).
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+    def _build_model(self) -> list[torch.nn.Module]:
+        cfg = self.cfg
+        on_gpu = torch.cuda.is_available()
+        # CPU initialisation builds each full weight from one generator and slices it, so the
+        # weights do not depend on the TP size (used by the layout-equivalence tests).
+        self.transformer_config = transformer_config(cfg, use_cpu_initialization=not on_gpu)
+        check_pipeline_config(self.transformer_config)
+        vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+        chunks = []
+        for vp_stage in range(vpp or 1):
+            stage = vp_stage if vpp else None
+            chunk = build_model_chunk(
+                cfg, self.transformer_config, self.vocab_size,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                                    vp_stage=stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                                   vp_stage=stage),
+                vp_stage=stage,
+            )
+            chunk.to(self.device)
+            chunks.append(chunk)
+        if cfg.precision.dtype in ("bf16", "fp16"):
+            chunks = [Float16Module(self.transformer_config, c) for c in chunks]
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        )
+        chunks = [
+            DistributedDataParallel(self.transformer_config, ddp_config, c,
+                                    disable_bucketing=i > 0)
+            for i, c in enumerate(chunks)
+        ]
+        for c in chunks:
+            c.broadcast_params()
+        return chunks
+
+    def _build_optimizer(self):
+        o, prec = self.cfg.optimizer, self.cfg.precision
+        opt_config = MegatronOptimizerConfig(
+            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad, bf16=prec.dtype == "bf16", fp16=prec.dtype == "fp16",
+            params_dtype=prec.torch_dtype,
+            initial_loss_scale=prec.initial_loss_scale if prec.dtype == "fp16" else None,
+            min_loss_scale=prec.min_loss_scale, loss_scale_window=prec.loss_scale_window,
+            use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
+        )
+        optimizer = get_megatron_optimizer(opt_config, self.model)
+        train_iters = self.cfg.training.train_iters
+        decay_steps = o.lr_decay_iters or train_iters
+        # megatron's scheduler needs warm-up < decay: a short debug run (train_iters=10 on a
+        # 2000-step warm-up config) warms up for all but its last step.
+        warmup_steps = min(o.lr_warmup_iters, max(decay_steps - 1, 0))
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=warmup_steps,
+            lr_decay_steps=max(decay_steps, warmup_steps + 1),
+            lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=train_iters, wd_incr_style="constant",
+        )
+        model_config = get_model_config(self.model[0])
+        model_config.grad_scale_func = optimizer.scale_loss
+        model_config.finalize_model_grads_func = self._finalize_model_grads
+        model_config.no_sync_func = [c.no_sync for c in self.model]
+        if len(self.model) == 1:
+            model_config.no_sync_func = model_config.no_sync_func[0]
+        return optimizer, scheduler
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        t = cfg.training
+        gbs = t.global_batch_size
+        evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 1
+        num_samples = (t.train_iters * gbs, evals * t.eval_iters * gbs, t.eval_iters * gbs)
+        train_ds, valid_ds, _ = build_datasets(cfg.data, self.tokenizer, cfg.model.seq_length,
+                                               num_samples, t.seed)
+        self.valid_dataset = valid_ds
+        self.train_iterator = self._iterators(train_ds, self.consumed_samples,
+                                              cfg.data.num_workers)
+
+    def _iterators(self, dataset, consumed_samples: int, num_workers: int):
+        """One iterator per model chunk, over the same samples: with interleaved pipelining
+        the schedule calls ``next`` on the first chunk for the tokens and on the last chunk
+        for the labels of the same micro-batch."""
+        iterators = [
+            iter(build_data_loader(dataset, consumed_samples, self.cfg.training.micro_batch_size,
+                                   self.dp_rank, self.dp_size, num_workers))
+            for _ in self.model
+        ]
+        return iterators[0] if len(iterators) == 1 else iterators
+
+    def _valid_iterator(self):
+        if self.valid_dataset is None:
+            return None
+        # Every evaluation reads the same first eval_iters global batches: comparable numbers.
+        return self._iterators(self.valid_dataset, 0, 0)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _resume(self) -> None:
+        ck = self.cfg.checkpoint
+        load_dir = ck.load
+        if load_dir is None and ck.auto_resume and ck.save:
+            if checkpointing.find_latest_checkpoint(ck.save) is not None:
+                load_dir = ck.save
+            else:
+                self.logger.info(f"no checkpoint in {ck.save}: starting from scratch")
+        if load_dir is None:
+            return
+        state = checkpointing.load_checkpoint(load_dir, self.model, self.optimizer,
+                                              self.scheduler)
+        self.iteration = int(state["iteration"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.logger.info(f"resumed from checkpoint at iteration {self.iteration} ({load_dir})")
+
+    def save(self) -> None:
+        ck = self.cfg.checkpoint
+        if not ck.save:
+            return
+        path = checkpointing.save_checkpoint(
+            ck.save, self.iteration, self.model, self.optimizer, self.scheduler,
+            {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+             "config": self.cfg.to_dict()})
+        self.logger.info(f"saved checkpoint at iteration {self.iteration} to {path}")
+
+    # ------------------------------------------------------------------ one step
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal_received = True
+
+    def _forward_step(self, data_iterator, model):
+        """megatron's forward_step_func: run a chunk, return (output, loss_func)."""
+        batch = next(data_iterator)
+        tokens_bs = batch["tokens"].to(self.device, non_blocking=True)
+        labels_bs = batch["labels"].to(self.device, non_blocking=True)
+        position_ids_bs = batch["position_ids"].to(self.device, non_blocking=True)
+        loss_mask_bs = batch["loss_mask"].to(self.device, non_blocking=True)
+        attention_mask = batch.get("attention_mask")
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        stats_bsk = model(tokens_bs, position_ids_bs, attention_mask, labels=labels_bs)
+        return stats_bsk, partial(self._loss_func, loss_mask_bs)
+
+    def _loss_func(self, loss_mask_bs: torch.Tensor, stats_bsk: torch.Tensor):
+        """(loss_sum, num_tokens, report) for one micro-batch on the last pipeline stage.
+
+        Collectives: "paper" mode all-reduces (alpha_r, has_tokens) over DP x CP.
+        """
+        wce_bs, weight_bs, ce_bs, entropy_bs = stats_bsk.unbind(-1)
+        red = reduce_token_losses(self.cfg.loss.normalization, wce_bs, weight_bs.detach(),
+                                  loss_mask_bs, self.dp_cp_group)
+        mask = loss_mask_bs.float()
+        n = mask.sum()
+        if self._weight_total is not None:
+            self._weight_total += red.weight_sum
+        masked_w = weight_bs.detach().masked_fill(mask == 0, float("nan"))
+        if self.cfg.loss.normalization == "paper":
+            objective = red.loss_sum.detach() / n.clamp_min(1)
+            objective_pair = torch.stack([objective, (n > 0).float()])
+        else:
+            objective_pair = torch.stack([red.loss_sum.detach(), red.weight_sum])
+        report = {
+            "lm_loss": torch.stack([(ce_bs.detach() * mask).sum(), n]),
+            "objective": objective_pair,
+            "entropy": torch.stack([(entropy_bs.detach() * mask).sum(), n]),
+            "weight": torch.stack([red.weight_sum, n]),
+            "alpha": torch.stack([red.alpha.detach(), torch.ones_like(n)]),
+            "weight_min": torch.nan_to_num(masked_w, nan=float("inf")).min(),
+            "weight_max": torch.nan_to_num(masked_w, nan=float("-inf")).max(),
+        }
+        return red.loss_sum, red.num_tokens, report
+
+    def _finalize_model_grads(self, model, num_tokens=None, **kwargs):
+        """megatron's grad finalisation; in "global" mode it divides by the summed weights
+        (float) instead of megatron's integer token count. Collectives: megatron's DP grad
+        reduction, and (global mode) a PP broadcast + DP x CP all-reduce of the weight sum."""
+        if self._weight_total is not None:
+            num_tokens = self._weight_total
+        finalize_model_grads(model, num_tokens=num_tokens, **kwargs)
+
+    def _reduce_report(self, reports: list[dict]) -> dict[str, float]:
+        """Sum pairs over micro-batches and DP x CP ranks; min/max likewise. Last stage only."""
+        if not reports:
+            return {}
+        pairs = torch.stack([sum(r[k] for r in reports) for k in _PAIR_KEYS])  # [keys, 2]
+        extremes = torch.stack([
+            -torch.stack([r["weight_min"] for r in reports]).min(),
+            torch.stack([r["weight_max"] for r in reports]).max()])
+        dist.all_reduce(pairs, group=self.dp_cp_group)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.dp_cp_group)
+        out = {k: (pairs[i, 0] / pairs[i, 1].clamp_min(1e-30)).item()
+               for i, k in enumerate(_PAIR_KEYS)}
+        out["weight_min"], out["weight_max"] = -extremes[0].item(), extremes[1].item()
+        if self.cfg.loss.type == "cross_entropy":
+            out.pop("entropy")  # megatron's CE does not compute it
+        return out
+
+    def _forward_backward(self, data_iterator, forward_only: bool) -> list[dict]:
+        forward_backward = get_forward_backward_func()
+        return forward_backward(
+            forward_step_func=self._forward_step,
+            data_iterator=data_iterator,
+            model=self.model,
+            num_microbatches=self.num_microbatches,
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.training.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``num_microbatches`` micro-batches."""
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        if self.cfg.loss.normalization == "global":
+            self._weight_total = torch.zeros((), dtype=torch.float32, device=self.device)
+        reports = self._forward_backward(self.train_iterator, forward_only=False)
+        update_successful, grad_norm, _ = self.optimizer.step()
+        if update_successful:
+            self.scheduler.step(increment=1)
+        self._weight_total = None
+        self.iteration += 1
+        self.consumed_samples += self.cfg.training.global_batch_size
+        metrics = self._reduce_report(reports) if parallel_state.is_pipeline_last_stage(
+            ignore_virtual=True) else {}
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["skipped"] = float(not update_successful)
+        if self.cfg.precision.dtype == "fp16":
+            metrics["loss_scale"] = float(self.optimizer.get_loss_scale())
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """Mean LM cross-entropy over ``eval_iters`` validation batches (all ranks get it)."""
+        iterator = self._valid_iterator()
+        if iterator is None or self.cfg.training.eval_iters == 0:
+            return None
+        for chunk in self.model:
+            chunk.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        for _ in range(self.cfg.training.eval_iters):
+            reports = self._forward_backward(iterator, forward_only=True)
+            if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+                pair = sum(r["lm_loss"] for r in reports)
+                dist.all_reduce(pair, group=self.dp_cp_group)
+                totals += pair.double().cpu()
+        for chunk in self.model:
+            chunk.train()
+        # Share the last stage's value with every rank (it owns the loss).
+        value = torch.tensor([totals[0] / max(totals[1].item(), 1.0)
+                              if parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+                              else -math.inf], dtype=torch.float64)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return value.item()
+
+    def _world_flags(self, metrics: dict) -> tuple[bool, bool]:
+        """(signal received on any rank, non-finite loss on any rank): one MAX all-reduce."""
+        loss = metrics.get("objective", 0.0)
+        flags = torch.tensor([float(self._signal_received),
+                              float(not math.isfinite(loss) or not math.isfinite(
+                                  metrics.get("lm_loss", 0.0)))])
+        if torch.cuda.is_available():
+            flags = flags.cuda()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.training
+        tokens_per_step = t.global_batch_size * cfg.model.seq_length
+        flops_per_step = flops_per_token(cfg, self.vocab_size) * tokens_per_step
+        start_iteration = self.iteration
+        start = time.time()
+        history: list[dict] = []
+        exit_reason = "completed"
+        self.logger.info(f"training from iteration {self.iteration} to {t.train_iters}")
+        window_start, window_iters = time.time(), 0
+        while self.iteration < t.train_iters:
+            metrics = self.train_step()
+            window_iters += 1
+            got_signal, non_finite = self._world_flags(metrics)
+            if non_finite:
+                raise NonFiniteLossError(
+                    f"non-finite loss at iteration {self.iteration}: lm_loss "
+                    f"{metrics.get('lm_loss')}, objective {metrics.get('objective')}. Check "
+                    "the data (token ids), lower optimizer.lr, or use precision.dtype=bf16 "
+                    "instead of fp16; the last good checkpoint is untouched")
+            history.append({"iteration": self.iteration, **metrics})
+            if self.iteration % t.log_interval == 0 or self.iteration == t.train_iters:
+                elapsed = time.time() - window_start
+                metrics["iteration_time"] = elapsed / window_iters
+                metrics["tokens_per_s"] = tokens_per_step * window_iters / elapsed
+                metrics["tflops_per_device"] = (flops_per_step * window_iters / elapsed
+                                                / dist.get_world_size() / 1e12)
+                metrics["memory_gib"] = _memory_gib()
+                self.logger.log_train(self.iteration, t.train_iters, self.consumed_samples,
+                                      metrics, time.time() - start,
+                                      self.iteration - start_iteration)
+                window_start, window_iters = time.time(), 0
+            if t.eval_interval and (self.iteration % t.eval_interval == 0
+                                    or self.iteration == t.train_iters):
+                valid = self.evaluate()
+                if valid is not None:
+                    history[-1]["valid_lm_loss"] = valid
+                    self.logger.log_valid(self.iteration, valid)
+            ck = cfg.checkpoint
+            if ck.save and ((ck.save_interval and self.iteration % ck.save_interval == 0)
+                            or self.iteration == t.train_iters or got_signal):
+                self.save()
+            if got_signal:
+                exit_reason = "signal"
+                self.logger.info("exiting on signal")
+                break
+        self.logger.close()
+        return {"history": history, "exit_reason": exit_reason, "iteration": self.iteration}
+
+    def shutdown(self) -> None:
+        parallel_state.destroy_model_parallel()
+
+
+def _memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB

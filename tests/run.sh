@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The project's test command: installs what the tests need, then runs the whole suite.
+#   bash tests/run.sh            # everything (about 10 minutes on 2 cores)
+#   bash tests/run.sh -k loss    # extra arguments go to pytest
+# .ci/run runs exactly this.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# The CPU build of torch first: an unpinned resolve would pull a multi-GB CUDA build.
+python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+
+# pytest exits 5 when it collects nothing: that is a failure here too, as is any test failure.
+exec python -m pytest -q tests "$@"
