@@ -53,6 +53,8 @@ export NCCL_IB_DISABLE=${NCCL_IB_DISABLE:-0}   # 1 on clusters without InfiniBan
 # Megatron's tensor-parallel communication overlap relies on kernels running in issue order.
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 export PYTHONUNBUFFERED=1
+# Run the trainer of this checkout, whatever megatron-mile the environment has installed.
+export PYTHONPATH="$MILE_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # Optional, passed through only when set: NCCL_SOCKET_IFNAME (e.g. ib0 or ^lo,docker),
 # NCCL_IB_HCA (e.g. mlx5), GLOO_SOCKET_IFNAME (the CPU path's interface, e.g. eth0 or lo).
 for var in NCCL_SOCKET_IFNAME NCCL_IB_HCA GLOO_SOCKET_IFNAME; do
@@ -76,7 +78,10 @@ TP=${TP:-1}
 PP=${PP:-1}
 VPP=${VPP:-}                               # virtual pipeline stages per rank (interleaving)
 SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-$( (( TP > 1 )) && echo true || echo false)}
-DISTRIBUTED_OPTIMIZER=${DISTRIBUTED_OPTIMIZER:-true}
+DISTRIBUTED_OPTIMIZER=${DISTRIBUTED_OPTIMIZER:-}   # true: shard optimizer state over DP
+TRANSFORMER_IMPL=${TRANSFORMER_IMPL:-$( [[ -z ${FP8:-} ]] || echo transformer_engine)}
+                                           # transformer_engine (fused attention, FP8) | local
+RECOMPUTE=${RECOMPUTE:-}                   # selective | full activation recomputation
 MICRO_BATCH=${MICRO_BATCH:-}               # empty: the config's value
 GLOBAL_BATCH=${GLOBAL_BATCH:-}
 TRAIN_ITERS=${TRAIN_ITERS:-}
@@ -98,14 +103,17 @@ SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-600}
 add() { local -n arr=$1; [[ -z $3 ]] || arr+=("$2=$3"); }
 
 CONFIG_ARGS=(--config "$CONFIG")
+MODEL_ARGS=()
+add MODEL_ARGS model.transformer_impl "$TRANSFORMER_IMPL"
+add MODEL_ARGS model.recompute_granularity "$RECOMPUTE"
 LOSS_ARGS=("loss.type=$LOSS" "loss.gamma=$GAMMA")
 add LOSS_ARGS loss.sigma "$SIGMA"
 PARALLEL_ARGS=(
     "parallel.tensor_model_parallel_size=$TP"
     "parallel.pipeline_model_parallel_size=$PP"
     "parallel.sequence_parallel=$SEQUENCE_PARALLEL"
-    "parallel.use_distributed_optimizer=$DISTRIBUTED_OPTIMIZER"
 )
+add PARALLEL_ARGS parallel.use_distributed_optimizer "$DISTRIBUTED_OPTIMIZER"
 add PARALLEL_ARGS parallel.virtual_pipeline_model_parallel_size "$VPP"
 TRAINING_ARGS=()
 add TRAINING_ARGS training.micro_batch_size "$MICRO_BATCH"
@@ -129,7 +137,7 @@ add LOGGING_ARGS logging.tensorboard_dir "$TENSORBOARD_DIR"
 
 if [[ -n $TRAIN_SCRIPT ]]; then ENTRY=("$TRAIN_SCRIPT"); else ENTRY=(-m "$TRAIN_MODULE"); fi
 TRAINER_ARGS=(
-    "${CONFIG_ARGS[@]}" "${LOSS_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${TRAINING_ARGS[@]}"
+    "${CONFIG_ARGS[@]}" "${MODEL_ARGS[@]}" "${LOSS_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${TRAINING_ARGS[@]}"
     "${PRECISION_ARGS[@]}" "${DATA_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}"
     "$@"
 )

@@ -107,7 +107,7 @@ def test_variables_become_trainer_overrides():
     trainer = words[words.index("megatron_mile.train") + 1:]
     assert trainer[:2] == ["--config", "llama_6.7b"]
     expected = [
-        "loss.type=mile", "loss.gamma=0.5", "parallel.tensor_model_parallel_size=2",
+        "model.transformer_impl=transformer_engine", "loss.type=mile", "loss.gamma=0.5", "parallel.tensor_model_parallel_size=2",
         "parallel.pipeline_model_parallel_size=4", "parallel.sequence_parallel=true",
         "parallel.virtual_pipeline_model_parallel_size=2", "training.micro_batch_size=4",
         "training.global_batch_size=2048", "precision.dtype=bf16", "precision.fp8=hybrid",
@@ -122,7 +122,8 @@ def test_variables_become_trainer_overrides():
 def test_unset_variables_leave_the_config_alone():
     trainer = _dry_run().stdout.split("megatron_mile.train")[1]
     for key in ("micro_batch_size", "global_batch_size", "train_iters", "checkpoint", "fp8",
-                "tensorboard", "data_path", "virtual_pipeline"):
+                "tensorboard", "data_path", "virtual_pipeline", "use_distributed_optimizer",
+                "transformer_impl", "recompute"):
         assert key not in trainer
 
 

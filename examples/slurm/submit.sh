@@ -31,6 +31,11 @@ export MILE_ROOT=${MILE_ROOT:-$(cd "$here/../.." && pwd)}
 size=${1:?usage: submit.sh 468m|1.2b|6.7b|tiny [KEY=VALUE ...]}
 shift
 
+if [[ $size != tiny ]]; then
+    # GPU runs: fused attention (and FP8 if asked) from Transformer Engine, optimizer state
+    # sharded over data-parallel ranks. tools/estimate_memory.py gives the memory per GPU.
+    : "${TRANSFORMER_IMPL:=transformer_engine}" "${DISTRIBUTED_OPTIMIZER:=true}"
+fi
 case $size in
     468m) : "${CONFIG:=llama_468m}" "${NODES:=2}" "${TP:=1}" "${PP:=1}" \
             "${MICRO_BATCH:=32}" "${GLOBAL_BATCH:=1024}" ;;
@@ -50,7 +55,7 @@ esac
 : "${CKPT_ROOT:=$MILE_ROOT/runs/checkpoints}" "${LOG_DIR:=$MILE_ROOT/runs/logs}"
 : "${CKPT_DIR:=$CKPT_ROOT/$RUN_NAME}" "${TENSORBOARD_DIR:=$MILE_ROOT/runs/tensorboard/$RUN_NAME}"
 export CONFIG TP PP MICRO_BATCH GLOBAL_BATCH LOSS GAMMA DEVICE CKPT_DIR TENSORBOARD_DIR
-export MOCK_DATA AUTO_RESUME=${AUTO_RESUME:-true}
+export MOCK_DATA TRANSFORMER_IMPL DISTRIBUTED_OPTIMIZER AUTO_RESUME=${AUTO_RESUME:-true}
 mkdir -p "$CKPT_DIR" "$LOG_DIR" "$TENSORBOARD_DIR"
 
 SBATCH_ARGS=(
