@@ -89,7 +89,7 @@ DTYPE=${DTYPE:-$( [[ $DEVICE == gpu ]] && echo bf16 || echo fp32)}
 FP8=${FP8:-}                               # hybrid | e4m3 (Hopper or newer)
 DATA_PATH=${DATA_PATH:-}                   # space-separated Megatron prefixes (optionally weighted)
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-}
-MOCK_DATA=${MOCK_DATA:-$( [[ -z $DATA_PATH ]] && echo true || echo false)}
+MOCK_DATA=${MOCK_DATA:-$( [[ -z $DATA_PATH ]] || echo false)}   # true: synthetic tokens
 CKPT_DIR=${CKPT_DIR:-}                     # saved to, and resumed from when AUTO_RESUME=true
 SAVE_INTERVAL=${SAVE_INTERVAL:-}
 AUTO_RESUME=${AUTO_RESUME:-true}
@@ -121,7 +121,8 @@ add TRAINING_ARGS training.global_batch_size "$GLOBAL_BATCH"
 add TRAINING_ARGS training.train_iters "$TRAIN_ITERS"
 PRECISION_ARGS=("precision.dtype=$DTYPE")
 add PRECISION_ARGS precision.fp8 "$FP8"
-DATA_ARGS=("data.mock=$MOCK_DATA")
+DATA_ARGS=()
+add DATA_ARGS data.mock "$MOCK_DATA"
 if [[ -n $DATA_PATH ]]; then
     read -r -a data_paths <<<"$DATA_PATH"
     DATA_ARGS+=("data.data_path=[$(IFS=,; echo "${data_paths[*]}")]")

@@ -87,7 +87,7 @@ def test_two_nodes_rendezvous_on_one_machine(tmp_path):
     assert {r["node"] for r in recs} == {"0", "1"}  # one rank from each launcher
     argv = recs[0]["argv"]
     assert argv[:2] == ["--config", "tiny"]
-    assert {"loss.type=focal", "loss.gamma=2.0", "data.mock=true"} <= set(argv)
+    assert {"loss.type=focal", "loss.gamma=2.0"} <= set(argv)
     assert argv[-1] == "training.train_iters=3"  # passed through, last so that it wins
 
 
@@ -123,7 +123,7 @@ def test_unset_variables_leave_the_config_alone():
     trainer = _dry_run().stdout.split("megatron_mile.train")[1]
     for key in ("micro_batch_size", "global_batch_size", "train_iters", "checkpoint", "fp8",
                 "tensorboard", "data_path", "virtual_pipeline", "use_distributed_optimizer",
-                "transformer_impl", "recompute"):
+                "transformer_impl", "recompute", "data.mock"):
         assert key not in trainer
 
 
