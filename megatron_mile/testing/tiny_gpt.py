@@ -241,3 +241,25 @@ def train_step(model: list[DistributedDataParallel], optimizer, scheduler,
     last = parallel_state.get_pipeline_model_parallel_last_rank()
     dist.broadcast(loss, src=last, group=pp_group)
     return float(loss.item()), float(grad_norm)
+
+
+def eval_loss(model: list, batches: list[dict[str, torch.Tensor]], shape: TinyGPT,
+              micro_batch_size: int = 2) -> float:
+    """Forward-only mean token loss over ``batches`` (no grads, no optimizer), on every rank.
+
+    Collectives: the schedule's p2p (PP) and one broadcast over the PP group.
+    """
+    data = [iter(batches) for _ in model] if len(model) > 1 else iter(batches)
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data,
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=len(batches), seq_length=shape.seq_length,
+        micro_batch_size=micro_batch_size, forward_only=True,
+    )
+    loss = torch.zeros(1, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        totals = torch.stack([r["lm loss"] for r in reports]).sum(0)
+        loss[0] = totals[0].double() / totals[1].double()
+    dist.broadcast(loss, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return float(loss.item())

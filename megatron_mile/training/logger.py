@@ -35,6 +35,8 @@ class MetricsLogger:
         if not logging.getLogger().handlers:
             logging.basicConfig(stream=sys.stdout, level=logging.INFO,
                                 format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+        # megatron-core narrates every index it builds at INFO; keep its warnings only.
+        logging.getLogger("megatron").setLevel(logging.WARNING)
         if self.enabled and cfg.logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -99,13 +99,15 @@ class Trainer:
             cfg.training.micro_batch_size * self.dp_size)
         self._seed(cfg.training.seed)
 
+        self.logger = MetricsLogger(cfg, is_logging_rank=dist.get_rank() == world_size - 1)
         self.tokenizer = build_tokenizer(cfg.data)
         self.vocab_size = padded_vocab_size(cfg.model.vocab_size or self.tokenizer.vocab_size, cfg)
+        self._build_datasets()  # before the model: a missing data path fails fast
         self.model = self._build_model()
         self.optimizer, self.scheduler = self._build_optimizer()
-        self.logger = MetricsLogger(cfg, is_logging_rank=dist.get_rank() == world_size - 1)
         self._resume()
-        self._build_data()
+        self.train_iterator = self._iterators(self.train_dataset, self.consumed_samples,
+                                              cfg.data.num_workers)
         if cfg.training.exit_on_signal:
             for sig in _SIGNALS:
                 signal.signal(sig, self._on_signal)
@@ -195,7 +197,7 @@ class Trainer:
             model_config.no_sync_func = model_config.no_sync_func[0]
         return optimizer, scheduler
 
-    def _build_data(self) -> None:
+    def _build_datasets(self) -> None:
         cfg = self.cfg
         t = cfg.training
         gbs = t.global_batch_size
@@ -203,9 +205,7 @@ class Trainer:
         num_samples = (t.train_iters * gbs, evals * t.eval_iters * gbs, t.eval_iters * gbs)
         train_ds, valid_ds, _ = build_datasets(cfg.data, self.tokenizer, cfg.model.seq_length,
                                                num_samples, t.seed)
-        self.valid_dataset = valid_ds
-        self.train_iterator = self._iterators(train_ds, self.consumed_samples,
-                                              cfg.data.num_workers)
+        self.train_dataset, self.valid_dataset = train_ds, valid_ds
 
     def _iterators(self, dataset, consumed_samples: int, num_workers: int):
         """One iterator per model chunk, over the same samples: with interleaved pipelining

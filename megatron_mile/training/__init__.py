@@ -1,0 +1,1 @@
+"""Training-loop infrastructure (checkpointing, ...) around megatron-core."""

@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Forward+backward time and peak memory: MiLe vs megatron-core's vocab-parallel CE.
+
+Same inputs, same process, variants interleaved rep by rep, so ratios are measured side by
+side. For each (vocabulary, TP size, logits dtype) it times megatron-core's
+``vocab_parallel_cross_entropy``, its fused variant where it runs, our MiLe and focal
+losses, and prints the ratios to CE.
+
+    python tools/bench_loss.py                       # the table in docs/benchmarks.md
+    python tools/bench_loss.py --tokens 2048 --vocab 32000 --tp 1 --dtype bf16 --reps 3
+
+Peak memory is the peak of the whole forward+backward, the logits and their gradient
+included (what a training step holds). On GPU: ``torch.cuda.max_memory_allocated``. On CPU:
+the process's peak resident set (VmHWM, reset through /proc/self/clear_refs before each
+variant); tensors this large are mmap-backed, so RSS follows live tensor memory.
+TP=2 runs two processes over gloo (CPU) or NCCL (GPU); rank 0 reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device) -> float:
+    """Reset the peak counter; return current usage in bytes."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return float(torch.cuda.memory_allocated())
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS") * 1024.0
+
+
+def _peak(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated())
+    return _status_kib("VmHWM") * 1024.0
+
+
+def _status_kib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _variants(tp_group):
+    from megatron.core import tensor_parallel
+
+    from megatron_mile.loss import vocab_parallel_weighted_cross_entropy
+
+    def ce(logits, target):
+        return tensor_parallel.vocab_parallel_cross_entropy(logits, target)
+
+    def fused(logits, target):
+        from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+
+        return fused_vocab_parallel_cross_entropy(logits, target, tp_group)
+
+    def mile(logits, target):
+        return vocab_parallel_weighted_cross_entropy(logits, target, weighting="mile",
+                                                     tp_group=tp_group).weighted_ce
+
+    def focal(logits, target):
+        return vocab_parallel_weighted_cross_entropy(logits, target, weighting="focal",
+                                                     tp_group=tp_group).weighted_ce
+
+    return {"megatron_ce": ce, "megatron_fused_ce": fused, "mile": mile, "focal": focal}
+
+
+def _measure_one(fn, base, target, device):
+    """One forward+backward from a fresh leaf; returns (seconds, peak bytes)."""
+    leaf = base.clone().requires_grad_()
+    _sync(device)
+    before = _reset_peak(device)
+    del before
+    t0 = time.perf_counter()
+    loss = fn(leaf, target)
+    loss.sum().backward()
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    peak = _peak(device)
+    del loss, leaf
+    return elapsed, peak
+
+
+def bench_case(tokens: int, vocab: int, dtype: torch.dtype, reps: int, tp_group, tp_rank: int,
+               tp_size: int, device) -> dict:
+    s, b = tokens // 4, 4
+    vp = vocab // tp_size
+    g = torch.Generator(device="cpu").manual_seed(0)
+    base = (torch.randn(s, b, vp, generator=g) * 2).to(dtype).to(device)
+    target = torch.randint(0, vocab, (s, b), generator=g).to(device)
+    variants = _variants(tp_group)
+    times = {k: [] for k in variants}
+    peaks = {k: [] for k in variants}
+    failed = {}
+    for rep in range(reps + 1):  # rep 0 warms up
+        for name, fn in variants.items():
+            if name in failed:
+                continue
+            try:
+                elapsed, peak = _measure_one(fn, base, target, device)
+            except Exception as e:  # noqa: BLE001 - a variant that does not run is reported
+                failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                continue
+            if rep > 0:
+                times[name].append(elapsed)
+                peaks[name].append(peak)
+    out = {"tokens": tokens, "vocab": vocab, "tp": tp_size, "dtype": str(dtype).split(".")[-1],
+           "device": str(device), "results": {}, "failed": failed}
+    for name in variants:
+        if name in failed:
+            continue
+        out["results"][name] = {"time_s": statistics.median(times[name]),
+                                "peak_gib": max(peaks[name]) / 2**30}
+    return out
+
+
+def _worker(rank: int, world_size: int, args) -> list[dict]:
+    from megatron.core import parallel_state
+
+    from megatron_mile.platform import initialize_distributed
+
+    device = initialize_distributed()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    group = parallel_state.get_tensor_model_parallel_group()
+    rows = []
+    for vocab in args.vocab:
+        for dtype in args.dtype:
+            rows.append(bench_case(args.tokens, vocab, getattr(torch, {"fp32": "float32",
+                                   "bf16": "bfloat16"}[dtype]), args.reps, group,
+                                   parallel_state.get_tensor_model_parallel_rank(), world_size,
+                                   device))
+    parallel_state.destroy_model_parallel()
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| vocab | TP | dtype | variant | fwd+bwd ms | peak GiB | time / CE | peak / CE |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ce = row["results"]["megatron_ce"]
+        for name, r in row["results"].items():
+            lines.append(
+                f"| {row['vocab']} | {row['tp']} | {row['dtype']} | {name} | "
+                f"{r['time_s'] * 1e3:.1f} | {r['peak_gib']:.3f} | "
+                f"{r['time_s'] / ce['time_s']:.3f} | {r['peak_gib'] / ce['peak_gib']:.3f} |")
+        for name, why in row["failed"].items():
+            lines.append(f"| {row['vocab']} | {row['tp']} | {row['dtype']} | {name} | "
+                         f"does not run: {why} | | | |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=8192, help="s * b tokens (b = 4)")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128000])
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+    if args.tokens % 4:
+        parser.error(f"--tokens={args.tokens} must be a multiple of 4")
+    for v in args.vocab:
+        for tp in args.tp:
+            if v % tp:
+                parser.error(f"--vocab {v} is not divisible by --tp {tp}")
+
+    from megatron_mile.testing import run_distributed
+
+    rows = []
+    for tp in args.tp:
+        rows += run_distributed(_worker, tp, args=(args,), timeout_s=3600)[0]
+    print(_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
