@@ -8,7 +8,7 @@
 #   468m   2 x 8          1  1  32 x 2 x 16 = 1024   (paper: 32 x 2 on 16 GPUs)
 #   1.2b   4 x 8          1  1  16 x 2 x 32 = 1024   (paper: 16 x 2 on 32 GPUs)
 #   6.7b   16 x 8         2  1   4 x 8 x 64 = 2048   (paper: 16 x 1 on 128 GPUs, ZeRO-2)
-#   tiny   1 x 8 (or CPU: DEVICE=cpu NPROC_PER_NODE=2 TP=2), mock data, a smoke test
+#   tiny   1 x 1 (or CPU: DEVICE=cpu NPROC_PER_NODE=2 TP=2), mock data, a smoke test
 # Examples (the data: tools/preprocess_data.py output prefixes, see docs/launching.md):
 #   export DATA_PATH=/data/pile/pile_text_document TOKENIZER_MODEL=/data/llama.model
 #   LOSS=mile GAMMA=1.0        examples/slurm/submit.sh 6.7b
@@ -43,7 +43,8 @@ case $size in
             "${MICRO_BATCH:=16}" "${GLOBAL_BATCH:=1024}" ;;
     6.7b) : "${CONFIG:=llama_6.7b}" "${NODES:=16}" "${TP:=2}" "${PP:=1}" \
             "${MICRO_BATCH:=4}" "${GLOBAL_BATCH:=2048}" ;;
-    tiny) : "${CONFIG:=tiny}" "${NODES:=1}" "${TP:=1}" "${PP:=1}" "${MOCK_DATA:=true}" ;;
+    tiny) : "${CONFIG:=tiny}" "${NODES:=1}" "${TP:=1}" "${PP:=1}" "${MOCK_DATA:=true}" \
+            "${GPUS_PER_NODE:=1}" ;;
     *) echo "submit.sh: SIZE must be 468m, 1.2b, 6.7b or tiny, not '$size'" >&2; exit 2 ;;
 esac
 : "${LOSS:=mile}" "${GAMMA:=1.0}" "${DEVICE:=gpu}" "${GPUS_PER_NODE:=8}" "${TIME:=24:00:00}"
