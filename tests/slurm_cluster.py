@@ -54,7 +54,7 @@ def find_or_install_slurm(install_timeout_s: float = 600) -> str | None:
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         return f"Slurm/munge missing ({', '.join(_missing_binaries())}) and apt-get as root is not available"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
+    install = ["apt-get", "install", "-y", "-q", *PACKAGES]
     try:
         if subprocess.run(install, env=env, capture_output=True, timeout=install_timeout_s).returncode:
             subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True,

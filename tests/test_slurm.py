@@ -69,6 +69,19 @@ def _wait_for_log(cluster: SlurmCluster, job: str, log: Path, pattern: str,
     pytest.fail(f"no {pattern!r} x{count} in job {job}'s log after {timeout_s} s:\n{text}")
 
 
+def test_cluster_daemons_stop_even_when_the_body_fails(tmp_path):
+    reason = find_or_install_slurm()
+    if reason:
+        pytest.skip(reason)
+    with pytest.raises(RuntimeError, match="boom"):
+        with slurm_cluster(tmp_path) as c:
+            daemons = dict(c.procs)
+            raise RuntimeError("boom")
+    assert set(daemons) == {"munged", "slurmctld", "slurmd"}
+    for name, proc in daemons.items():
+        assert proc.poll() is not None, f"{name} (pid {proc.pid}) still runs"
+
+
 @pytest.fixture(scope="module")
 def first_run(cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("first")
