@@ -47,26 +47,34 @@ def _which(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
 
 
-def find_or_install_slurm(install_timeout_s: float = 600) -> str | None:
+def apt_install(packages: Sequence[str], timeout_s: float = 600) -> str | None:
+    """apt-get install as root (with an update if the lists are stale); None or why not."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return f"{' '.join(packages)}: not installed, and apt-get as root is not available"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", *packages]
+    try:
+        if subprocess.run(install, env=env, capture_output=True, timeout=timeout_s).returncode:
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True,
+                           timeout=timeout_s)
+            done = subprocess.run(install, env=env, capture_output=True, text=True,
+                                  timeout=timeout_s)
+            if done.returncode:
+                return f"apt-get install {' '.join(packages)} failed: {done.stderr[-500:]}"
+    except subprocess.TimeoutExpired:
+        return f"apt-get install {' '.join(packages)} took over {timeout_s:.0f} s"
+    return None
+
+
+def find_or_install_slurm() -> str | None:
     """Return None when Slurm and munge are usable, else why not (a skip reason)."""
     if not _missing_binaries():
         return None
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return f"Slurm/munge missing ({', '.join(_missing_binaries())}) and apt-get as root is not available"
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-q", *PACKAGES]
-    try:
-        if subprocess.run(install, env=env, capture_output=True, timeout=install_timeout_s).returncode:
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True,
-                           timeout=install_timeout_s)
-            done = subprocess.run(install, env=env, capture_output=True, text=True,
-                                  timeout=install_timeout_s)
-            if done.returncode:
-                return f"apt-get install {' '.join(PACKAGES)} failed: {done.stderr[-500:]}"
-    except subprocess.TimeoutExpired:
-        return f"apt-get install {' '.join(PACKAGES)} took over {install_timeout_s:.0f} s"
+    reason = apt_install(PACKAGES)
     missing = _missing_binaries()
-    return f"still missing after apt-get: {', '.join(missing)}" if missing else None
+    if missing:
+        return reason or f"still missing after apt-get: {', '.join(missing)}"
+    return None
 
 
 def _free_port() -> int:
