@@ -351,18 +351,28 @@ class TrainConfig:
                     f"the interleaved schedule needs the {num_mb} micro-batches per step to be "
                     f"a multiple of parallel.pipeline_model_parallel_size="
                     f"{p.pipeline_model_parallel_size}")
+        if m.transformer_impl == "transformer_engine" and not _transformer_engine_available():
+            what = f"precision.fp8={self.precision.fp8!r}" if self.precision.fp8 else \
+                "model.transformer_impl=transformer_engine"
+            raise ConfigError(
+                f"{what} needs Transformer Engine, which is not installed here: run in NVIDIA's "
+                "PyTorch container (see docker/), or set model.transformer_impl=local and "
+                "precision.fp8=null (bf16 without FP8)")
         if self.precision.fp8 and m.transformer_impl != "transformer_engine":
             raise ConfigError(f"precision.fp8={self.precision.fp8!r} needs "
                               "model.transformer_impl=transformer_engine")
         if p.context_parallel_size > 1 and m.transformer_impl != "transformer_engine":
             raise ConfigError("parallel.context_parallel_size > 1 needs "
                               "model.transformer_impl=transformer_engine")
-        if not self.data.mock and not self.data.data_path:
-            raise ConfigError("data.data_path is empty: give Megatron .bin/.idx prefixes (make "
-                              "them with tools/preprocess_data.py) or set data.mock=true")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _transformer_engine_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
 
 
 # ---------------------------------------------------------------- loading
@@ -433,6 +443,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}={value!r} must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}={value!r} must be a number")
         return float(value)
@@ -465,7 +480,8 @@ def _build(cls: type, values: dict, where: str) -> Any:
     except ConfigError:
         raise
     except ValueError as e:  # section validators raise ValueError naming the field
-        raise ConfigError(str(e)) from None
+        # DataConfig (also usable on its own) names fields "DataConfig.x": say "data.x" here.
+        raise ConfigError(str(e).replace(f"{cls.__name__}.", f"{where}.")) from None
 
 
 def load_config(name_or_path: str, overrides: Optional[list[str]] = None,

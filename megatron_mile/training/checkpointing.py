@@ -53,6 +53,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing import ShardedObject
@@ -88,6 +89,11 @@ FORMAT_NAME = "megatron-mile"
 FORMAT_VERSION = 1
 _META_KEY = "mile_checkpoint"
 _DCP_METADATA = ".metadata"
+
+
+# torch.distributed.checkpoint raises CheckpointException, a BaseException (not Exception),
+# after it has gathered every rank's failure: catch it alongside ordinary errors.
+_FAILURES = (Exception, CheckpointException)
 
 
 class CheckpointError(RuntimeError):
@@ -172,7 +178,9 @@ def _agree(local_error: str | None, what: str, value: Any = None) -> Any:
 def _describe(exc: BaseException) -> str:
     """One line for the collective error; the full traceback goes to this rank's log."""
     logger.error("rank %d: checkpoint operation failed", dist.get_rank(), exc_info=exc)
-    return f"{type(exc).__name__}: {exc}"
+    text = f"{type(exc).__name__}: {exc}"
+    # torch's CheckpointException carries every rank's traceback: keep the ends.
+    return text if len(text) <= 800 else f"{text[:400]} [...] {text[-400:]}"
 
 
 # --------------------------------------------------------------------------- state pieces
@@ -395,7 +403,7 @@ def save_checkpoint(
         }
         dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy(thread_count),
                                 validate_access_integrity=True)
-    except Exception as exc:  # noqa: BLE001 - reported on every rank below
+    except _FAILURES as exc:  # reported on every rank below
         error = f"writing {tmp}: {_describe(exc)}"
     _agree(error, f"save_checkpoint({save_dir!r}, {iteration})")
 
@@ -572,7 +580,7 @@ def load_checkpoint(
         if same_layout:
             _restore_rng_state(state["rng_state"])
         extra_state = state["extra_state"]
-    except Exception as exc:  # noqa: BLE001 - reported on every rank below
+    except _FAILURES as exc:  # reported on every rank below
         error = f"reading {path}: {_describe(exc)}"
     _agree(error, where)
     return extra_state

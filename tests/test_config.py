@@ -1,0 +1,125 @@
+"""The configuration: shipped configs load, overrides apply, bad values fail with the field
+named, and the command line exits early with those messages."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_mile.config import ConfigError, load_config, parse_overrides
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOCAL = ["model.transformer_impl=local", "data.data_path=[/data/x]",
+         "data.tokenizer_model=/data/t.model"]
+
+
+def test_tiny_loads_with_typed_overrides():
+    cfg = load_config("tiny", ["loss.gamma=2", "loss.type=focal", "optimizer.lr=1e-3",
+                               "parallel.sequence_parallel=true",
+                               "parallel.tensor_model_parallel_size=2"], world_size=2)
+    assert cfg.loss.gamma == 2.0 and isinstance(cfg.loss.gamma, float)
+    assert cfg.loss.type == "focal" and cfg.optimizer.lr == 1e-3
+    assert cfg.parallel.sequence_parallel is True
+
+
+@pytest.mark.parametrize("name,world,layers,tp", [("llama_468m", 16, 24, 1),
+                                                  ("llama_1.2b", 32, 16, 2),
+                                                  ("llama_6.7b", 128, 32, 4)])
+def test_paper_configs(name, world, layers, tp):
+    cfg = load_config(name, LOCAL, world_size=world)
+    assert cfg.model.num_layers == layers and cfg.parallel.tensor_model_parallel_size == tp
+    assert cfg.model.vocab_size == 32000 and cfg.model.init_method_std == 0.01
+    o = cfg.optimizer
+    assert (o.lr, o.weight_decay, o.adam_beta1, o.adam_beta2, o.lr_warmup_iters) == \
+        (3e-4, 0.1, 0.9, 0.95, 2000)
+    assert cfg.loss.type == "mile" and cfg.loss.gamma == 1.0 and cfg.loss.sigma == 1.0
+
+
+@pytest.mark.parametrize("overrides,world,match", [
+    (["model.hidden_size=-8"], 1, r"model.hidden_size=-8 must be > 0"),
+    (["model.hidden_sise=64"], 1, r"unknown field\(s\) model.hidden_sise; model has: num_layers"),
+    (["loss.gamma=-1"], 1, r"loss.gamma=-1.0 must be a finite number >= 0"),
+    (["loss.type=mse"], 1, r"loss.type='mse' is not one of"),
+    (["loss.gamma=abc"], 1, r"loss.gamma='abc' must be a number"),
+    (["training.train_iters=1.5"], 1, r"training.train_iters=1.5 must be an integer"),
+    (["parallel.sequence_parallel=true"], 1, r"sequence_parallel=true needs .*tensor_model_parallel_size > 1"),
+    (["parallel.tensor_model_parallel_size=2"], 3, r"world size 3 is not divisible by tensor x pipeline"),
+    (["parallel.tensor_model_parallel_size=8"], 8, r"num_attention_heads=4 is not divisible by .*tensor_model_parallel_size=8"),
+    (["parallel.pipeline_model_parallel_size=3"], 3, r"num_layers=2 is not divisible by the 3 pipeline stages"),
+    (["training.global_batch_size=6"], 1, r"global_batch_size=6 is not divisible by .*micro_batch_size=4"),
+    (["precision.fp8=hybrid"], 1, r"needs Transformer Engine|needs model.transformer_impl=transformer_engine"),
+    (["precision.dtype=fp64"], 1, r"precision.dtype='fp64' is not one of"),
+    (["optimizer.min_lr=1.0"], 1, r"optimizer.min_lr=1.0 must be in \[0, optimizer.lr="),
+    (["data.mock=false"], 1, r"data.data_path=\[\]: give at least one dataset prefix"),
+    (["bogus"], 1, r"override 'bogus' is not of the form section.field=value"),
+])
+def test_bad_values_name_the_field(overrides, world, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", overrides, world_size=world)
+
+
+def test_transformer_engine_missing_is_a_config_error():
+    pytest.importorskip  # documented: this machine has no Transformer Engine
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed here")
+    with pytest.raises(ConfigError, match=r"precision.fp8='e4m3' needs Transformer Engine"):
+        load_config("tiny", ["model.transformer_impl=transformer_engine", "precision.fp8=e4m3"],
+                    world_size=1)
+
+
+def test_unknown_config_name():
+    with pytest.raises(ConfigError, match=r"config 'huge' is neither a file nor a shipped "
+                                          r"config \(shipped: llama_1.2b, llama_468m"):
+        load_config("huge")
+
+
+def test_overrides_parse_yaml_values():
+    assert parse_overrides(["a.b=[x, 0.5]", "a.c=true", "d=null"]) == \
+        {"a": {"b": ["x", 0.5], "c": True}, "d": None}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": REPO}
+    env.pop("RANK", None)
+    return subprocess.run([sys.executable, "-m", "megatron_mile.train", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_bad_value_exits_2_before_building_anything():
+    proc = _cli("--config", "tiny", "loss.sigma=-1", "loss.gamma=0.5")
+    assert proc.returncode == 2, proc.stderr
+    assert "configuration error: loss.sigma=-1.0 < 0 needs an integer loss.gamma" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_missing_data_path_fails_fast_with_the_fix(tmp_path):
+    missing = tmp_path / "nope" / "corpus_text_document"
+    proc = _cli("--config", "tiny", "data.mock=false", f"data.data_path=[{missing}]")
+    assert proc.returncode != 0
+    assert str(missing) in proc.stderr and "preprocess_data.py" in proc.stderr, proc.stderr[-2000:]
+    assert "iteration" not in proc.stdout  # failed before training
+
+
+def test_configuration_reference_is_generated_and_current():
+    proc = subprocess.run([sys.executable, "tools/gen_config_docs.py", "--check"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_config_field_has_a_docstring():
+    import dataclasses
+    import typing
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from gen_config_docs import field_docs
+
+    from megatron_mile.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    missing = [f"{s.name}.{f.name}" for s in dataclasses.fields(TrainConfig)
+               for f in dataclasses.fields(hints[s.name])
+               if not field_docs(hints[s.name]).get(f.name)]
+    assert not missing, f"fields without a docstring: {missing}"
