@@ -70,14 +70,15 @@ CONTAINER_MILE_ROOT=${CONTAINER_MILE_ROOT:-/opt/megatron-mile}   # the checkout 
 SRUN_EXTRA_ARGS=${SRUN_EXTRA_ARGS:-}       # site-specific srun flags, e.g. "--mpi=pmix"
 
 # ---- What to train ----------------------------------------------------------------------
+# Empty means "as the config says": only what is set here overrides the YAML.
 CONFIG=${CONFIG:-tiny}                     # tiny | llama_468m | llama_1.2b | llama_6.7b | a YAML
-LOSS=${LOSS:-mile}                         # mile | focal | cross_entropy
-GAMMA=${GAMMA:-1.0}
-SIGMA=${SIGMA:-}                           # empty: the config's value (1.0 in the paper)
-TP=${TP:-1}
-PP=${PP:-1}
+LOSS=${LOSS:-}                             # mile | focal | cross_entropy
+GAMMA=${GAMMA:-}
+SIGMA=${SIGMA:-}
+TP=${TP:-}
+PP=${PP:-}
 VPP=${VPP:-}                               # virtual pipeline stages per rank (interleaving)
-SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-$( (( TP > 1 )) && echo true || echo false)}
+SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-$( [[ -z $TP ]] || { (( TP > 1 )) && echo true || echo false; })}
 DISTRIBUTED_OPTIMIZER=${DISTRIBUTED_OPTIMIZER:-}   # true: shard optimizer state over DP
 TRANSFORMER_IMPL=${TRANSFORMER_IMPL:-$( [[ -z ${FP8:-} ]] || echo transformer_engine)}
                                            # transformer_engine (fused attention, FP8) | local
@@ -85,7 +86,7 @@ RECOMPUTE=${RECOMPUTE:-}                   # selective | full activation recompu
 MICRO_BATCH=${MICRO_BATCH:-}               # empty: the config's value
 GLOBAL_BATCH=${GLOBAL_BATCH:-}
 TRAIN_ITERS=${TRAIN_ITERS:-}
-DTYPE=${DTYPE:-$( [[ $DEVICE == gpu ]] && echo bf16 || echo fp32)}
+DTYPE=${DTYPE:-}                           # bf16 | fp16 | fp32
 FP8=${FP8:-}                               # hybrid | e4m3 (Hopper or newer)
 DATA_PATH=${DATA_PATH:-}                   # space-separated Megatron prefixes (optionally weighted)
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-}
@@ -106,20 +107,22 @@ CONFIG_ARGS=(--config "$CONFIG")
 MODEL_ARGS=()
 add MODEL_ARGS model.transformer_impl "$TRANSFORMER_IMPL"
 add MODEL_ARGS model.recompute_granularity "$RECOMPUTE"
-LOSS_ARGS=("loss.type=$LOSS" "loss.gamma=$GAMMA")
+LOSS_ARGS=()
+add LOSS_ARGS loss.type "$LOSS"
+add LOSS_ARGS loss.gamma "$GAMMA"
 add LOSS_ARGS loss.sigma "$SIGMA"
-PARALLEL_ARGS=(
-    "parallel.tensor_model_parallel_size=$TP"
-    "parallel.pipeline_model_parallel_size=$PP"
-    "parallel.sequence_parallel=$SEQUENCE_PARALLEL"
-)
+PARALLEL_ARGS=()
+add PARALLEL_ARGS parallel.tensor_model_parallel_size "$TP"
+add PARALLEL_ARGS parallel.pipeline_model_parallel_size "$PP"
+add PARALLEL_ARGS parallel.sequence_parallel "$SEQUENCE_PARALLEL"
 add PARALLEL_ARGS parallel.use_distributed_optimizer "$DISTRIBUTED_OPTIMIZER"
 add PARALLEL_ARGS parallel.virtual_pipeline_model_parallel_size "$VPP"
 TRAINING_ARGS=()
 add TRAINING_ARGS training.micro_batch_size "$MICRO_BATCH"
 add TRAINING_ARGS training.global_batch_size "$GLOBAL_BATCH"
 add TRAINING_ARGS training.train_iters "$TRAIN_ITERS"
-PRECISION_ARGS=("precision.dtype=$DTYPE")
+PRECISION_ARGS=()
+add PRECISION_ARGS precision.dtype "$DTYPE"
 add PRECISION_ARGS precision.fp8 "$FP8"
 DATA_ARGS=()
 add DATA_ARGS data.mock "$MOCK_DATA"

@@ -1,8 +1,10 @@
 """Estimate parameters and GPU memory per rank for the shipped LLaMA configurations.
 
-    python tools/estimate_memory.py                       # the examples/slurm/submit.sh presets
-    python tools/estimate_memory.py --config llama_6.7b --tp 2 --pp 1 --dp 64 --micro-batch 4
-    python tools/estimate_memory.py --markdown            # the table in docs/launching.md
+    python tools/estimate_memory.py                 # the runs of examples/slurm/submit.sh
+    python tools/estimate_memory.py --markdown      # the table in docs/launching.md
+    python tools/estimate_memory.py --config llama_6.7b --gpus 128 \
+        parallel.tensor_model_parallel_size=2 training.micro_batch_size=4 \
+        model.recompute_granularity=null            # another layout of a config
 
 These are computed, not measured. What is counted, in bytes per rank of the busiest pipeline
 stage (h hidden, f SwiGLU width, a heads, s sequence, b micro-batch, V padded vocabulary,
@@ -28,8 +30,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
+
+import yaml
 
 GiB = 2**30
 
@@ -75,31 +80,59 @@ class Layout:
         return self.global_batch // (self.micro_batch * self.dp)
 
 
-# The layouts of examples/slurm/submit.sh (8 GPUs a node); a test keeps the two in step.
-PRESETS = {
-    "tiny": ("tiny", None, Layout(tp=1, pp=1, dp=1, micro_batch=4, global_batch=8)),
-    "468m": ("llama_468m", 2, Layout(tp=1, pp=1, dp=16, micro_batch=32, global_batch=1024)),
-    "1.2b": ("llama_1.2b", 4, Layout(tp=1, pp=1, dp=32, micro_batch=16, global_batch=1024)),
-    "6.7b": ("llama_6.7b", 16, Layout(tp=2, pp=1, dp=64, micro_batch=4, global_batch=2048)),
-}
+# The runs of examples/slurm/submit.sh: config and nodes of 8 GPUs (a test keeps them in
+# step). Their layouts (TP, PP, batch sizes, recompute) are the configs' own.
+GPUS_PER_NODE = 8
+PRESETS = {"tiny": ("tiny", None), "468m": ("llama_468m", 2), "1.2b": ("llama_1.2b", 4),
+           "6.7b": ("llama_6.7b", 16)}
 
 
-def load_shape(name: str) -> Shape:
-    """The shape of a shipped config (or YAML path); the paper's table if it is not shipped."""
+@dataclass(frozen=True)
+class Run:
+    shape: Shape
+    layout: Layout
+    recompute: str             # none | selective | full, as configured
+
+
+def load_run(name: str, world_size: int, overrides: Sequence[str] = ()) -> Run:
+    """Shape, layout and recompute of a config at ``world_size`` ranks, through the project's
+    own loader (which also checks that the layout divides). Falls back to the paper's shape,
+    with the layout given by ``overrides``, where megatron_mile is not importable."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from megatron_mile.config import ConfigError, load_config
-
     try:
-        cfg = load_config(name)
-    except (ConfigError, FileNotFoundError):
-        if name in PAPER_SHAPES:
-            return PAPER_SHAPES[name]
-        raise
-    m = cfg.model
+        from megatron_mile.config import CONFIG_DIR, load_config
+    except ImportError:
+        if name not in PAPER_SHAPES:
+            raise
+        return Run(PAPER_SHAPES[name], _layout_from_overrides(overrides, world_size), "none")
+    path = Path(name) if Path(name).is_file() else CONFIG_DIR / f"{name}.yaml"
+    tree = yaml.safe_load(path.read_text()) or {}
+    vocab = (tree.get("model") or {}).get("vocab_size") or (tree.get("data") or {}).get("vocab_size")
+    impl = dict(o.split("=", 1) for o in overrides).get(
+        "model.transformer_impl", (tree.get("model") or {}).get("transformer_impl", "local"))
+    # Mock data with the model's vocabulary: no dataset or tokenizer file needed here; and the
+    # local implementation, whose check does not need Transformer Engine on this machine.
+    cfg = load_config(name, ["data.mock=true", f"data.vocab_size={vocab or 32000}", *overrides,
+                             "model.transformer_impl=local", "precision.fp8=null"],
+                      world_size=world_size)
+    m, p, t = cfg.model, cfg.parallel, cfg.training
     ffn = m.ffn_hidden_size or 256 * math.ceil(int(8 * m.hidden_size / 3) / 256)
-    vocab = m.vocab_size or getattr(cfg.data, "vocab_size", None) or 32000
-    return Shape(name, m.num_layers, m.hidden_size, m.num_attention_heads, ffn, m.seq_length,
-                 vocab, m.num_query_groups, m.make_vocab_size_divisible_by)
+    shape = Shape(Path(name).stem, m.num_layers, m.hidden_size, m.num_attention_heads, ffn,
+                  m.seq_length, m.vocab_size or vocab or 32000, m.num_query_groups,
+                  m.make_vocab_size_divisible_by)
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    layout = Layout(tp, pp, p.virtual_pipeline_model_parallel_size or 1,
+                    world_size // (tp * pp * p.context_parallel_size), t.micro_batch_size,
+                    t.global_batch_size, impl == "transformer_engine")
+    return Run(shape, layout, m.recompute_granularity or "none")
+
+
+def _layout_from_overrides(overrides: Sequence[str], world_size: int) -> Layout:
+    kv = dict(o.split("=", 1) for o in overrides)
+    tp = int(kv.get("parallel.tensor_model_parallel_size", 1))
+    pp = int(kv.get("parallel.pipeline_model_parallel_size", 1))
+    return Layout(tp, pp, 1, world_size // (tp * pp), int(kv.get("training.micro_batch_size", 1)),
+                  int(kv["training.global_batch_size"]) if "training.global_batch_size" in kv else None)
 
 
 def padded_vocab(shape: Shape, tp: int) -> int:
@@ -157,55 +190,54 @@ def estimate(shape: Shape, layout: Layout, recompute: str = "none") -> dict[str,
     }
 
 
-def _rows(selected):
-    for label, (config, nodes, layout) in selected:
-        shape = load_shape(config)
-        none = estimate(shape, layout, "none")
-        full = estimate(shape, layout, "full")
-        yield label, shape, nodes, layout, none, full
+def _fmt_params(n: float) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def table(runs: list[tuple[str, int | None, Run]]) -> tuple[list[str], list[list[str]]]:
+    header = ["run", "params", "GPUs", "TP/PP/DP", "micro-batch x seq", "accumulation",
+              "recompute", "weights+grads", "optimizer", "activations", "total",
+              "total, no recompute", "total, full recompute"]
+    rows = []
+    for label, nodes, run in runs:
+        lay, shape = run.layout, run.shape
+        ranks = lay.tp * lay.pp * lay.dp
+        gpus = f"{nodes} x {GPUS_PER_NODE}" if nodes else str(ranks)
+        est = estimate(shape, lay, run.recompute)
+        rows.append([
+            label, _fmt_params(total_params(shape)), gpus, f"{lay.tp}/{lay.pp}/{lay.dp}",
+            f"{lay.micro_batch} x {shape.seq}", str(lay.micro_batches), run.recompute,
+            f"{est['weights_grads']:.1f}", f"{est['optimizer']:.2f}",
+            f"{est['activations']:.1f}", f"{est['total']:.1f}",
+            f"{estimate(shape, lay, 'none')['total']:.1f}",
+            f"{estimate(shape, lay, 'full')['total']:.1f}",
+        ])
+    return header, rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="a shipped config name or YAML path (default: presets)")
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--vpp", type=int, default=1)
-    parser.add_argument("--dp", type=int, default=1)
-    parser.add_argument("--micro-batch", type=int, default=1)
-    parser.add_argument("--global-batch", type=int)
+    parser.add_argument("--config", help="a shipped config name or YAML path (default: the "
+                        "submit.sh runs)")
+    parser.add_argument("--gpus", type=int, default=GPUS_PER_NODE, help="world size for --config")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="trainer overrides for --config, e.g. "
+                        "parallel.tensor_model_parallel_size=2 training.micro_batch_size=4")
     parser.add_argument("--local-attention", action="store_true",
-                        help="model.transformer_impl=local: no fused attention kernel")
+                        help="as with model.transformer_impl=local: no fused attention kernel")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
 
     if args.config:
-        layout = Layout(args.tp, args.pp, args.vpp, args.dp, args.micro_batch,
-                        args.global_batch, not args.local_attention)
-        selected = [(args.config, (args.config, None, layout))]
+        runs = [(args.config, None, load_run(args.config, args.gpus, args.overrides))]
     else:
-        selected = [(k, v) for k, v in PRESETS.items()
-                    if not args.local_attention or k != "tiny"]
-        if args.local_attention:
-            selected = [(k, (c, n, Layout(**{**lay.__dict__, "flash_attention": False})))
-                        for k, (c, n, lay) in selected]
-
-    header = ["preset", "config", "params", "nodes x GPUs", "TP/PP/DP", "micro-batch",
-              "weights+grads", "optimizer", "activations", "total",
-              "activations, full recompute", "total, full recompute"]
-    rows = []
-    for label, shape, nodes, lay, none, full in _rows(selected):
-        ranks = lay.tp * lay.pp * lay.dp
-        gpus = f"{nodes} x 8" if nodes else f"{ranks} rank{'s' if ranks > 1 else ''}"
-        n = total_params(shape)
-        size = f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
-        rows.append([
-            label, shape.name + (" (paper)" if shape.source == "paper" else ""),
-            size, gpus, f"{lay.tp}/{lay.pp}/{lay.dp}",
-            f"{lay.micro_batch} x {shape.seq}", f"{none['weights_grads']:.1f}",
-            f"{none['optimizer']:.2f}", f"{none['activations']:.1f}", f"{none['total']:.1f}",
-            f"{full['activations']:.1f}", f"{full['total']:.1f}",
-        ])
+        runs = [(f"{size}: {config}", nodes,
+                 load_run(config, (nodes or 1) * (GPUS_PER_NODE if nodes else 1)))
+                for size, (config, nodes) in PRESETS.items()]
+    if args.local_attention:
+        runs = [(label, nodes, replace(run, layout=replace(run.layout, flash_attention=False)))
+                for label, nodes, run in runs]
+    header, rows = table(runs)
     if args.markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
@@ -216,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in [header, *rows]:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
     print("\nGiB per GPU, computed (not measured); add 4-8 GiB for the CUDA context, NCCL "
-          "buffers and fragmentation. Attention: "
-          + ("unfused (local)." if args.local_attention else "fused/flash (transformer_engine)."))
+          "buffers and fragmentation. Attention: fused (transformer_engine) where configured"
+          + (", here forced unfused (local)." if args.local_attention else "."))
     return 0
 
 

@@ -4,11 +4,12 @@
 # `sbatch examples/slurm/pretrain.sbatch`.
 #
 # Usage: examples/slurm/submit.sh SIZE [KEY=VALUE trainer overrides ...]
-#   SIZE   nodes x GPUs  TP PP  micro x accumulation x DP = global batch (sequences)
-#   468m   2 x 8          1  1  32 x 2 x 16 = 1024   (paper: 32 x 2 on 16 GPUs)
-#   1.2b   4 x 8          1  1  16 x 2 x 32 = 1024   (paper: 16 x 2 on 32 GPUs)
-#   6.7b   16 x 8         2  1   4 x 8 x 64 = 2048   (paper: 16 x 1 on 128 GPUs, ZeRO-2)
-#   tiny   1 x 1 (or CPU: DEVICE=cpu NPROC_PER_NODE=2 TP=2), mock data, a smoke test
+#   SIZE   config       nodes x GPUs  layout (the config's: TP, micro-batch x accumulation x DP)
+#   468m   llama_468m   2 x 8         TP=1, 32 x 2 x 16 = 1024 sequences of 1024 tokens
+#   1.2b   llama_1.2b   4 x 8         TP=2, 16 x 4 x 16 = 1024 sequences of 1024 tokens
+#   6.7b   llama_6.7b   16 x 8        TP=4, 16 x 4 x 32 = 2048 sequences of 2048, full recompute
+#   tiny   tiny         1 x 1 (or CPU: DEVICE=cpu NPROC_PER_NODE=2 TP=2), mock data: a smoke test
+# (the paper: 16, 32 and 128 GPUs; tools/estimate_memory.py gives the memory per GPU)
 # Examples (the data: tools/preprocess_data.py output prefixes, see docs/launching.md):
 #   export DATA_PATH=/data/pile/pile_text_document TOKENIZER_MODEL=/data/llama.model
 #   LOSS=mile GAMMA=1.0        examples/slurm/submit.sh 6.7b
@@ -18,8 +19,8 @@
 #   CONTAINER=pyxis CONTAINER_IMAGE=registry#megatron-mile:0.1.0 \
 #     CONTAINER_MOUNTS=/data:/data,/ckpt:/ckpt CKPT_ROOT=/ckpt LOSS=mile examples/slurm/submit.sh 1.2b
 #   DEVICE=cpu NPROC_PER_NODE=2 TP=2 examples/slurm/submit.sh tiny training.train_iters=20
-# Every variable of examples/launch.sh can be set; the presets below only fill in what is
-# unset. Site flags: SBATCH_EXTRA_ARGS="--account=X --partition=Y --qos=Z", or Slurm's own
+# Every variable of examples/launch.sh can be set (TP, MICRO_BATCH, RECOMPUTE, ... override
+# the config's layout); the presets below only fill in what is unset. Site flags: SBATCH_EXTRA_ARGS="--account=X --partition=Y --qos=Z", or Slurm's own
 # SBATCH_ACCOUNT / SBATCH_PARTITION. TIME is the limit of one job; the job requeues itself
 # before it and resumes from the latest checkpoint, so a run spans as many jobs as it needs.
 # Submitting the same SIZE and LOSS (and GAMMA) again also resumes: runs are named
@@ -31,20 +32,11 @@ export MILE_ROOT=${MILE_ROOT:-$(cd "$here/../.." && pwd)}
 size=${1:?usage: submit.sh 468m|1.2b|6.7b|tiny [KEY=VALUE ...]}
 shift
 
-if [[ $size != tiny ]]; then
-    # GPU runs: fused attention (and FP8 if asked) from Transformer Engine, optimizer state
-    # sharded over data-parallel ranks. tools/estimate_memory.py gives the memory per GPU.
-    : "${TRANSFORMER_IMPL:=transformer_engine}" "${DISTRIBUTED_OPTIMIZER:=true}"
-fi
 case $size in
-    468m) : "${CONFIG:=llama_468m}" "${NODES:=2}" "${TP:=1}" "${PP:=1}" \
-            "${MICRO_BATCH:=32}" "${GLOBAL_BATCH:=1024}" ;;
-    1.2b) : "${CONFIG:=llama_1.2b}" "${NODES:=4}" "${TP:=1}" "${PP:=1}" \
-            "${MICRO_BATCH:=16}" "${GLOBAL_BATCH:=1024}" ;;
-    6.7b) : "${CONFIG:=llama_6.7b}" "${NODES:=16}" "${TP:=2}" "${PP:=1}" \
-            "${MICRO_BATCH:=4}" "${GLOBAL_BATCH:=2048}" ;;
-    tiny) : "${CONFIG:=tiny}" "${NODES:=1}" "${TP:=1}" "${PP:=1}" "${MOCK_DATA:=true}" \
-            "${GPUS_PER_NODE:=1}" ;;
+    468m) : "${CONFIG:=llama_468m}" "${NODES:=2}" ;;
+    1.2b) : "${CONFIG:=llama_1.2b}" "${NODES:=4}" ;;
+    6.7b) : "${CONFIG:=llama_6.7b}" "${NODES:=16}" ;;
+    tiny) : "${CONFIG:=tiny}" "${NODES:=1}" "${GPUS_PER_NODE:=1}" "${MOCK_DATA:=true}" ;;
     *) echo "submit.sh: SIZE must be 468m, 1.2b, 6.7b or tiny, not '$size'" >&2; exit 2 ;;
 esac
 : "${LOSS:=mile}" "${GAMMA:=1.0}" "${DEVICE:=gpu}" "${GPUS_PER_NODE:=8}" "${TIME:=24:00:00}"
@@ -55,8 +47,7 @@ case $LOSS in
 esac
 : "${CKPT_ROOT:=$MILE_ROOT/runs/checkpoints}" "${LOG_DIR:=$MILE_ROOT/runs/logs}"
 : "${CKPT_DIR:=$CKPT_ROOT/$RUN_NAME}" "${TENSORBOARD_DIR:=$MILE_ROOT/runs/tensorboard/$RUN_NAME}"
-export CONFIG TP PP MICRO_BATCH GLOBAL_BATCH LOSS GAMMA DEVICE CKPT_DIR TENSORBOARD_DIR
-export MOCK_DATA TRANSFORMER_IMPL DISTRIBUTED_OPTIMIZER AUTO_RESUME=${AUTO_RESUME:-true}
+export CONFIG LOSS GAMMA DEVICE CKPT_DIR TENSORBOARD_DIR MOCK_DATA AUTO_RESUME=${AUTO_RESUME:-true}
 mkdir -p "$CKPT_DIR" "$LOG_DIR" "$TENSORBOARD_DIR"
 
 SBATCH_ARGS=(
