@@ -175,7 +175,9 @@ def test_shell_scripts_are_strict_executable_and_documented():
         text = script.read_text()
         assert "set -euo pipefail" in text, script
         assert os.access(script, os.X_OK), f"{script} is not executable"
-        assert "Usage" in text.split("set -euo pipefail")[0], f"{script} has no usage header"
+        # A usage header: comments before the code that show how to run this very script.
+        header = text.split("set -euo pipefail")[0]
+        assert str(script.relative_to(ROOT)) in header, f"{script}: no usage header with its command"
 
 
 def test_dockerfile_is_hadolint_clean():
