@@ -1,0 +1,294 @@
+"""A throw-away one-node Slurm cluster for tests: munged, slurmctld and slurmd on loopback.
+
+    with slurm_cluster(tmp_path) as cluster:
+        job = cluster.sbatch(["--nodes=1", "examples/slurm/pretrain.sbatch"], env=...)
+        assert cluster.wait(job, timeout_s=300) == "COMPLETED"
+
+Everything lives under one temporary directory: the munge key and socket, slurm.conf (free
+loopback ports, not Slurm's defaults), state, spool, logs and pid files, so a cluster never
+touches /etc/slurm or another cluster on the same machine. On exit, also after a failure,
+the cluster cancels its jobs, stops its daemons by pid, and ends any process still carrying
+this cluster's SLURM_CONF in its environment (job steps a daemon left behind).
+
+Needs Debian's slurmctld, slurmd, slurm-client and munge (Slurm 22.05 on Debian 12):
+``find_or_install_slurm`` installs them with apt-get when missing and this is root, and
+otherwise returns the reason the tests should skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+BINARIES = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "squeue", "scancel")
+FINAL_STATES = {
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+    "BOOT_FAIL", "DEADLINE", "PREEMPTED",
+}
+
+
+def _missing_binaries() -> list[str]:
+    return [b for b in BINARIES if _which(b) is None]
+
+
+def _which(name: str) -> str | None:
+    # The daemons live in /usr/sbin, which is not on every PATH.
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
+def apt_install(packages: Sequence[str], timeout_s: float = 600) -> str | None:
+    """apt-get install as root (with an update if the lists are stale); None or why not."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return f"{' '.join(packages)}: not installed, and apt-get as root is not available"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", *packages]
+    try:
+        if subprocess.run(install, env=env, capture_output=True, timeout=timeout_s).returncode:
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True,
+                           timeout=timeout_s)
+            done = subprocess.run(install, env=env, capture_output=True, text=True,
+                                  timeout=timeout_s)
+            if done.returncode:
+                return f"apt-get install {' '.join(packages)} failed: {done.stderr[-500:]}"
+    except subprocess.TimeoutExpired:
+        return f"apt-get install {' '.join(packages)} took over {timeout_s:.0f} s"
+    return None
+
+
+def find_or_install_slurm() -> str | None:
+    """Return None when Slurm and munge are usable, else why not (a skip reason)."""
+    if not _missing_binaries():
+        return None
+    reason = apt_install(PACKAGES)
+    missing = _missing_binaries()
+    if missing:
+        return reason or f"still missing after apt-get: {', '.join(missing)}"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@dataclass
+class SlurmCluster:
+    """A running cluster: ``env`` makes the Slurm clients talk to it."""
+
+    root: Path
+    node: str
+    cpus: int
+    env: dict[str, str]
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def run(self, *cmd: str, env: Mapping[str, str] | None = None,
+            timeout_s: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), env={**self.env, **(env or {})}, capture_output=True,
+                              text=True, timeout=timeout_s, check=False)
+
+    def sbatch(self, args: Sequence[str], env: Mapping[str, str] | None = None,
+               cwd: str | os.PathLike | None = None) -> str:
+        """Submit a batch job; return its id."""
+        done = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})},
+                              cwd=cwd, capture_output=True, text=True, timeout=30)
+        if done.returncode:
+            raise RuntimeError(f"sbatch failed ({done.returncode}): {done.stderr}\n{self.logs()}")
+        return done.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` as a dict (empty once the job is forgotten)."""
+        done = self.run("scontrol", "show", "job", "--oneliner", job_id)
+        if done.returncode:
+            return {}
+        return dict(re.findall(r"(\w+)=(\S*)", done.stdout))
+
+    def state(self, job_id: str) -> str:
+        return self.job(job_id).get("JobState", "UNKNOWN")
+
+    def wait(self, job_id: str, timeout_s: float,
+             states: Sequence[str] | set[str] = FINAL_STATES) -> str:
+        """Wait until the job is in one of ``states``; return that state."""
+        seen: list[str] = []
+
+        def reached() -> bool:
+            s = self.state(job_id)
+            if not seen or seen[-1] != s:
+                seen.append(s)
+            return s in states
+
+        try:
+            _wait_for(reached, timeout_s, f"job {job_id} to reach {sorted(states)}", 0.5)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; states seen: {seen}\n{self.logs()}") from None
+        return seen[-1]
+
+    def logs(self, tail: int = 30) -> str:
+        out = []
+        for name in ("slurmctld.log", "slurmd.log"):
+            path = self.root / "log" / name
+            if path.exists():
+                lines = path.read_text(errors="replace").splitlines()[-tail:]
+                out.append(f"--- {name} (last {len(lines)} lines)\n" + "\n".join(lines))
+        return "\n".join(out)
+
+
+def _slurm_conf(root: Path, node: str, cpus: int, munge_socket: Path) -> str:
+    d = {k: root / k for k in ("state", "spool", "log", "run")}
+    return f"""\
+ClusterName=miletest
+SlurmctldHost={node}(127.0.0.1)
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={munge_socket},cred_expire=10
+StateSaveLocation={d['state']}
+SlurmdSpoolDir={d['spool']}
+SlurmctldPidFile={d['run']}/slurmctld.pid
+SlurmdPidFile={d['run']}/slurmd.pid
+SlurmctldLogFile={d['log']}/slurmctld.log
+SlurmdLogFile={d['log']}/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
+MpiDefault=none
+ReturnToService=2
+JobRequeue=1
+KillWait=10
+MinJobAge=600
+PlugStackConfig={root}/plugstack.conf
+NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _pids_with_env(marker: str) -> list[int]:
+    """Processes whose environment holds ``marker`` (this cluster's SLURM_CONF=...)."""
+    needle = b"\0" + marker.encode() + b"\0"
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in b"\0" + (entry / "environ").read_bytes() + b"\0":
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float = 10) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout_s)
+
+
+@contextlib.contextmanager
+def slurm_cluster(root: Path, cpus: int | None = None,
+                  start_timeout_s: float = 60) -> Iterator[SlurmCluster]:
+    """Start munged, slurmctld and slurmd under ``root``; stop all of them on exit."""
+    root = Path(root).resolve()
+    cpus = cpus or os.cpu_count() or 1
+    node = socket.gethostname().split(".")[0]
+    for sub in ("state", "spool", "log", "run"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    # munged insists on a key only its owner can read and a socket directory every user can
+    # reach, so that directory lives directly under /tmp (a test's tmp_path is private).
+    munge = Path(tempfile.mkdtemp(prefix="mile-munge-"))
+    munge.chmod(0o755)
+    key = munge / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    munge_socket = munge / "munge.socket"
+    (root / "plugstack.conf").write_text("")  # no site SPANK plugins (pyxis) in tests
+    conf = root / "slurm.conf"
+    conf.write_text(_slurm_conf(root, node, cpus, munge_socket))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    for var in [v for v in env if v.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
+        if var != "SLURM_CONF":
+            del env[var]  # an outer allocation must not leak into this cluster's jobs
+    cluster = SlurmCluster(root=root, node=node, cpus=cpus, env=env)
+    marker = f"SLURM_CONF={conf}"
+    try:
+        cluster.procs["munged"] = subprocess.Popen(
+            [_which("munged"), "--foreground", f"--key-file={key}", f"--socket={munge_socket}",
+             f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log",
+             f"--seed-file={munge}/munged.seed"],
+            env=env, stdout=(root / "log" / "munged.out").open("wb"), stderr=subprocess.STDOUT)
+
+        def munge_up() -> bool:
+            if cluster.procs["munged"].poll() is not None:
+                out = (root / "log" / "munged.out").read_text(errors="replace")
+                raise RuntimeError(f"munged exited with {cluster.procs['munged'].returncode}: {out}")
+            return munge_socket.exists()
+
+        _wait_for(munge_up, start_timeout_s, "munged's socket")
+        for daemon in ("slurmctld", "slurmd"):
+            cluster.procs[daemon] = subprocess.Popen(
+                [_which(daemon), "-D", "-f", str(conf)], env=env,
+                stdout=(root / "log" / f"{daemon}.out").open("wb"), stderr=subprocess.STDOUT)
+
+        def node_idle() -> bool:
+            for name, proc in cluster.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}\n{cluster.logs()}")
+            out = cluster.run("sinfo", "--noheader", "--format=%T").stdout
+            return out.strip().rstrip("*") == "idle"
+
+        _wait_for(node_idle, start_timeout_s, f"node {node} to be idle")
+        yield cluster
+    finally:
+        _teardown(cluster, marker)
+        shutil.rmtree(munge, ignore_errors=True)
+
+
+def _teardown(cluster: SlurmCluster, marker: str) -> None:
+    slurmctld = cluster.procs.get("slurmctld")
+    if slurmctld is not None and slurmctld.poll() is None:
+        with contextlib.suppress(Exception):
+            jobs = cluster.run("squeue", "--noheader", "--format=%i").stdout.split()
+            if jobs:
+                cluster.run("scancel", *jobs)
+                _wait_for(lambda: not cluster.run("squeue", "--noheader").stdout.strip(),
+                          30, "cancelled jobs to end")
+    for name in ("slurmd", "slurmctld", "munged"):
+        if name in cluster.procs:
+            _stop(cluster.procs[name])
+    for pid in _pids_with_env(marker):  # job steps and their children left behind
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
