@@ -10,5 +10,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 python -m pip install --quiet --disable-pip-version-check -e ".[test]"
 
+# Slurm daemons, munge, shellcheck (apt) and hadolint for the launch/Slurm/lint tests.
+if [[ "$(id -u)" == 0 ]]; then
+    bash .ci/install_test_tools.sh
+else
+    echo "tests/run.sh: not root, so Slurm/shellcheck/hadolint are not installed;" \
+         "the tests that need them skip unless they are already present" >&2
+fi
+
 # pytest exits 5 when it collects nothing: that is a failure here too, as is any test failure.
 exec python -m pytest -q tests "$@"
