@@ -143,7 +143,7 @@ def layer_spec(cfg: TrainConfig, config: TransformerConfig, vp_stage: Optional[i
             from megatron.core.models.gpt.gpt_layer_specs import (
                 get_gpt_layer_with_transformer_engine_spec,
             )
-            import transformer_engine  # noqa: F401
+            import transformer_engine  # noqa: F401  (availability: the spec imports it lazily)
         except ImportError as e:
             raise ConfigError(
                 "model.transformer_impl=transformer_engine needs Transformer Engine "

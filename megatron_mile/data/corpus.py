@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+from megatron_mile.utils import atomic_write_text
+
 CORPUS_VERSION = 1
 """Bumped when the extraction changes, so cached corpora are rebuilt."""
 
@@ -175,6 +177,4 @@ def prepare_corpus(output_dir: str, valid_permille: int = 50) -> CorpusManifest:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

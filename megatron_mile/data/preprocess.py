@@ -32,6 +32,7 @@ from megatron_mile.data.text_input import (
     BAD_KINDS, STDIN, BadRecord, InputFormat, Record, check_inputs, decode_record,
     iter_records, resolve_format,
 )
+from megatron_mile.utils import fsync_path
 
 MB = 1e6
 
@@ -251,14 +252,14 @@ def preprocess(
                 + (f", first: {stats.bad_examples[0]}" if stats.bad_examples else "")
                 + f". For JSONL, check that the text sits under --json-key (now {json_key!r}).")
         builder.finalize(tmp_idx)
-        _fsync(tmp_bin)
-        _fsync(tmp_idx)
+        fsync_path(tmp_bin)
+        fsync_path(tmp_idx)
         # Commit: drop any old index first so that no state pairs an old .idx with a new .bin.
         if os.path.exists(idx_path):
             os.remove(idx_path)
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)
-        _fsync_dir(os.path.dirname(os.path.abspath(idx_path)))
+        fsync_path(os.path.dirname(os.path.abspath(idx_path)))
     finally:
         if pool is not None:
             pool.terminate()
@@ -328,16 +329,3 @@ def _log_progress(out: TextIO, stats: PreprocessStats, total_bytes: int | None,
     out.flush()
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        _fsync(path)
-    except OSError:  # some filesystems do not fsync directories
-        pass

@@ -72,6 +72,8 @@ from megatron.core.optimizer import DistributedOptimizer
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import unwrap_model
 
+from megatron_mile.utils import atomic_write_text, fsync_path
+
 __all__ = [
     "CheckpointError",
     "SyncTorchDistSaveStrategy",
@@ -305,24 +307,9 @@ def _check_extra_state(extra_state: dict) -> None:
         ) from exc
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_tracker(ckpt_dir: str, iteration: int) -> None:
     """Atomically replace the tracker file (write a temp file, fsync, ``os.replace``)."""
-    path = os.path.join(ckpt_dir, TRACKER_FILENAME)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(f"{iteration}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(ckpt_dir)
+    atomic_write_text(os.path.join(ckpt_dir, TRACKER_FILENAME), f"{iteration}\n")
 
 
 # --------------------------------------------------------------------------- save
@@ -410,9 +397,9 @@ def save_checkpoint(
     error = None
     if rank == 0:
         try:
-            _fsync_dir(tmp)
+            fsync_path(tmp)
             os.rename(tmp, final)
-            _fsync_dir(save_dir)
+            fsync_path(save_dir)
             _write_tracker(save_dir, iteration)
         except OSError as exc:
             error = f"publishing {final}: {_describe(exc)}"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import logging
 import sys
-from typing import Optional
 
 from megatron_mile.config import TrainConfig
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import resource
 import signal
 import time
 from functools import partial
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -40,7 +39,6 @@ from megatron_mile.config import TrainConfig
 from megatron_mile.data.datasets import build_data_loader, build_datasets, build_tokenizer
 from megatron_mile.loss import reduce_token_losses
 from megatron_mile.model import (
-    TOKEN_STATS,
     build_model_chunk,
     flops_per_token,
     num_parameters,
