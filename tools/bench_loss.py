@@ -8,6 +8,7 @@ losses, and prints the ratios to CE.
 
     python tools/bench_loss.py                       # the table in docs/benchmarks.md
     python tools/bench_loss.py --tokens 2048 --vocab 32000 --tp 1 --dtype bf16 --reps 3
+    torchrun --nproc-per-node 2 tools/bench_loss.py      # GPU: TP = the number of processes
 
 Peak memory is the peak of the whole forward+backward, the logits and their gradient
 included (what a training step holds). On GPU: ``torch.cuda.max_memory_allocated``. On CPU:
@@ -184,11 +185,18 @@ def main(argv=None) -> int:
             if v % tp:
                 parser.error(f"--vocab {v} is not divisible by --tp {tp}")
 
-    from megatron_mile.testing import run_distributed
+    if "RANK" in os.environ:  # under torchrun (GPU): this process is one rank, TP = world
+        import torch.distributed as dist
 
-    rows = []
-    for tp in args.tp:
-        rows += run_distributed(_worker, tp, args=(args,), timeout_s=3600)[0]
+        rows = _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
+        if dist.get_rank() != 0:
+            return 0
+    else:
+        from megatron_mile.testing import run_distributed
+
+        rows = []
+        for tp in args.tp:
+            rows += run_distributed(_worker, tp, args=(args,), timeout_s=3600)[0]
     print(_table(rows))
     if args.json:
         with open(args.json, "w") as f:
