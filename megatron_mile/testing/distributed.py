@@ -9,6 +9,9 @@ and megatron-core (about 8 s) once.
 
     results = run_distributed(_body, world_size=2, args=(1.0,))   # [result_rank0, result_rank1]
 
+Return plain Python values (floats, lists, dicts), not tensors: a tensor crosses the result
+queue through shared memory that disappears when its process exits (``.tolist()`` it).
+
 A failure on any rank is re-raised in the caller with that rank's traceback, and the other
 ranks are terminated instead of being left blocked in a collective. A run that exceeds
 ``timeout_s`` is terminated and reported as a hang.
