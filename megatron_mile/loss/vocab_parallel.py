@@ -194,16 +194,20 @@ class _VocabParallelWeightedCE(torch.autograd.Function):
 
         sums_3n = torch.empty(3, n, dtype=cdtype, device=device)
         rows = max(1, _CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"] // vp)
+        sum_exp_n, sum_exp_z_n = sums_3n[0], sums_3n[1]
+        # Row chunks small enough that the buffer slice and the temporary stay in cache: the
+        # buffer is read and written once from memory, where an unchunked sub/exp/sum/mul
+        # sequence would stream it four times.
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             e_cvp = exp_nvp[r0:r1]
-            z_cvp = e_cvp - rowmax_n[r0:r1, None]  # temporary [c, v/tp]; then e overwrites z
-            torch.exp(z_cvp, out=e_cvp)
-            sums_3n[0, r0:r1] = e_cvp.sum(dim=-1)
-            # sum_v e_v * z_v, multiplied into the chunk temporary (no further [c, v/tp]
-            # tensor; a batched-GEMV bmm measured 6x slower on CPU). The entropy is computed
-            # for every weighting, since the trainer reports it.
-            sums_3n[1, r0:r1] = z_cvp.mul_(e_cvp).sum(dim=-1)
+            z_cvp = torch.sub(e_cvp, rowmax_n[r0:r1, None])  # temporary [c, v/tp]
+            torch.exp(z_cvp, out=e_cvp)  # e overwrites the logits it came from
+            torch.sum(e_cvp, dim=-1, out=sum_exp_n[r0:r1])
+            # sum_v e_v * z_v, multiplied into the temporary (no further [c, v/tp] tensor; a
+            # batched-GEMV bmm measured 6x slower on CPU). Computed for every weighting: the
+            # trainer reports the entropy.
+            torch.sum(z_cvp.mul_(e_cvp), dim=-1, out=sum_exp_z_n[r0:r1])
         sums_3n[2] = z_target_n
 
         # ---- collective 2: SUM of (sum exp, sum exp * z, target logit) ----
