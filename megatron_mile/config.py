@@ -275,6 +275,10 @@ class CheckpointConfig:
     auto_resume: bool = True
     """If load is unset: resume from save when it holds a complete checkpoint, else start
     fresh (what requeued Slurm jobs need)."""
+    load_optimizer: bool = True
+    """Restore optimizer and scheduler state. false: weights, step and data position only
+    (fresh Adam moments, lr schedule placed at the step), e.g. to resume in another TP/PP
+    layout: weights reshard freely, the distributed optimizer's state does not."""
 
     def __post_init__(self) -> None:
         _positive("checkpoint", save_interval=self.save_interval)

@@ -77,6 +77,12 @@ def _pair(rank: int, world_size: int, tmp: str) -> dict:
     layout = LAYOUTS["tp2_distopt"]
     out["straight"] = _curve(_run(layout, 2))
     first = _run(layout + [f"checkpoint.save={ckpt}", "training.train_iters=4"], 2)
+    # That TP=2 checkpoint (iteration 4) resumed at PP=2, weights only: iteration 5's loss is
+    # computed from the same weights as in the straight run (before this step's update).
+    relayout = _run(LAYOUTS["pp2"] + [f"checkpoint.load={ckpt}",
+                                      "checkpoint.load_optimizer=false"], 2)
+    out["relayout"] = {"start": relayout["history"][0]["iteration"],
+                       "loss": (_curve(relayout) or [None])[0]}  # None off the last stage
     second = _run(layout + [f"checkpoint.save={ckpt}"], 2)
     out["resumed_first"], out["resumed_second"] = _curve(first), _curve(second)
     out["resumed_start"] = second["history"][0]["iteration"]
@@ -172,6 +178,11 @@ def test_resume_reproduces_the_uninterrupted_run(pair):
     assert len(resumed) == 4
     for step, (a, e) in enumerate(zip(resumed, pair["straight"][4:]), start=5):
         assert a == pytest.approx(e, rel=1e-6), f"step {step}: resumed {a} vs straight {e}"
+
+
+def test_checkpoint_reloads_into_another_layout(pair):
+    assert pair["relayout"]["start"] == 5
+    assert pair["relayout"]["loss"] == pytest.approx(pair["straight"][4], rel=RTOL)
 
 
 def test_signal_on_one_rank_saves_and_stops_all(pair):

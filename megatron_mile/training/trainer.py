@@ -234,11 +234,16 @@ class Trainer:
                 self.logger.info(f"no checkpoint in {ck.save}: starting from scratch")
         if load_dir is None:
             return
-        state = checkpointing.load_checkpoint(load_dir, self.model, self.optimizer,
-                                              self.scheduler)
+        with_optimizer = ck.load_optimizer
+        state = checkpointing.load_checkpoint(
+            load_dir, self.model, self.optimizer if with_optimizer else None,
+            self.scheduler if with_optimizer else None)
         self.iteration = int(state["iteration"])
         self.consumed_samples = int(state["consumed_samples"])
-        self.logger.info(f"resumed from checkpoint at iteration {self.iteration} ({load_dir})")
+        if not with_optimizer:
+            self.scheduler.step(increment=self.iteration)  # the lr schedule resumes in place
+        self.logger.info(f"resumed from checkpoint at iteration {self.iteration} ({load_dir})"
+                         + ("" if with_optimizer else "; weights only, fresh optimizer state"))
 
     def save(self) -> None:
         ck = self.cfg.checkpoint
@@ -426,6 +431,7 @@ class Trainer:
                                       metrics, time.time() - start,
                                       self.iteration - start_iteration)
                 window_start, window_iters = time.time(), 0
+            pause_start = time.time()
             if t.eval_interval and (self.iteration % t.eval_interval == 0
                                     or self.iteration == t.train_iters):
                 valid = self.evaluate()
@@ -436,6 +442,7 @@ class Trainer:
             if ck.save and ((ck.save_interval and self.iteration % ck.save_interval == 0)
                             or self.iteration == t.train_iters or got_signal):
                 self.save()
+            window_start += time.time() - pause_start  # tokens/s counts training only
             if got_signal:
                 exit_reason = "signal"
                 self.logger.info("exiting on signal")
