@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -56,17 +57,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     cmp_.add_argument("results", nargs="+")
     cmp_.add_argument("--plot", default=None, help="PNG path (needs matplotlib)")
     cmp_.add_argument("--markdown", default=None, help="also write the table to this file")
+    cmp_.add_argument("--mean-over-seeds", action="store_true",
+                      help="also average runs of the same loss (type, gamma, sigma) over seeds;"
+                           " the plot then shows the means")
     return parser.parse_args(argv)
 
 
-def markdown_table(results: list[dict]) -> str:
+def markdown_table(results: list[dict], with_range: bool = False) -> str:
     names = [b["name"] for b in results[0]["buckets"]]
     head = ["run", "overall ppl"] + [f"ppl {n}" for n in names] + \
         ["overall entropy"] + [f"entropy {n}" for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        row = [r["label"], f"{r['overall']['ppl']:.3f}"]
-        row += [f"{b['ppl']:.3f}" for b in r["buckets"]]
+        def ppl(e: dict) -> str:
+            if with_range:
+                return f"{e['ppl']:.3f} [{e['ppl_min']:.3f}, {e['ppl_max']:.3f}]"
+            return f"{e['ppl']:.3f}"
+
+        row = [r["label"], ppl(r["overall"])] + [ppl(b) for b in r["buckets"]]
         row += [f"{r['overall']['entropy']:.3f}"] + [f"{b['entropy']:.3f}" for b in r["buckets"]]
         lines.append("| " + " | ".join(row) + " |")
     counts = ", ".join(f"{b['name']}: {b['tokens']}" for b in results[0]["buckets"])
@@ -74,6 +82,34 @@ def markdown_table(results: list[dict]) -> str:
     lines.append(f"Validation target tokens per bucket: {counts} "
                  f"(total {results[0]['overall']['tokens']}).")
     return "\n".join(lines)
+
+
+def mean_over_seeds(results: list[dict]) -> list[dict]:
+    """One result per loss setting: mean CE and entropy over its runs (seeds), ppl =
+    exp(mean CE), and the per-seed ppl range in ``ppl_min``/``ppl_max``."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        key = (r["loss"]["type"], r["loss"]["gamma"], r["loss"]["sigma"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (loss, gamma, sigma), runs in groups.items():
+        def mean(entries: list[dict]) -> dict:
+            ce = sum(e["ce"] for e in entries) / len(entries)
+            return {"tokens": entries[0]["tokens"], "ce": ce, "ppl": math.exp(ce),
+                    "entropy": sum(e["entropy"] for e in entries) / len(entries),
+                    "ppl_min": min(e["ppl"] for e in entries),
+                    "ppl_max": max(e["ppl"] for e in entries)}
+
+        label = loss if loss == "cross_entropy" else f"{loss} (gamma {gamma:g}" + (
+            f", sigma {sigma:g})" if loss == "mile" else ")")
+        out.append({
+            "label": f"{label}, mean of {len(runs)} seed(s)", "loss": runs[0]["loss"],
+            "seeds": [r["seed"] for r in runs],
+            "overall": mean([r["overall"] for r in runs]),
+            "buckets": [{"name": b["name"], **mean([r["buckets"][i] for r in runs])}
+                        for i, b in enumerate(runs[0]["buckets"])],
+        })
+    return out
 
 
 def main(argv=None) -> int:
@@ -86,6 +122,10 @@ def main(argv=None) -> int:
             with open(path, encoding="utf-8") as f:
                 results.append(json.load(f))
         table = markdown_table(results)
+        if args.mean_over_seeds:
+            results = mean_over_seeds(results)
+            table += "\n\nMean over seeds (ppl = exp(mean CE); [min, max] over seeds):\n\n"
+            table += markdown_table(results, with_range=True)
         print(table)
         if args.markdown:
             with open(args.markdown, "w", encoding="utf-8") as f:
