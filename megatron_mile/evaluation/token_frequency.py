@@ -18,6 +18,7 @@ Shape legend: b micro-batch, s sequence, v/tp vocabulary shard, k buckets, V pad
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from functools import partial
@@ -194,7 +195,7 @@ def _batches(windows: np.ndarray, start: int, mbs: int, eod: Optional[int], devi
     tokens, labels = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
     mask_t = torch.from_numpy(mask)
     if eod is not None:
-        mask_t[labels == eod] = 0.0  # eod_mask_loss, as the trained GPTDataset did
+        mask_t[tokens == eod] = 0.0  # eod_mask_loss, as megatron's GPTDataset: input is EOD
     position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens).contiguous()
     return {"tokens": tokens.to(device), "labels": labels.to(device),
             "loss_mask": mask_t.to(device), "position_ids": position_ids.to(device)}
@@ -245,6 +246,10 @@ def evaluate_checkpoint(load_dir: str, *, valid_data: Optional[Sequence[str]] = 
         windows = validation_windows(valid_data, seq, max_samples)
         dp = parallel_state.get_data_parallel_world_size()
         dp_rank = parallel_state.get_data_parallel_rank()
+        if cfg.data.reset_position_ids or cfg.data.reset_attention_mask:
+            logging.getLogger(__name__).warning(
+                "the run trained with data.reset_position_ids/reset_attention_mask; this "
+                "evaluation attends across document boundaries with running positions")
         eod = None
         if cfg.data.eod_mask_loss:
             from megatron_mile.data.datasets import build_tokenizer
