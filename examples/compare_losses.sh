@@ -100,7 +100,8 @@ echo "== compare"
     --markdown "$OUT_DIR/results.md" --plot "$OUT_DIR/freq.png"
 {
     echo
-    echo "Budget: $STEPS steps x $GBS x $SEQ tokens per run, seeds: $SEEDS, config $CONFIG" \
-        "${EXTRA_ARGS:+($EXTRA_ARGS)}, gamma $GAMMA, sigma $SIGMA; wall time $(( SECONDS - start )) s."
+    echo "Budget: $STEPS steps x $GBS x $SEQ tokens per run, seeds: $SEEDS," \
+        "config $CONFIG${EXTRA_ARGS:+ ($EXTRA_ARGS)}, gamma $GAMMA, sigma $SIGMA;" \
+        "wall time $(( SECONDS - start )) s."
 } >> "$OUT_DIR/results.md"
 echo "== done in $(( SECONDS - start )) s: $OUT_DIR/results.md, $OUT_DIR/freq.png"
