@@ -1,0 +1,204 @@
+"""megatron-mile checkpoint -> Hugging Face ``LlamaForCausalLM`` folder.
+
+The checkpoint (any TP/PP layout) is loaded into a TP=1, PP=1 model, which merges the shards
+(``load_inference_model``), and its full tensors are renamed:
+
+=========================================================  ======================================
+megatron-mile (megatron-core local spec)                   transformers LlamaForCausalLM
+=========================================================  ======================================
+embedding.word_embeddings.weight        [V, h]             model.embed_tokens.weight
+decoder.layers.i.input_layernorm.weight                    model.layers.i.input_layernorm.weight
+decoder.layers.i.self_attention.linear_qkv.weight          q_proj / k_proj / v_proj (split below)
+decoder.layers.i.self_attention.linear_proj.weight         model.layers.i.self_attn.o_proj.weight
+decoder.layers.i.pre_mlp_layernorm.weight                  model.layers.i.post_attention_layernorm
+decoder.layers.i.mlp.linear_fc1.weight  [2 f, h]           gate_proj (first f rows), up_proj (last)
+decoder.layers.i.mlp.linear_fc2.weight                     model.layers.i.mlp.down_proj.weight
+decoder.final_layernorm.weight                             model.norm.weight
+output_layer.weight                     [V, h]             lm_head.weight (untied)
+=========================================================  ======================================
+
+Conventions checked by tests/test_export_hf.py (logits equal to 1e-4 in fp32):
+
+* ``linear_qkv`` rows are grouped per query group g: ``[q heads of g (np/ng x hn); k_g (hn);
+  v_g (hn)]``; HF's ``repeat_kv`` pairs query head j with kv head ``j // (np/ng)``, the same
+  grouping, so q/k/v are the per-group slices in order (GQA needs no permutation).
+* RoPE: megatron-core rotates halves (``rotary_interleaved=False``: ``[-x2, x1]``) with
+  ``inv_freq = base ** (-2i/d)`` and ``cat(freqs, freqs)``: HF Llama's ``rotate_half``. So q/k
+  rows are NOT permuted (the permutation HF's Meta-LLaMA converter applies is for Meta's
+  interleaved checkpoints).
+* SwiGLU: megatron computes ``silu(x W1a) * (x W1b)`` with ``[W1a; W1b] = linear_fc1``
+  (loaded at TP=1, i.e. the TP shards' halves already regrouped by megatron's sharded state
+  dict): gate = first half, up = second half.
+* RMSNorm ``x * rsqrt(mean(x^2) + eps) * w`` with the model's ``norm_epsilon``; no biases.
+* Vocabulary: the embedding and output layer keep their PADDED rows by default
+  (``vocab_size`` in config.json = padded size >= tokenizer size). The logits then equal
+  megatron's exactly, and softmax normalises over the same rows the model was trained (and is
+  evaluated) with; the padding ids are never produced by the tokenizer. ``trim_vocab=True``
+  cuts both matrices to the tokenizer's size (a normaliser over fewer rows: log-likelihoods
+  change slightly, by the probability mass the model puts on padding rows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch
+
+from megatron_mile.config import TrainConfig
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def llama_state_dict(state: dict[str, torch.Tensor], cfg: TrainConfig,
+                     rows: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Rename/split a TP=1, PP=1 megatron-mile state dict into HF Llama's names.
+
+    Args:
+        state: the model's ``state_dict()`` (``_extra_state`` entries are ignored).
+        rows: keep the first ``rows`` vocabulary rows (None: all, i.e. padded).
+    """
+    m = cfg.model
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    hn = m.hidden_size // heads
+    q_per_group = heads // groups
+    ffn = m.ffn_size
+    out = {
+        "model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:rows],
+        "model.norm.weight": state["decoder.final_layernorm.weight"],
+        "lm_head.weight": state["output_layer.weight"][:rows],
+    }
+    for i in range(m.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        qkv = state[src + "self_attention.linear_qkv.weight"]
+        # [ng * (q_per_group + 2) * hn, h] -> [ng, q_per_group + 2, hn, h]
+        qkv = qkv.reshape(groups, q_per_group + 2, hn, m.hidden_size)
+        fc1 = state[src + "mlp.linear_fc1.weight"]
+        if fc1.shape[0] != 2 * ffn:
+            raise ValueError(f"{src}mlp.linear_fc1.weight has {fc1.shape[0]} rows, expected "
+                             f"2 x ffn = {2 * ffn} (gate; up)")
+        out.update({
+            dst + "input_layernorm.weight": state[src + "input_layernorm.weight"],
+            dst + "self_attn.q_proj.weight": qkv[:, :q_per_group].reshape(heads * hn, -1),
+            dst + "self_attn.k_proj.weight": qkv[:, q_per_group].reshape(groups * hn, -1),
+            dst + "self_attn.v_proj.weight": qkv[:, q_per_group + 1].reshape(groups * hn, -1),
+            dst + "self_attn.o_proj.weight": state[src + "self_attention.linear_proj.weight"],
+            dst + "post_attention_layernorm.weight": state[src + "pre_mlp_layernorm.weight"],
+            dst + "mlp.gate_proj.weight": fc1[:ffn],
+            dst + "mlp.up_proj.weight": fc1[ffn:],
+            dst + "mlp.down_proj.weight": state[src + "mlp.linear_fc2.weight"],
+        })
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def llama_config(cfg: TrainConfig, vocab_size: int, dtype: torch.dtype,
+                 special: dict[str, Optional[int]]) -> dict:
+    """config.json of the equivalent ``LlamaForCausalLM``."""
+    m = cfg.model
+    if not m.untie_embeddings:
+        raise ValueError("tied embeddings: export with tie_word_embeddings is not implemented")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
+        "head_dim": m.hidden_size // m.num_attention_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.seq_length,
+        "rms_norm_eps": m.norm_epsilon,
+        "rope_theta": float(m.rotary_base),
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "initializer_range": m.init_method_std,
+        "bos_token_id": special.get("bos"),
+        "eos_token_id": special.get("eos"),
+        "pad_token_id": special.get("pad"),
+        "torch_dtype": _DTYPE_NAMES[dtype],
+        "use_cache": True,
+    }
+
+
+def _special_ids(tokenizer_model: Optional[str]) -> dict[str, Optional[int]]:
+    if tokenizer_model is None:
+        return {}
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
+    ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id()}
+    return {k: (v if v >= 0 else None) for k, v in ids.items()}
+
+
+def write_tokenizer(tokenizer_model: str, out_dir: str) -> None:
+    """Copy the SentencePiece model and describe it as HF's ``LlamaTokenizer``.
+
+    No BOS/EOS is added when encoding: the model was trained on documents without a BOS
+    (tools/preprocess_data.py appends only ``</s>``).
+    """
+    import sentencepiece as spm
+
+    shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
+    tokens = {name: sp.id_to_piece(i) for name, i in
+              (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
+               ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id())) if i >= 0}
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False,
+              "add_eos_token": False, "clean_up_tokenization_spaces": False,
+              "model_max_length": None, **tokens}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump(tokens, f, indent=2)
+
+
+def export_checkpoint(load_dir: str, out_dir: str, *, dtype: Optional[str] = None,
+                      trim_vocab: bool = False, iteration: Optional[int] = None,
+                      overrides: Optional[list[str]] = None) -> dict:
+    """Write ``config.json``, ``model.safetensors`` and the tokenizer files into ``out_dir``.
+
+    Call in a world of one process (``default_single_process_env``) or, under torchrun, on
+    every rank: the model is loaded at TP=1, PP=1 (DP = world size) and rank 0 writes.
+    Returns the config dict. Collectives: ``load_inference_model``'s, then a barrier.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from safetensors.torch import save_file
+
+    from megatron_mile.evaluation.loading import load_inference_model
+
+    loaded = load_inference_model(load_dir, tp=1, pp=1, dtype=dtype, iteration=iteration,
+                                  overrides=overrides)
+    try:
+        cfg = loaded.cfg
+        tokenizer_model = cfg.data.tokenizer_model
+        rows = loaded.tokenizer_vocab_size if trim_vocab else loaded.vocab_size
+        weights = llama_state_dict(loaded.model.state_dict(), cfg, rows)
+        config = llama_config(cfg, rows, cfg.precision.torch_dtype, _special_ids(tokenizer_model))
+        config["megatron_mile"] = {"checkpoint": os.path.abspath(load_dir),
+                                   "iteration": loaded.iteration, "loss": cfg.loss.type,
+                                   "padded_vocab_size": loaded.vocab_size,
+                                   "tokenizer_vocab_size": loaded.tokenizer_vocab_size}
+        if dist.get_rank() == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            save_file({k: v.cpu() for k, v in weights.items()},
+                      os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+            with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2)
+            with open(os.path.join(out_dir, "generation_config.json"), "w",
+                      encoding="utf-8") as f:
+                json.dump({k: config[k] for k in ("bos_token_id", "eos_token_id",
+                                                  "pad_token_id")}, f, indent=2)
+            if tokenizer_model is not None:
+                write_tokenizer(tokenizer_model, out_dir)
+        dist.barrier()
+    finally:
+        parallel_state.destroy_model_parallel()
+    return config

@@ -1,0 +1,158 @@
+"""Rebuild a trained model from a checkpoint, in a layout of the caller's choosing.
+
+    cfg = read_checkpoint_config("runs/mile")                      # no process group needed
+    model = load_inference_model("runs/mile", tp=1, pp=1)           # after initialize_distributed
+
+Checkpoints are megatron ``dist_checkpointing`` state keyed by global tensor names, so a
+TP=2 x PP=2 run loads into a TP=1 x PP=1 model (what the HF export does) or any other layout
+that divides the model. The embedding rows are those of the saved model: the padded vocabulary
+depends on the *training* TP size (``padded_vocab_size``), so it is recomputed from the saved
+config, never from the loading layout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_mile.config import TrainConfig, _build, _merge, parse_overrides
+from megatron_mile.training.checkpointing import (
+    CheckpointError,
+    checkpoint_path,
+    find_latest_checkpoint,
+)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class InferenceModel:
+    """This rank's model chunk of a loaded checkpoint, and what produced it."""
+
+    cfg: TrainConfig
+    """The training config, with the parallel section replaced by the loading layout."""
+    model: torch.nn.Module
+    """A ``MileGPTModel`` (this pipeline stage), in eval mode."""
+    vocab_size: int
+    """Padded vocabulary size of the embedding/output layer (as trained)."""
+    tokenizer_vocab_size: int
+    """Vocabulary size of the tokenizer the model was trained with (<= vocab_size)."""
+    iteration: int
+    """Training iteration of the checkpoint."""
+    device: torch.device
+
+
+def resolve_iteration(load_dir: str, iteration: Optional[int] = None) -> int:
+    """``iteration``, or the one the tracker file of ``load_dir`` names."""
+    if iteration is not None:
+        return iteration
+    found = find_latest_checkpoint(load_dir)
+    if found is None:
+        raise CheckpointError(f"{load_dir} holds no complete checkpoint (no tracker file); "
+                              "pass the checkpoint.save directory of a finished run")
+    return found
+
+
+def read_checkpoint_state(load_dir: str, iteration: Optional[int] = None) -> dict:
+    """The common (non-tensor) state of a checkpoint: ``extra_state`` and format metadata.
+
+    Local, no collectives; reads ``common.pt`` only (``torch.load(weights_only=True)``).
+    """
+    path = checkpoint_path(load_dir, resolve_iteration(load_dir, iteration))
+    try:
+        return torch.load(os.path.join(path, "common.pt"), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot read {path}/common.pt: {exc}") from exc
+
+
+def read_checkpoint_config(load_dir: str, iteration: Optional[int] = None,
+                           overrides: Optional[list[str]] = None) -> TrainConfig:
+    """The ``TrainConfig`` a checkpoint was trained with, plus dotted ``overrides``.
+
+    Not validated against a world size (the caller changes the layout first).
+    """
+    extra = read_checkpoint_state(load_dir, iteration)["extra_state"]
+    if "config" not in extra:
+        raise CheckpointError(f"checkpoint in {load_dir} has no saved config (not written by "
+                              "megatron_mile's Trainer)")
+    return _build(TrainConfig, _merge(extra["config"], parse_overrides(overrides or [])), "")
+
+
+def trained_vocab_sizes(cfg: TrainConfig) -> tuple[int, int]:
+    """(padded, tokenizer) vocabulary sizes of the model ``cfg`` trained (its own TP size)."""
+    from megatron_mile.data.datasets import build_tokenizer
+    from megatron_mile.model import padded_vocab_size
+
+    tokenizer_vocab = cfg.model.vocab_size or build_tokenizer(cfg.data).vocab_size
+    return padded_vocab_size(tokenizer_vocab, cfg), tokenizer_vocab
+
+
+def default_single_process_env() -> None:
+    """Without torchrun, run as a world of one on a free local port."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def load_inference_model(load_dir: str, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
+                         iteration: Optional[int] = None,
+                         overrides: Optional[list[str]] = None) -> InferenceModel:
+    """Initialise the process groups for TP=``tp`` x PP=``pp`` (DP = the rest of the world),
+    build this rank's model chunk and load the checkpoint into it.
+
+    Args:
+        dtype: 'fp32', 'bf16' or 'fp16' for the parameters; None keeps the training dtype.
+        overrides: dotted config overrides (e.g. a moved ``data.tokenizer_model``).
+
+    Collectives: ``initialize_distributed`` (unless a group exists), megatron's
+    ``initialize_model_parallel``, and ``load_checkpoint``'s agreement and reads (all ranks).
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_mile.model import build_model_chunk, transformer_config
+    from megatron_mile.platform import initialize_distributed
+    from megatron_mile.training.checkpointing import load_checkpoint
+
+    iteration = resolve_iteration(load_dir, iteration)
+    layout = [f"parallel.tensor_model_parallel_size={tp}",
+              f"parallel.pipeline_model_parallel_size={pp}",
+              "parallel.virtual_pipeline_model_parallel_size=null",
+              "parallel.sequence_parallel=false", "parallel.context_parallel_size=1",
+              "parallel.use_distributed_optimizer=false",
+              "model.recompute_granularity=null", "precision.fp8=null"]
+    if dtype is not None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {tuple(_DTYPES)}")
+        layout.append(f"precision.dtype={dtype}")
+    trained = read_checkpoint_config(load_dir, iteration, overrides)
+    vocab_size, tokenizer_vocab = trained_vocab_sizes(trained)
+    cfg = read_checkpoint_config(load_dir, iteration, (overrides or []) + layout)
+
+    device = initialize_distributed()
+    cfg.validate(dist.get_world_size())
+    if vocab_size % tp:
+        raise ValueError(f"the trained padded vocabulary ({vocab_size}) is not divisible by "
+                         f"tp={tp}; pick a TP size that divides it")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                             pipeline_model_parallel_size=pp)
+    torch.manual_seed(cfg.training.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.training.seed)
+    config = transformer_config(cfg, use_cpu_initialization=not torch.cuda.is_available())
+    model = build_model_chunk(cfg, config, vocab_size,
+                              pre_process=parallel_state.is_pipeline_first_stage(),
+                              post_process=parallel_state.is_pipeline_last_stage())
+    model.to(device)
+    load_checkpoint(load_dir, [model], None, None, iteration=iteration)
+    model.eval()
+    return InferenceModel(cfg=cfg, model=model, vocab_size=vocab_size,
+                          tokenizer_vocab_size=tokenizer_vocab, iteration=iteration,
+                          device=device)
