@@ -24,7 +24,9 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "transformers", "safetensors", "matplotlib"],
+        # Evaluation tools: per-frequency plots, Hugging Face export.
+        "eval": ["matplotlib", "safetensors"],
         # Transformer Engine comes with NVIDIA's PyTorch containers; listed for bare installs.
         "gpu": ["transformer-engine[pytorch]"],
     },
