@@ -488,6 +488,12 @@ def _build(cls: type, values: dict, where: str) -> Any:
         raise ConfigError(str(e).replace(f"{cls.__name__}.", f"{where}.")) from None
 
 
+def config_from_dict(tree: dict, overrides: Optional[list[str]] = None) -> TrainConfig:
+    """A TrainConfig from a nested dict (e.g. the one a checkpoint saved) plus overrides;
+    field checks run, the layout check (:meth:`TrainConfig.validate`) does not."""
+    return _build(TrainConfig, _merge(tree, parse_overrides(overrides or [])), "")
+
+
 def load_config(name_or_path: str, overrides: Optional[list[str]] = None,
                 world_size: Optional[int] = None) -> TrainConfig:
     """Read a YAML config (a path or a shipped name), apply overrides, validate.

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from megatron_mile.config import TrainConfig, _build, _merge, parse_overrides
+from megatron_mile.config import TrainConfig, config_from_dict
 from megatron_mile.training.checkpointing import (
     CheckpointError,
     checkpoint_path,
@@ -79,7 +79,7 @@ def read_checkpoint_config(load_dir: str, iteration: Optional[int] = None,
     if "config" not in extra:
         raise CheckpointError(f"checkpoint in {load_dir} has no saved config (not written by "
                               "megatron_mile's Trainer)")
-    return _build(TrainConfig, _merge(extra["config"], parse_overrides(overrides or [])), "")
+    return config_from_dict(extra["config"], overrides)
 
 
 def trained_vocab_sizes(cfg: TrainConfig) -> tuple[int, int]:
