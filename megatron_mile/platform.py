@@ -28,6 +28,12 @@ megatron.core.tensor_parallel.random (module attributes replaced)
         context": with the CUDA generator backed by the CPU one, that warning fires on every
         fork that draws random numbers, and means nothing.
 
+megatron.core.transformer.utils / megatron.core.fusions.fused_softmax (module attributes)
+    ``get_default_causal_mask`` -> built on the CPU: under activation recomputation the
+        layer forward runs again inside ``torch.autograd.backward``, which torch dispatches
+        through the mode below (popping it while the handler runs), so the mode cannot
+        rewrite this function's ``device="cuda"`` there.
+
 A ``torch.overrides.TorchFunctionMode`` pushed onto the calling thread's mode stack
     ``device="cuda"`` / ``"cuda:N"`` / ``torch.device("cuda")`` keyword arguments, and the
         positional device of ``Tensor.to`` -> CPU: literals in ``pipeline_parallel/schedules.py``
@@ -144,6 +150,11 @@ def _cpu_manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
+def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
+    # megatron's get_default_causal_mask, on the CPU: True above the diagonal = masked.
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
 def _cpu_get_rng_state(device: Any = "cuda") -> torch.Tensor:
     return torch.get_rng_state()
 
@@ -192,6 +203,17 @@ def install_cpu_compat() -> None:
         mcore_random._get_cuda_rng_state = _megatron_get_rng_state
         mcore_random._set_cuda_rng_state = _megatron_set_rng_state
         logging.getLogger(mcore_random.__name__).addFilter(_DropForkWarning())
+        # transformer/utils.py get_default_causal_mask (imported by name into
+        # fusions/fused_softmax.py) builds the attention mask with device="cuda". The mode
+        # below rewrites that in forward, but not under activation recomputation: torch
+        # dispatches torch.autograd.backward itself through the mode and pops the mode while
+        # its handler runs, so the layer forward that megatron's CheckpointFunction replays
+        # inside backward sees no mode. The mask is the device literal on that path.
+        from megatron.core.fusions import fused_softmax as mcore_fused_softmax
+        from megatron.core.transformer import utils as mcore_transformer_utils
+
+        mcore_transformer_utils.get_default_causal_mask = _cpu_default_causal_mask
+        mcore_fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
 
         mode = _CudaToCpuMode()
         mode.__enter__()  # stays pushed for the life of this thread

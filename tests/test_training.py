@@ -36,6 +36,11 @@ LAYOUTS = {
                 "parallel.virtual_pipeline_model_parallel_size=2"],
     "tp2_distopt": ["parallel.tensor_model_parallel_size=2",
                     "parallel.use_distributed_optimizer=true"],
+    # Activation recomputation replays the forward inside backward: same numbers.
+    "tp2_recompute_full": ["parallel.tensor_model_parallel_size=2",
+                           "model.recompute_granularity=full"],
+    "pp2_recompute_selective": ["parallel.pipeline_model_parallel_size=2",
+                                "model.recompute_granularity=selective"],
 }
 
 
