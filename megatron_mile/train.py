@@ -51,10 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"megatron-mile-train: configuration error: {e}", file=sys.stderr)
         return 2
+    from megatron_mile.training.checkpointing import CheckpointError
     from megatron_mile.training.trainer import Trainer
 
     trainer = Trainer(cfg)
-    trainer.setup()
+    try:
+        trainer.setup()
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        # Bad input found while setting up (layout vs world size, a missing or corrupt
+        # checkpoint, missing data): every rank reaches the same verdict, no traceback needed.
+        print(f"megatron-mile-train: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     try:
         trainer.train()
     finally:

@@ -123,3 +123,11 @@ def test_every_config_field_has_a_docstring():
                for f in dataclasses.fields(hints[s.name])
                if not field_docs(hints[s.name]).get(f.name)]
     assert not missing, f"fields without a docstring: {missing}"
+
+
+def test_cli_missing_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    missing = tmp_path / "no_such_run"
+    proc = _cli("--config", "tiny", f"checkpoint.load={missing}", "training.train_iters=2")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "CheckpointError" in proc.stderr and str(missing) in proc.stderr
+    assert "iteration" not in proc.stdout  # no silent fresh start
