@@ -285,7 +285,6 @@ class Trainer:
         n = mask.sum()
         if self._weight_total is not None:
             self._weight_total += red.weight_sum
-        masked_w = weight_bs.detach().masked_fill(mask == 0, float("nan"))
         if self.cfg.loss.normalization == "paper":
             objective = red.loss_sum.detach() / n.clamp_min(1)
             objective_pair = torch.stack([objective, (n > 0).float()])
@@ -297,8 +296,9 @@ class Trainer:
             "entropy": torch.stack([(entropy_bs.detach() * mask).sum(), n]),
             "weight": torch.stack([red.weight_sum, n]),
             "alpha": torch.stack([red.alpha.detach(), torch.ones_like(n)]),
-            "weight_min": torch.nan_to_num(masked_w, nan=float("inf")).min(),
-            "weight_max": torch.nan_to_num(masked_w, nan=float("-inf")).max(),
+            # over unmasked tokens only (+-inf where a micro-batch has none)
+            "weight_min": weight_bs.detach().masked_fill(mask == 0, float("inf")).min(),
+            "weight_max": weight_bs.detach().masked_fill(mask == 0, float("-inf")).max(),
         }
         return red.loss_sum, red.num_tokens, report
 
@@ -382,8 +382,8 @@ class Trainer:
         # Share the last stage's value with every rank (it owns the loss).
         value = torch.tensor([totals[0] / max(totals[1].item(), 1.0)
                               if parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-                              else -math.inf], dtype=torch.float64)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+                              else -math.inf], dtype=torch.float64, device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)  # on the device: NCCL needs CUDA tensors
         return value.item()
 
     def _world_flags(self, metrics: dict) -> tuple[bool, bool]:
@@ -391,9 +391,7 @@ class Trainer:
         loss = metrics.get("objective", 0.0)
         flags = torch.tensor([float(self._signal_received),
                               float(not math.isfinite(loss) or not math.isfinite(
-                                  metrics.get("lm_loss", 0.0)))])
-        if torch.cuda.is_available():
-            flags = flags.cuda()
+                                  metrics.get("lm_loss", 0.0)))], device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
 
