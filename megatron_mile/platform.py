@@ -82,6 +82,7 @@ __all__ = [
     "install_cpu_compat",
     "cpu_compat_installed",
     "initialize_distributed",
+    "default_single_process_env",
     "check_pipeline_config",
 ]
 
@@ -218,6 +219,20 @@ def install_cpu_compat() -> None:
         mode = _CudaToCpuMode()
         mode.__enter__()  # stays pushed for the life of this thread
         _installed_mode = mode
+
+
+def default_single_process_env() -> None:
+    """Without torchrun (no ``RANK`` in the environment), describe a world of one process on
+    a free local port, so ``initialize_distributed`` works from a plain ``python`` command."""
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def initialize_distributed(timeout_minutes: int = 10) -> torch.device:

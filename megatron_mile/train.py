@@ -14,10 +14,10 @@ Overrides are ``section.field=value`` with YAML values; see docs/configuration.m
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from megatron_mile.config import ConfigError, load_config
+from megatron_mile.platform import default_single_process_env
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,22 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _default_single_process_env() -> None:
-    """Without torchrun, run as a world of one (the docstring's first command)."""
-    if "RANK" in os.environ:
-        return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _default_single_process_env()
+    default_single_process_env()  # plain `python -m`: a world of one
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:

@@ -13,7 +13,6 @@ config, never from the loading layout.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -89,17 +88,6 @@ def trained_vocab_sizes(cfg: TrainConfig) -> tuple[int, int]:
 
     tokenizer_vocab = cfg.model.vocab_size or build_tokenizer(cfg.data).vocab_size
     return padded_vocab_size(tokenizer_vocab, cfg), tokenizer_vocab
-
-
-def default_single_process_env() -> None:
-    """Without torchrun, run as a world of one on a free local port."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def load_inference_model(load_dir: str, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
