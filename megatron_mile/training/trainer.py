@@ -320,9 +320,10 @@ class Trainer:
             torch.stack([r["weight_max"] for r in reports]).max()])
         dist.all_reduce(pairs, group=self.dp_cp_group)
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.dp_cp_group)
-        out = {k: (pairs[i, 0] / pairs[i, 1].clamp_min(1e-30)).item()
-               for i, k in enumerate(_PAIR_KEYS)}
-        out["weight_min"], out["weight_max"] = -extremes[0].item(), extremes[1].item()
+        # One host transfer for every logged value (one sync per step on GPU).
+        values = torch.cat([pairs[:, 0] / pairs[:, 1].clamp_min(1e-30), extremes]).tolist()
+        out = dict(zip(_PAIR_KEYS, values))
+        out["weight_min"], out["weight_max"] = -values[-2], values[-1]
         if self.cfg.loss.type == "cross_entropy":
             out.pop("entropy")  # megatron's CE does not compute it
         return out
