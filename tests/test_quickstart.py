@@ -37,7 +37,17 @@ def test_quickstart_script_end_to_end(quickstart_data, tmp_path):
     assert "iteration 20/20" in log and "validation at iteration 20 | lm_loss" in log
     assert "TP 2 x PP 1" in log and "loss mile" in log
     assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "20"
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("train/lm_loss", "train/objective", "train/entropy", "train/alpha", "train/lr",
+                "train/grad_norm", "train/tokens_per_s", "valid/lm_loss"):
+        assert tag in scalars, f"{tag} missing from TensorBoard (has {sorted(scalars)})"
+    lm_loss = [e.value for e in events.Scalars("train/lm_loss")]
+    assert [e.step for e in events.Scalars("train/lm_loss")] == [10, 20]
+    assert lm_loss[-1] < lm_loss[0]
     assert f"Checkpoint: {out}/checkpoints (latest iteration 20)" in log
 
 
