@@ -63,11 +63,16 @@ def _curve(out: dict, key: str = "lm_loss") -> list[float]:
 
 
 def _single(rank: int, world_size: int) -> dict:
-    return {
-        "global": _curve(_run(["loss.normalization=global"], 1)),
-        "ce": _curve(_run(["loss.type=cross_entropy"], 1)),
-        "mile_g0": _curve(_run(["loss.gamma=0"], 1)),
+    runs = {
+        "global": _run(["loss.normalization=global"], 1),
+        "paper": _run([], 1),
+        "ce": _run(["loss.type=cross_entropy"], 1),
+        "mile_g0": _run(["loss.gamma=0"], 1),
     }
+    out = {name: _curve(run) for name, run in runs.items()}
+    out["grad_norm_1"] = {name: run["history"][0]["grad_norm"] for name, run in runs.items()}
+    out["weight_range_1"] = [runs["paper"]["history"][0][k] for k in ("weight_min", "weight_max")]
+    return out
 
 
 def _pair(rank: int, world_size: int, tmp: str) -> dict:
@@ -170,6 +175,18 @@ def test_layout_matches_single_process(single, pair, layout):
 def test_paper_normalisation_is_tp_and_pp_invariant(pair, layout):
     # Both at DP=1 in a world of 2: alpha never crosses TP or PP.
     _assert_same_curve(pair[f"paper_{layout}"], pair["paper_tp2"], layout)
+
+
+@pytest.mark.parametrize("mode", ["global", "paper"])
+def test_normalised_mile_has_the_scale_of_cross_entropy(single, mode):
+    """At initialisation the prediction is near uniform, so every token's MiLe weight is the
+    same (measured range below) and the normalised objective's gradient equals CE's: this
+    guards the trainer's use of alpha (paper) and of the summed weights (global), which
+    would otherwise scale the gradient by the mean weight (~7 here)."""
+    w_min, w_max = single["weight_range_1"]
+    assert w_max / w_min < 1.001, single["weight_range_1"]
+    norms = single["grad_norm_1"]
+    assert norms[mode] == pytest.approx(norms["ce"], rel=2e-3), norms
 
 
 def test_mile_gamma_zero_is_cross_entropy(single):
