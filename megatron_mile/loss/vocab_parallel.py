@@ -80,10 +80,9 @@ def _check_params(weighting: str, gamma: float, sigma: float) -> None:
         )
 
 
-def _local_tensor_error(
-    logits: torch.Tensor, target: torch.Tensor, vocab_size: int, validate_target: bool
-) -> Optional[str]:
-    """Checks of this rank's tensors; the verdict is shared through the MAX all-reduce."""
+def _local_tensor_error(logits: torch.Tensor, target: torch.Tensor) -> Optional[str]:
+    """Host-side checks of this rank's tensors (no device sync); the verdict is shared
+    through the MAX all-reduce."""
     if logits.dtype not in _LOGITS_DTYPES:
         return f"logits dtype {logits.dtype} is not one of fp32, bf16, fp16 (or fp64)"
     if logits.dim() < 2 or logits.shape[:-1] != target.shape:
@@ -95,17 +94,21 @@ def _local_tensor_error(
         return f"target dtype {target.dtype} must be int64 or int32 (vocabulary ids)"
     if target.device != logits.device:
         return f"target is on {target.device} but logits are on {logits.device}"
-    if validate_target and target.numel() > 0:
-        bad = ((target < 0) & (target != IGNORE_INDEX)) | (target >= vocab_size)
-        if bool(bad.any()):
-            first = target[bad].flatten()[0].item()
-            return (
-                f"target id {first} is outside the vocabulary [0, {vocab_size}) "
-                f"({int(bad.sum())} such tokens); use loss_mask (or {IGNORE_INDEX}) for "
-                "positions without a target, and check that the tokenizer's vocab_size "
-                "matches the model's"
-            )
     return None
+
+
+def _out_of_vocab(target: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mask of target ids outside [0, vocab_size) other than IGNORE_INDEX (on the device)."""
+    return ((target < 0) & (target != IGNORE_INDEX)) | (target >= vocab_size)
+
+
+def _target_error(target: torch.Tensor, bad: torch.Tensor, vocab_size: int) -> str:
+    first = target[bad].flatten()[0].item()
+    return (
+        f"target id {first} is outside the vocabulary [0, {vocab_size}) "
+        f"({int(bad.sum())} such tokens); use loss_mask (or {IGNORE_INDEX}) for positions "
+        "without a target, and check that the tokenizer's vocab_size matches the model's"
+    )
 
 
 def _tp_info(tp_group: Optional[dist.ProcessGroup]) -> tuple[Optional[dist.ProcessGroup], int, int]:
@@ -142,8 +145,12 @@ class _VocabParallelWeightedCE(torch.autograd.Function):
         group, tp_rank, tp_size = _tp_info(tp_group)
         vp = logits_sbvp.shape[-1] if logits_sbvp.dim() > 0 else 0
         vocab_size = vp * tp_size
-        error = _local_tensor_error(logits_sbvp, target_sb, vocab_size, validate)
+        error = _local_tensor_error(logits_sbvp, target_sb)
         n = target_sb.numel() if error is None else logits_sbvp.numel() // max(vp, 1)
+        # The target-range verdict stays on the device: it rides in the MAX all-reduce's
+        # header, so validating costs one host sync per call (reading that header).
+        bad_target = (_out_of_vocab(target_sb, vocab_size)
+                      if validate and error is None and n > 0 else None)
         device = logits_sbvp.device
         # fp32 arithmetic for fp32/bf16/fp16 logits; fp64 only for fp64 (gradcheck).
         cdtype = torch.float64 if logits_sbvp.dtype == torch.float64 else torch.float32
@@ -162,12 +169,19 @@ class _VocabParallelWeightedCE(torch.autograd.Function):
             if validate:
                 header = torch.tensor([float(error is not None), vp, -vp], dtype=cdtype,
                                       device=device)
+                if bad_target is not None:
+                    header[0] = torch.maximum(header[0], bad_target.any().to(cdtype))
                 max_buf = torch.cat([header, rowmax_n])
                 dist.all_reduce(max_buf, op=dist.ReduceOp.MAX, group=group)
                 any_error, vp_max, vp_min = max_buf[:_HEADER].tolist()
                 rowmax_n = max_buf[_HEADER:]
                 if error is None and any_error:
-                    error = "another tensor-parallel rank reported invalid input (see its error)"
+                    # Error path only: find out whether this rank's targets were the cause.
+                    if bad_target is not None and bool(bad_target.any()):
+                        error = _target_error(target_sb, bad_target, vocab_size)
+                    else:
+                        error = ("another tensor-parallel rank reported invalid input "
+                                 "(see its error)")
                 if vp_max != -vp_min:  # the root cause of any vocabulary-range error too
                     error = (
                         f"vocabulary shard sizes differ across tensor-parallel ranks "
@@ -176,6 +190,8 @@ class _VocabParallelWeightedCE(torch.autograd.Function):
                     )
             else:
                 dist.all_reduce(rowmax_n, op=dist.ReduceOp.MAX, group=group)
+        elif error is None and bad_target is not None and bool(bad_target.any()):
+            error = _target_error(target_sb, bad_target, vocab_size)  # TP=1: one sync
         if error is not None:
             raise ValueError(error)
         if vp == 0:
