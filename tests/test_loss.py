@@ -206,7 +206,7 @@ def test_non_finite_logits_give_nan_not_a_finite_loss(bad):
 @pytest.mark.parametrize("kwargs,match", [
     ({"gamma": -0.5}, r"gamma=-0.5 must be a finite number >= 0"),
     ({"gamma": float("nan")}, r"gamma=nan"),
-    ({"sigma": -1.0, "gamma": 0.5}, r"sigma=-1.0 < 0 with non-integer gamma=0.5"),
+    ({"sigma": -1.0, "gamma": 0.5}, r"sigma=-1.0 < 0 needs an integer gamma \(got 0.5\)"),
     ({"sigma": float("inf")}, r"sigma=inf must be finite"),
 ])
 def test_bad_parameters(kwargs, match):

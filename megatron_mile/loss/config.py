@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from megatron_mile.loss.reduction import NORMALIZATIONS
+from megatron_mile.loss.vocab_parallel import check_weight_params
 
 LOSS_TYPES = ("cross_entropy", "focal", "mile")
 
@@ -38,15 +38,8 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.type not in LOSS_TYPES:
             raise ValueError(f"loss.type={self.type!r} is not one of {LOSS_TYPES}")
-        if not math.isfinite(self.gamma) or self.gamma < 0:
-            raise ValueError(f"loss.gamma={self.gamma} must be a finite number >= 0")
-        if not math.isfinite(self.sigma):
-            raise ValueError(f"loss.sigma={self.sigma} must be finite")
-        if self.type == "mile" and self.sigma < 0 and self.gamma != int(self.gamma):
-            raise ValueError(
-                f"loss.sigma={self.sigma} < 0 needs an integer loss.gamma (got {self.gamma}): "
-                "(sigma + entropy) ** gamma is NaN where the entropy is below -sigma"
-            )
+        check_weight_params("mile" if self.type == "mile" else "focal", self.gamma, self.sigma,
+                            prefix="loss.")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"loss.normalization={self.normalization!r} is not one of {NORMALIZATIONS}"

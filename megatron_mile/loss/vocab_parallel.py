@@ -65,18 +65,19 @@ class WeightedCrossEntropy(NamedTuple):
     """Softmax entropy over the full vocabulary, detached (NaN-free; computed for every token)."""
 
 
-def _check_params(weighting: str, gamma: float, sigma: float) -> None:
-    """Argument checks that every rank evaluates identically: safe to raise before collectives."""
+def check_weight_params(weighting: str, gamma: float, sigma: float, prefix: str = "") -> None:
+    """Argument checks that every rank evaluates identically: safe to raise before collectives.
+    ``prefix`` names the fields as the caller knows them (``"loss."`` for the config)."""
     if weighting not in _WEIGHTINGS:
         raise ValueError(f"weighting={weighting!r} is not one of {_WEIGHTINGS}")
     if not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"gamma={gamma} must be a finite number >= 0 (the paper uses 1)")
+        raise ValueError(f"{prefix}gamma={gamma} must be a finite number >= 0 (the paper uses 1)")
     if not math.isfinite(sigma):
-        raise ValueError(f"sigma={sigma} must be finite (the paper uses 1)")
+        raise ValueError(f"{prefix}sigma={sigma} must be finite (the paper uses 1)")
     if weighting == "mile" and sigma < 0 and gamma != int(gamma):
         raise ValueError(
-            f"sigma={sigma} < 0 with non-integer gamma={gamma}: (sigma + H) ** gamma is NaN "
-            "wherever the entropy H < -sigma; use sigma >= 0 or an integer gamma"
+            f"{prefix}sigma={sigma} < 0 needs an integer {prefix}gamma (got {gamma}): "
+            "(sigma + H) ** gamma is NaN wherever the entropy H < -sigma"
         )
 
 
@@ -289,7 +290,7 @@ def vocab_parallel_weighted_cross_entropy(
             the MAX all-reduce; on GPU it costs one host sync per call). Set False only
             for benchmarking trusted inputs.
     """
-    _check_params(weighting, float(gamma), float(sigma))
+    check_weight_params(weighting, float(gamma), float(sigma))
     return WeightedCrossEntropy(*_VocabParallelWeightedCE.apply(
         vocab_parallel_logits, target, weighting, float(gamma), float(sigma), tp_group, validate
     ))
