@@ -13,7 +13,6 @@ over DP (x CP), one MAX all-reduce of [signal, non-finite] flags over the world.
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 import resource
@@ -49,8 +48,6 @@ from megatron_mile.platform import check_pipeline_config, initialize_distributed
 from megatron_mile.training import checkpointing
 from megatron_mile.training.logger import MetricsLogger
 
-log = logging.getLogger("megatron_mile")
-
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Report keys that are (numerator, denominator) pairs summed over micro-batches and DP ranks.
 _PAIR_KEYS = ("lm_loss", "objective", "entropy", "weight", "alpha")
@@ -58,12 +55,6 @@ _PAIR_KEYS = ("lm_loss", "objective", "entropy", "weight", "alpha")
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf."""
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while isinstance(module, (DistributedDataParallel, Float16Module)):
-        module = module.module
-    return module
 
 
 class Trainer:
