@@ -130,9 +130,15 @@ class ParallelConfig:
     """Shard optimizer state and fp32 master weights over data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
     """Overlap the data-parallel gradient reduction with the backward pass."""
+    distributed_timeout_minutes: float = 10.0
+    """Longest wait on another rank (Megatron-LM's --distributed-timeout-minutes): the process
+    group timeout, and the trainer's watchdog bound on any phase without progress (a step, an
+    evaluation, a save). A rank that stalls longer exits with one line naming the iteration and
+    phase (exit code 3), so a hung or dead peer cannot hold the job forever."""
 
     def __post_init__(self) -> None:
         _positive("parallel", tensor_model_parallel_size=self.tensor_model_parallel_size,
+                  distributed_timeout_minutes=self.distributed_timeout_minutes,
                   pipeline_model_parallel_size=self.pipeline_model_parallel_size,
                   virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
                   context_parallel_size=self.context_parallel_size)
@@ -242,7 +248,7 @@ class TrainingConfig:
     train_iters: int = 100
     """Optimizer steps."""
     seed: int = 1234
-    """Seed of initialisation, dropout and data order."""
+    """Seed of initialisation, dropout and data order; in [0, 2**32)."""
     log_interval: int = 10
     """Iterations between console/TensorBoard logs."""
     eval_interval: int = 100
@@ -250,12 +256,16 @@ class TrainingConfig:
     eval_iters: int = 10
     """Global batches per validation run."""
     exit_on_signal: bool = True
-    """On SIGTERM/SIGUSR1: finish the iteration, save a checkpoint, exit 0 (for requeue)."""
+    """On SIGTERM/SIGUSR1/SIGINT: finish the iteration, save a checkpoint, exit 0 (for
+    requeue). A second SIGTERM/SIGINT exits at once, without saving."""
 
     def __post_init__(self) -> None:
         _positive("training", micro_batch_size=self.micro_batch_size,
                   global_batch_size=self.global_batch_size, train_iters=self.train_iters,
                   log_interval=self.log_interval)
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"training.seed={self.seed} must be in [0, 2**32) (numpy's seed "
+                              "range); pick e.g. 1234")
         if self.eval_interval < 0 or self.eval_iters < 0:
             raise ConfigError(f"training.eval_interval={self.eval_interval} and training."
                               f"eval_iters={self.eval_iters} must be >= 0")
@@ -279,9 +289,24 @@ class CheckpointConfig:
     """Restore optimizer and scheduler state. false: weights, step and data position only
     (fresh Adam moments, lr schedule placed at the step), e.g. to resume in another TP/PP
     layout: weights reshard freely, the distributed optimizer's state does not."""
+    verify_checksums: bool = True
+    """Check every file of the checkpoint against the SHA-256 digests recorded at save before
+    loading (each rank hashes a share), so corrupted bytes are refused, not trained on.
+    Cost: docs/benchmarks.md."""
+    use_checkpoint_opt_param_scheduler: bool = False
+    """On resume, keep the checkpoint's learning-rate schedule (lr, min_lr, warm-up, decay
+    iterations and style, weight decay) even where the config differs (Megatron-LM's
+    --use-checkpoint-opt_param-scheduler). By default a difference is an error."""
+    override_opt_param_scheduler: bool = False
+    """On resume, take the schedule from the config instead of the checkpoint, e.g. to extend
+    training.train_iters (Megatron-LM's --override-opt_param-scheduler); the step count still
+    comes from the checkpoint. By default a difference is an error."""
 
     def __post_init__(self) -> None:
         _positive("checkpoint", save_interval=self.save_interval)
+        if self.use_checkpoint_opt_param_scheduler and self.override_opt_param_scheduler:
+            raise ConfigError("checkpoint.use_checkpoint_opt_param_scheduler and checkpoint."
+                              "override_opt_param_scheduler are exclusive: set one")
 
 
 @dataclass
@@ -454,6 +479,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}={value} must be a finite number")
         return float(value)
     if tp is str:
         if isinstance(value, (dict, list)):

@@ -17,7 +17,8 @@ import argparse
 import sys
 
 from megatron_mile.config import ConfigError, load_config
-from megatron_mile.platform import default_single_process_env
+from megatron_mile.log_filters import install_warning_filters
+from megatron_mile.platform import cuda_available, default_single_process_env
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,24 +34,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     default_single_process_env()  # plain `python -m`: a world of one
+    install_warning_filters(cuda=cuda_available())
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"megatron-mile-train: configuration error: {e}", file=sys.stderr)
         return 2
+    from megatron_mile.data.datasets import DataError
     from megatron_mile.training.checkpointing import CheckpointError
-    from megatron_mile.training.trainer import Trainer
+    from megatron_mile.training.trainer import NonFiniteLossError, Trainer
 
     trainer = Trainer(cfg)
     try:
-        trainer.setup()
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        # Bad input found while setting up (layout vs world size, a missing or corrupt
-        # checkpoint, missing data): every rank reaches the same verdict, no traceback needed.
-        print(f"megatron-mile-train: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    try:
-        trainer.train()
+        try:
+            trainer.setup()
+        except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
+            # Bad input found while setting up (layout vs world size, a missing, corrupt or
+            # unsafe checkpoint, bad data): every rank reaches the same verdict.
+            print(f"megatron-mile-train: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        try:
+            trainer.train()
+        except (CheckpointError, NonFiniteLossError) as e:
+            # The run failed (a full disk during a save, a diverged loss); the last published
+            # checkpoint is intact and a restart resumes from it.
+            print(f"megatron-mile-train: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
     finally:
         trainer.shutdown()
     return 0

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+CHECKSUM_ALGORITHM = "sha256"
+"""Digest of :func:`file_checksum` (hashlib's OpenSSL build: about 1-2 GB/s a core)."""
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -22,12 +26,29 @@ def fsync_path(path: str | os.PathLike) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` with ``text`` so that a reader sees the old or the new content, never a
     partial file, also across a crash: write a temporary file, fsync, ``os.replace``, fsync
-    the directory."""
+    the directory. If any step fails (e.g. a full disk) the temporary file is removed and the
+    error re-raised; ``path`` keeps its old content. A crash (no chance to clean up) can leave
+    ``<name>.tmp-<pid>`` behind: see :func:`temp_file_prefix`."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{temp_file_prefix(path.name)}{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
+
+
+def temp_file_prefix(name: str) -> str:
+    """Prefix of the temporary files :func:`atomic_write_text` writes next to ``name``."""
+    return f"{name}.tmp-"
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """Hex digest (:data:`CHECKSUM_ALGORITHM`) of a file's bytes, streamed (constant memory)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, CHECKSUM_ALGORITHM).hexdigest()

@@ -259,9 +259,9 @@ def test_fresh_dir_has_no_latest(failures):
     ("corrupt_tracker", "is corrupt"),
     ("tracker_names_missing", "iter_0000099 does not exist"),
     ("incomplete", "iter_0000008 is incomplete"),
-    ("truncated", "is truncated"),
+    ("truncated", "truncated"),
     ("corrupt_bytes", "iter_0000012"),
-    ("one_rank_missing", "is missing data file"),
+    ("one_rank_missing", "is missing"),
 ])
 def test_errors_raise_checkpoint_error_on_every_rank(failures, case, needle):
     for rank, out in enumerate(failures):

@@ -21,24 +21,22 @@ it, so resuming from ``consumed_samples`` gives exactly the batches an uninterru
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import struct
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import (
     BlendedMegatronDatasetBuilder,
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
-from megatron.core.datasets.indexed_dataset import DType
 from torch.utils.data import DataLoader, Dataset
 
 from megatron_mile.data.config import DataConfig
+from megatron_mile.data.integrity import DataError, summarize_indexed_dataset
 from megatron_mile.data.tokenizer import NullTokenizer, SentencePieceTokenizer, Tokenizer
 
-_TOKENS_CHECKED = 1 << 20
-"""Tokens read from the start of each .bin to check they fit the tokenizer's vocabulary."""
+logger = logging.getLogger(__name__)
 
 
 def build_tokenizer(cfg: DataConfig) -> Tokenizer:
@@ -77,7 +75,9 @@ def build_datasets(
     Raises:
         FileNotFoundError: a data prefix has no ``.bin``/``.idx`` (raised on every rank, before
             any index is built; the message says how to create it).
-        ValueError: bad arguments, or data with token ids beyond the tokenizer's vocabulary.
+        DataError: malformed files (see ``megatron_mile.data.integrity``) or token ids
+            beyond the tokenizer's vocabulary (raised on every rank, before any index is built).
+        ValueError: bad arguments.
     """
     if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
         raise ValueError(f"seq_length={seq_length!r}: must be a positive integer")
@@ -87,7 +87,7 @@ def build_datasets(
         raise ValueError(f"num_samples={num_samples!r}: must be (train, valid, test) "
                          f"non-negative integers")
     built_here = is_built_on_rank or (lambda: True)
-    _check_data(cfg, tokenizer, built_here)
+    _check_data(cfg, tokenizer, seq_length, built_here)
 
     per_split = cfg.blend_per_split()
     gpt_cfg = GPTDatasetConfig(
@@ -128,14 +128,16 @@ def _rank_zero_without_process_group() -> Iterator[None]:
         torch.distributed.get_rank = original
 
 
-def _check_data(cfg: DataConfig, tokenizer: Tokenizer, built_here: Callable[[], bool]) -> None:
-    """Raise on every rank if any rank lacks data, so that no rank waits in a barrier."""
+def _check_data(cfg: DataConfig, tokenizer: Tokenizer, seq_length: int,
+                built_here: Callable[[], bool]) -> None:
+    """Raise on every rank if any rank lacks data or has bad data, so that no rank waits in
+    a barrier. Collectives: one ``all_gather_object`` when a process group exists."""
     error: str | None = None
     if not cfg.mock and built_here():
         try:
             for name, prefix in cfg.all_prefixes():
-                _check_prefix(name, prefix, tokenizer.vocab_size)
-        except (FileNotFoundError, ValueError) as err:
+                _check_prefix(name, prefix, tokenizer.vocab_size, seq_length)
+        except (FileNotFoundError, DataError) as err:
             error = f"{type(err).__name__}: {err}"
     errors = [error]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -145,10 +147,10 @@ def _check_data(cfg: DataConfig, tokenizer: Tokenizer, built_here: Callable[[], 
         if err is not None:
             where = f" (reported by rank {rank})" if len(errors) > 1 else ""
             kind, _, msg = err.partition(": ")
-            raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(msg + where)
+            raise (FileNotFoundError if kind == "FileNotFoundError" else DataError)(msg + where)
 
 
-def _check_prefix(name: str, prefix: str, vocab_size: int) -> None:
+def _check_prefix(name: str, prefix: str, vocab_size: int, seq_length: int) -> None:
     missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
     if missing:
         hint = ""
@@ -162,25 +164,20 @@ def _check_prefix(name: str, prefix: str, vocab_size: int) -> None:
             f"DataConfig.{name}: no indexed dataset at prefix {prefix!r} (missing "
             f"{', '.join(missing)}).{hint} Create it with: python tools/preprocess_data.py "
             f"--input CORPUS.jsonl --output-prefix {prefix} --tokenizer-model TOKENIZER.model")
-    dtype = _idx_dtype(prefix + ".idx")
-    n = min(_TOKENS_CHECKED, os.path.getsize(prefix + ".bin") // np.dtype(dtype).itemsize)
-    if n:
-        top = int(np.fromfile(prefix + ".bin", dtype=dtype, count=n).max())
-        if top >= vocab_size:
-            raise ValueError(
-                f"DataConfig.{name}: {prefix}.bin holds token id {top} but the tokenizer has "
-                f"vocab_size={vocab_size}: the data was preprocessed with another tokenizer. "
-                f"Use that tokenizer_model, or re-run tools/preprocess_data.py with this one")
-
-
-def _idx_dtype(idx_path: str) -> type:
-    # Header: 9-byte magic, uint64 version, uint8 dtype code (megatron-core's _IndexWriter).
-    with open(idx_path, "rb") as f:
-        head = f.read(18)
-    if len(head) < 18 or head[:9] != b"MMIDIDX\x00\x00":
-        raise ValueError(f"{idx_path} is not a Megatron index file (bad header); re-run "
-                         f"tools/preprocess_data.py")
-    return DType.dtype_from_code(struct.unpack("<B", head[17:18])[0])
+    try:
+        summary = summarize_indexed_dataset(prefix)
+    except DataError as err:
+        raise DataError(f"DataConfig.{name}: {err}") from None
+    if summary.max_token_id >= vocab_size:
+        raise DataError(
+            f"DataConfig.{name}: {prefix}.bin holds token id {summary.max_token_id} but the "
+            f"tokenizer has vocab_size={vocab_size}: the data was preprocessed with another "
+            "tokenizer. Use that tokenizer_model, or re-run tools/preprocess_data.py with this "
+            "one")
+    if summary.num_tokens < seq_length + 1:
+        logger.warning("DataConfig.%s: %s holds %d tokens, fewer than one sample of "
+                       "model.seq_length + 1 = %d: its samples repeat documents across "
+                       "epochs", name, prefix, summary.num_tokens, seq_length + 1)
 
 
 class PretrainingSampler:
@@ -235,12 +232,18 @@ def build_data_loader(
     data_parallel_rank: int,
     data_parallel_size: int,
     num_workers: int,
+    seed: int = 0,
 ) -> DataLoader | None:
     """A DataLoader over ``dataset`` yielding this DP rank's micro-batches from
     ``consumed_samples`` on (see :class:`PretrainingSampler`); None if ``dataset`` is None.
 
     Batches are dicts of stacked samples: ``tokens``/``labels``/``position_ids`` [b, s]
     int64, ``loss_mask`` [b, s] float32, ``attention_mask`` [b, 1, s, s] bool if created.
+
+    ``seed`` seeds the loader's own generator. torch's DataLoader draws a base seed for its
+    workers each time an iterator is made, from the global torch generator unless given one;
+    that draw would shift the dropout stream of a run that builds its iterators after
+    restoring a checkpoint's RNG state, and resume would not be exact.
     """
     if dataset is None:
         return None
@@ -250,7 +253,8 @@ def build_data_loader(
                                  data_parallel_rank, data_parallel_size)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(),
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 __all__: Sequence[str] = ("build_tokenizer", "build_datasets", "build_data_loader",

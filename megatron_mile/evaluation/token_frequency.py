@@ -40,13 +40,13 @@ _SUMS = ("tokens", "ce", "entropy")  # columns of the [k, 3] float64 accumulator
 
 def _read_tokens(prefix: str) -> np.ndarray:
     """All token ids of an indexed dataset, memory-mapped (``PREFIX.bin`` + ``PREFIX.idx``)."""
-    from megatron_mile.data.datasets import _idx_dtype
+    from megatron_mile.data.integrity import index_dtype
 
     for suffix in (".bin", ".idx"):
         if not os.path.isfile(prefix + suffix):
             raise FileNotFoundError(f"no indexed dataset at {prefix!r} (missing {prefix}{suffix})"
                                     "; pass the prefix without .bin/.idx")
-    dtype = _idx_dtype(prefix + ".idx")
+    dtype = index_dtype(prefix)
     if os.path.getsize(prefix + ".bin") == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(prefix + ".bin", dtype=dtype, mode="r")

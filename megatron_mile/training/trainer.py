@@ -34,7 +34,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_model_config
 
-from megatron_mile.config import TrainConfig
+from megatron_mile.config import ConfigError, TrainConfig
 from megatron_mile.data.datasets import build_data_loader, build_datasets, build_tokenizer
 from megatron_mile.loss import reduce_token_losses
 from megatron_mile.model import (
@@ -47,8 +47,9 @@ from megatron_mile.model import (
 from megatron_mile.platform import check_pipeline_config, initialize_distributed
 from megatron_mile.training import checkpointing
 from megatron_mile.training.logger import MetricsLogger
+from megatron_mile.training.watchdog import Watchdog
 
-_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # Report keys that are (numerator, denominator) pairs summed over micro-batches and DP ranks.
 _PAIR_KEYS = ("lm_loss", "objective", "entropy", "weight", "alpha")
 
@@ -66,12 +67,15 @@ class Trainer:
         self.consumed_samples = 0
         self._signal_received = False
         self._weight_total: Optional[torch.Tensor] = None  # "global" mode denominator
+        self.watchdog: Optional[Watchdog] = None
+        self._previous_handlers: dict = {}
 
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.device = initialize_distributed()
+        timeout_minutes = cfg.parallel.distributed_timeout_minutes
+        self.device = initialize_distributed(timeout_minutes=timeout_minutes)
         world_size = dist.get_world_size()
         cfg.validate(world_size)
         p = cfg.parallel
@@ -90,16 +94,31 @@ class Trainer:
 
         self.logger = MetricsLogger(cfg, is_logging_rank=dist.get_rank() == world_size - 1)
         self.tokenizer = build_tokenizer(cfg.data)
+        if cfg.model.vocab_size is not None and cfg.model.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                f"vocabulary ({self.tokenizer.vocab_size}, {cfg.data.tokenizer_model or 'data.vocab_size'}"
+                "): its ids would index past the embedding. Set model.vocab_size to at least "
+                f"{self.tokenizer.vocab_size}, or leave it unset (null) to take the tokenizer's")
         self.vocab_size = padded_vocab_size(cfg.model.vocab_size or self.tokenizer.vocab_size, cfg)
         self._build_datasets()  # before the model: a missing data path fails fast
-        self.model = self._build_model()
-        self.optimizer, self.scheduler = self._build_optimizer()
-        self._resume()
-        self.train_iterator = self._iterators(self.train_dataset, self.consumed_samples,
-                                              cfg.data.num_workers)
+        # From here on every phase is bounded: a hung peer ends this rank (datasets are built
+        # before, on rank 0 first, for as long as a large corpus needs).
         if cfg.training.exit_on_signal:
-            for sig in _SIGNALS:
-                signal.signal(sig, self._on_signal)
+            self._previous_handlers = {sig: signal.signal(sig, self._on_signal)
+                                       for sig in _SIGNALS}
+        self.watchdog = Watchdog(timeout_minutes * 60, dist.get_rank()).start()
+        try:
+            self.watchdog.beat(0, "building the model")
+            self.model = self._build_model()
+            self.optimizer, self.scheduler = self._build_optimizer()
+            self.watchdog.beat(0, "loading the checkpoint")
+            self._resume()
+            self.train_iterator = self._iterators(self.train_dataset, self.consumed_samples,
+                                                  cfg.data.num_workers)
+        except BaseException:
+            self._release_process_hooks()
+            raise
         params = num_parameters(cfg, self.vocab_size)
         self.logger.info(
             f"model: {params['total'] / 1e6:.2f}M parameters ({params['non_embedding'] / 1e6:.2f}M"
@@ -177,6 +196,10 @@ class Trainer:
             lr_decay_steps=max(decay_steps, warmup_steps + 1),
             lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
             wd_incr_steps=train_iters, wd_incr_style="constant",
+            # The comparison with a checkpoint's schedule is _check_schedule's (one clear
+            # error); megatron only has to take the checkpoint's or the config's values.
+            use_checkpoint_opt_param_scheduler=not self.cfg.checkpoint.override_opt_param_scheduler,
+            override_opt_param_scheduler=self.cfg.checkpoint.override_opt_param_scheduler,
         )
         model_config = get_model_config(self.model[0])
         model_config.grad_scale_func = optimizer.scale_loss
@@ -202,7 +225,8 @@ class Trainer:
         for the labels of the same micro-batch."""
         iterators = [
             iter(build_data_loader(dataset, consumed_samples, self.cfg.training.micro_batch_size,
-                                   self.dp_rank, self.dp_size, num_workers))
+                                   self.dp_rank, self.dp_size, num_workers,
+                                   seed=self.cfg.training.seed))
             for _ in self.model
         ]
         return iterators[0] if len(iterators) == 1 else iterators
@@ -228,13 +252,44 @@ class Trainer:
         with_optimizer = ck.load_optimizer
         state = checkpointing.load_checkpoint(
             load_dir, self.model, self.optimizer if with_optimizer else None,
-            self.scheduler if with_optimizer else None)
+            self.scheduler if with_optimizer else None, verify_checksums=ck.verify_checksums,
+            check_common=self._check_schedule if with_optimizer else None)
         self.iteration = int(state["iteration"])
         self.consumed_samples = int(state["consumed_samples"])
         if not with_optimizer:
             self.scheduler.step(increment=self.iteration)  # the lr schedule resumes in place
         self.logger.info(f"resumed from checkpoint at iteration {self.iteration} ({load_dir})"
                          + ("" if with_optimizer else "; weights only, fresh optimizer state"))
+
+    # Scheduler state key -> the config field(s) that set it (see _build_optimizer).
+    _SCHEDULE_FIELDS = {
+        "max_lr": "optimizer.lr",
+        "min_lr": "optimizer.min_lr",
+        "lr_warmup_steps": "optimizer.lr_warmup_iters",
+        "lr_decay_steps": "optimizer.lr_decay_iters (default: training.train_iters)",
+        "lr_decay_style": "optimizer.lr_decay_style",
+        "start_wd": "optimizer.weight_decay",
+        "end_wd": "optimizer.weight_decay",
+    }
+
+    def _check_schedule(self, common: dict) -> None:
+        """Refuse a checkpoint whose lr schedule differs from the config's, unless told which
+        to use (Megatron-LM stops likewise). Local: called on every rank by load_checkpoint."""
+        ck = self.cfg.checkpoint
+        saved = common.get("opt_param_scheduler")
+        if saved is None or ck.use_checkpoint_opt_param_scheduler or \
+                ck.override_opt_param_scheduler:
+            return
+        current = self.scheduler.state_dict()
+        diffs = [f"{field} (checkpoint {saved[key]!r}, config {current[key]!r})"
+                 for key, field in self._SCHEDULE_FIELDS.items()
+                 if key in saved and saved[key] != current[key]]
+        if diffs:
+            raise checkpointing.CheckpointError(
+                "the learning-rate schedule differs from the checkpoint's: "
+                f"{'; '.join(dict.fromkeys(diffs))}. Set checkpoint.override_opt_param_"
+                "scheduler=true to use the config's schedule (e.g. to extend training), or "
+                "checkpoint.use_checkpoint_opt_param_scheduler=true to keep the checkpoint's")
 
     def save(self) -> None:
         ck = self.cfg.checkpoint
@@ -400,6 +455,7 @@ class Trainer:
         self.logger.info(f"training from iteration {self.iteration} to {t.train_iters}")
         window_start, window_iters = time.time(), 0
         while self.iteration < t.train_iters:
+            self.watchdog.beat(self.iteration + 1, "train step")
             metrics = self.train_step()
             window_iters += 1
             got_signal, non_finite = self._world_flags(metrics)
@@ -424,6 +480,7 @@ class Trainer:
             pause_start = time.time()
             if t.eval_interval and (self.iteration % t.eval_interval == 0
                                     or self.iteration == t.train_iters):
+                self.watchdog.beat(self.iteration, "evaluation")
                 valid = self.evaluate()
                 if valid is not None:
                     history[-1]["valid_lm_loss"] = valid
@@ -431,6 +488,7 @@ class Trainer:
             ck = cfg.checkpoint
             if ck.save and ((ck.save_interval and self.iteration % ck.save_interval == 0)
                             or self.iteration == t.train_iters or got_signal):
+                self.watchdog.beat(self.iteration, "checkpoint save")
                 self.save()
             window_start += time.time() - pause_start  # tokens/s counts training only
             if got_signal:
@@ -440,7 +498,17 @@ class Trainer:
         self.logger.close()
         return {"history": history, "exit_reason": exit_reason, "iteration": self.iteration}
 
+    def _release_process_hooks(self) -> None:
+        """Stop the watchdog and give back the signal handlers setup() replaced."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
+
     def shutdown(self) -> None:
+        self._release_process_hooks()
         parallel_state.destroy_model_parallel()
 
 
