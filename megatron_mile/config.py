@@ -290,9 +290,9 @@ class CheckpointConfig:
     (fresh Adam moments, lr schedule placed at the step), e.g. to resume in another TP/PP
     layout: weights reshard freely, the distributed optimizer's state does not."""
     verify_checksums: bool = True
-    """Check every file of the checkpoint against the SHA-256 digests recorded at save before
-    loading (each rank hashes a share), so corrupted bytes are refused, not trained on.
-    Cost: docs/benchmarks.md."""
+    """Record the SHA-256 digest of every checkpoint file at save, and check them before a load
+    (each rank hashes a share), so corrupted bytes are refused, not trained on. false: neither
+    (a checkpoint saved so is loaded unverified, with a warning). Cost: docs/benchmarks.md."""
     use_checkpoint_opt_param_scheduler: bool = False
     """On resume, keep the checkpoint's learning-rate schedule (lr, min_lr, warm-up, decay
     iterations and style, weight decay) even where the config differs (Megatron-LM's

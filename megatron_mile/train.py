@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_mile.data.datasets import DataError
     from megatron_mile.training.checkpointing import CheckpointError
     from megatron_mile.training.trainer import NonFiniteLossError, Trainer
+    from megatron_mile.training.watchdog import EXIT_STALLED, is_peer_failure
 
     trainer = Trainer(cfg)
     try:
@@ -60,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
             # checkpoint is intact and a restart resumes from it.
             print(f"megatron-mile-train: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
+        except Exception as e:  # noqa: BLE001 - only peer failures are handled here
+            if not is_peer_failure(e):
+                raise
+            where = trainer.watchdog.where() if trainer.watchdog else "setup"
+            first = " ".join(str(e).split())[:200]
+            print(f"megatron-mile-train: rank {trainer.rank}: a collective failed in {where}: "
+                  f"a peer rank died or hung ({first}). The last published checkpoint is "
+                  "intact; restart the job to resume", file=sys.stderr)
+            return EXIT_STALLED
     finally:
         trainer.shutdown()
     return 0

@@ -14,6 +14,7 @@ from megatron_mile.data.config import DataConfig, parse_blend
 from megatron_mile.data.datasets import (
     PretrainingSampler, build_data_loader, build_datasets, build_tokenizer,
 )
+from megatron_mile.data.integrity import DataError, summarize_indexed_dataset
 from megatron_mile.testing import run_distributed
 
 SEQ = 16
@@ -174,6 +175,82 @@ def test_data_from_another_tokenizer_is_refused(data):
     with pytest.raises(ValueError, match=r"holds token id \d+ but the tokenizer has "
                                          r"vocab_size=50"):
         build_datasets(cfg, build_tokenizer(cfg), SEQ, (10, 1, 1), seed=1)
+
+
+def _damaged_copy(data, tmp_path, damage) -> str:
+    """Copy dataset "a" into ``tmp_path`` and apply ``damage(prefix)``."""
+    import shutil
+
+    prefix = str(tmp_path / "a")
+    for ext in (".bin", ".idx"):
+        shutil.copyfile(data["a"] + ext, prefix + ext)
+    damage(prefix)
+    return prefix
+
+
+def _patch(path: str, offset: int, raw: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(raw)
+
+
+def _resize(path: str, delta: int) -> None:
+    os.truncate(path, os.path.getsize(path) + delta)
+
+
+def _empty(prefix: str) -> None:
+    import struct
+
+    with open(prefix + ".idx", "wb") as f:
+        f.write(b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, 0, 1) + struct.pack("<q", 0))
+    open(prefix + ".bin", "wb").close()
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda p: _resize(p + ".bin", -10), r"a\.bin has \d+ bytes but .*a\.idx describes 150 "
+                                          r"sequences ending at byte \d+: the \.bin is truncated"),
+    (lambda p: _resize(p + ".bin", 6), r"the \.bin is longer than its index"),
+    (lambda p: _patch(p + ".idx", 18, (10**6).to_bytes(8, "little")),
+     r"a\.idx declares 1000000 sequences .* it is truncated"),
+    (_empty, r"a\.idx holds no sequence: the dataset is empty"),
+    (lambda p: _patch(p + ".idx", 0, b"NOTANIDX!"), r"a\.idx is not a Megatron index file"),
+    (lambda p: _patch(p + ".idx", 17, bytes([99])), r"a\.idx has token dtype code 99"),
+    (lambda p: _patch(p + ".idx", 9, (2).to_bytes(8, "little")), r"index version 2"),
+])
+def test_malformed_dataset_is_one_clear_error(data, tmp_path, damage, match):
+    """Each of these ended in a megatron-core assert or a numpy error without a file name."""
+    prefix = _damaged_copy(data, tmp_path, damage)
+    cfg = _cfg(data, data_path=[prefix], path_to_cache=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"DataConfig\.data_path: .*" + match + r".*"
+                                        r"tools/preprocess_data\.py"):
+        build_datasets(cfg, build_tokenizer(cfg), SEQ, (10, 1, 1), seed=1)
+    assert not (tmp_path / "cache").exists()  # refused before building any index
+
+
+def test_dataset_summary_is_cached_and_invalidated(data, tmp_path):
+    prefix = _damaged_copy(data, tmp_path, lambda p: None)
+    summary = summarize_indexed_dataset(prefix)
+    tokens = np.fromfile(prefix + ".bin", dtype=np.dtype(summary.dtype))
+    assert summary.max_token_id == int(tokens.max()) and summary.num_tokens == len(tokens)
+    cache = prefix + ".summary.json"
+    # The cache is what later starts read: an edited maximum is believed ...
+    cached = json.loads(open(cache).read())
+    cached["summary"]["max_token_id"] = 10**6
+    open(cache, "w").write(json.dumps(cached))
+    assert summarize_indexed_dataset(prefix).max_token_id == 10**6
+    # ... until the data files change, which forces a new scan.
+    os.utime(prefix + ".bin", ns=(1, 1))
+    assert summarize_indexed_dataset(prefix) == summary
+
+
+def test_dataset_smaller_than_one_sequence_warns(data, tmp_path, caplog):
+    from megatron_mile.data.datasets import _check_prefix
+
+    prefix = _damaged_copy(data, tmp_path, lambda p: None)
+    n = summarize_indexed_dataset(prefix).num_tokens
+    with caplog.at_level("WARNING"):
+        _check_prefix("data_path", prefix, vocab_size=10**6, seq_length=n)
+    assert f"holds {n} tokens, fewer than one sample" in caplog.text
 
 
 # --- sampler and loader ----------------------------------------------------------------------

@@ -219,8 +219,11 @@ def _crafted(rank: int, world_size: int, root: str) -> dict:
 
     good = os.path.join(root, "good")
     out: dict = {"good": _main("training.train_iters=2", f"checkpoint.save={good}")}
-    sentinel = os.path.join(root, "SENTINEL")
-    payload = pickle.dumps(_Payload(sentinel), protocol=2)  # torch.save's protocol
+    def sentinel(name):
+        return os.path.join(root, f"SENTINEL_{name}")
+
+    def payload(name):
+        return pickle.dumps(_Payload(sentinel(name)), protocol=2)  # torch.save's protocol
 
     def variant(name, damage, rewrite=True):
         where = os.path.join(root, name)
@@ -230,28 +233,28 @@ def _crafted(rank: int, world_size: int, root: str) -> dict:
             _rewrite_checksums(checkpoint_path(where, 2))
         return where
 
-    def replace_file(name):
-        def damage(path):
-            with open(os.path.join(path, name), "wb") as f:
-                f.write(payload)
-        return damage
+    def replace_metadata(path):
+        with open(os.path.join(path, ".metadata"), "wb") as f:
+            f.write(payload("metadata"))
 
     def save_payload(path):
-        torch.save({"x": _Payload(sentinel)}, os.path.join(path, "common.pt"))
+        torch.save({"x": _Payload(sentinel("common"))}, os.path.join(path, "common.pt"))
 
     cases = {
-        "metadata": variant("metadata", replace_file(".metadata")),
-        "byte_item": variant("byte_item", lambda p: _overwrite_item(p, "_extra_state", payload)),
-        "rng_entry": variant("rng_entry", lambda p: _overwrite_item(p, "mile_rng_state.torch_cpu",
-                                                                     payload)),
+        "metadata": variant("metadata", replace_metadata),
+        "byte_item": variant("byte_item", lambda p: _overwrite_item(p, "_extra_state",
+                                                                     payload("byte_item"))),
+        "rng_entry": variant("rng_entry", lambda p: _overwrite_item(
+            p, "mile_rng_state.torch_cpu", payload("rng_entry"))),
         "common": variant("common", save_payload),
     }
     for name, where in cases.items():
         out[name] = _main("training.train_iters=3", f"checkpoint.load={where}")
-        out[f"{name}_sentinel"] = os.path.exists(sentinel)
+        out[f"{name}_sentinel"] = os.path.exists(sentinel(name))
     # The evaluation/export loader shares the checks.
+    eval_case = variant("eval", lambda p: _overwrite_item(p, "_extra_state", payload("eval")))
     try:
-        load_inference_model(cases["byte_item"])
+        load_inference_model(eval_case)
         out["eval_byte_item"] = "loaded"
     except CheckpointError as exc:
         out["eval_byte_item"] = str(exc)
@@ -259,7 +262,7 @@ def _crafted(rank: int, world_size: int, root: str) -> dict:
         from megatron.core import parallel_state
 
         parallel_state.destroy_model_parallel()
-    out["eval_sentinel"] = os.path.exists(sentinel)
+    out["eval_sentinel"] = os.path.exists(sentinel("eval"))
 
     # Flipped bytes inside a tensor: refused by the checksum, loaded without the check.
     def flip(path):
@@ -463,6 +466,20 @@ def test_a_stopped_peer_ends_the_other_rank_within_the_timeout(tmp_path):
     assert waited < 6 + 15, waited
     assert "rank 1: no progress for" in line and "in iteration" in line, line
     assert "parallel.distributed_timeout_minutes=0.1" in line
+
+
+def test_a_killed_peer_ends_the_other_rank_with_one_line(tmp_path):
+    procs = _launch(tmp_path, "kill", [])
+    try:
+        _wait_for_training(tmp_path, "kill", procs)
+        procs[0].kill()  # SIGKILL: no chance to say anything
+        code = procs[1].wait(timeout=60)
+    finally:
+        _kill(procs)
+    line = _one_line((tmp_path / "kill1.err").read_text())
+    assert code == 3, line
+    assert "rank 1: a collective failed in iteration" in line, line
+    assert "a peer rank died or hung" in line
 
 
 def test_second_sigterm_exits_at_once_inside_a_blocked_collective(tmp_path):

@@ -62,7 +62,20 @@ def _curve(out: dict, key: str = "lm_loss") -> list[float]:
     return [h[key] for h in out["history"] if key in h]
 
 
-def _single(rank: int, world_size: int) -> dict:
+DROPOUT = ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"]
+
+
+def _dropout_resume(layout: list[str], world_size: int, ckpt: str) -> dict:
+    """Loss curves with dropout on: 8 steps straight; 4 steps + save, then a fresh trainer
+    resumes for the last 4 (every dropout mask must come out the same)."""
+    runs = {"straight": _run(layout + DROPOUT, world_size),
+            "first": _run(layout + DROPOUT + [f"checkpoint.save={ckpt}",
+                                              "training.train_iters=4"], world_size),
+            "resumed": _run(layout + DROPOUT + [f"checkpoint.save={ckpt}"], world_size)}
+    return {name: _curve(run) for name, run in runs.items()}
+
+
+def _single(rank: int, world_size: int, tmp: str) -> dict:
     runs = {
         "global": _run(["loss.normalization=global"], 1),
         "paper": _run([], 1),
@@ -72,6 +85,7 @@ def _single(rank: int, world_size: int) -> dict:
     out = {name: _curve(run) for name, run in runs.items()}
     out["grad_norm_1"] = {name: run["history"][0]["grad_norm"] for name, run in runs.items()}
     out["weight_range_1"] = [runs["paper"]["history"][0][k] for k in ("weight_min", "weight_max")]
+    out["dropout"] = _dropout_resume([], 1, os.path.join(tmp, "dropout"))
     return out
 
 
@@ -96,6 +110,9 @@ def _pair(rank: int, world_size: int, tmp: str) -> dict:
     second = _run(layout + [f"checkpoint.save={ckpt}"], 2)
     out["resumed_first"], out["resumed_second"] = _curve(first), _curve(second)
     out["resumed_start"] = second["history"][0]["iteration"]
+    for name in ("tp2_sp", "pp2"):
+        out[f"dropout_{name}"] = _dropout_resume(LAYOUTS[name], 2,
+                                                 os.path.join(tmp, f"dropout_{name}"))
 
     # A signal on ONE rank stops every rank after that iteration, with a checkpoint.
     from megatron_mile.training.trainer import Trainer
@@ -144,8 +161,9 @@ def _pair(rank: int, world_size: int, tmp: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def single():
-    return run_distributed(_single, 1, timeout_s=300)[0]
+def single(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("single"))
+    return run_distributed(_single, 1, args=(tmp,), timeout_s=300)[0]
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +190,9 @@ def test_layout_matches_single_process(single, pair, layout):
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
-def test_paper_normalisation_is_tp_and_pp_invariant(pair, layout):
+def test_paper_normalisation_is_tp_and_pp_invariant(single, pair, layout):
     # Both at DP=1 in a world of 2: alpha never crosses TP or PP.
-    _assert_same_curve(pair[f"paper_{layout}"], pair["paper_tp2"], layout)
+    _assert_same_curve(pair[f"paper_{layout}"], single["paper"], layout)
 
 
 @pytest.mark.parametrize("mode", ["global", "paper"])
@@ -200,6 +218,15 @@ def test_resume_reproduces_the_uninterrupted_run(pair):
     assert len(resumed) == 4
     for step, (a, e) in enumerate(zip(resumed, pair["straight"][4:]), start=5):
         assert a == pytest.approx(e, rel=1e-6), f"step {step}: resumed {a} vs straight {e}"
+
+
+@pytest.mark.parametrize("layout", ["single", "tp2_sp", "pp2"])
+def test_resume_is_bit_exact_with_dropout(single, pair, layout):
+    curves = single["dropout"] if layout == "single" else pair[f"dropout_{layout}"]
+    assert curves["first"] == curves["straight"][:4]
+    assert curves["resumed"] == curves["straight"][4:], layout  # bitwise: same masks, same ops
+    # Dropout is on: the curve leaves the dropout-free one (the same in every layout).
+    assert max(abs(a - b) for a, b in zip(curves["straight"], single["paper"])) > 1e-3
 
 
 def test_checkpoint_reloads_into_another_layout(pair):

@@ -642,6 +642,7 @@ def save_checkpoint(
     *,
     thread_count: int = 1,
     distopt_sharding: str = "dp_reshardable",
+    checksums: bool = True,
 ) -> str:
     """Save everything needed to resume at ``iteration``; return the checkpoint directory.
 
@@ -664,6 +665,8 @@ def save_checkpoint(
             with torch Adam (KeyError 'step'), i.e. it needs TE/Apex FusedAdam). The older
             ``fully_sharded_model_space`` default is rejected by 0.16.1 (flattened
             ShardedTensors are unsupported). Ignored without the distributed optimizer.
+        checksums: record every file's size and SHA-256 (each rank hashes a share) for
+            ``load_checkpoint(verify_checksums=True)``; cost in docs/benchmarks.md.
 
     Collectives (default group, every rank): 5 ``all_gather_object`` agreements and one
     ``broadcast_object_list``, plus megatron ``dist_checkpointing.save`` (sharding
@@ -703,6 +706,7 @@ def save_checkpoint(
                 "has_scheduler": opt_param_scheduler is not None,
                 "distopt_sharding": distopt_sharding,
                 "rng_keys": sorted(state["rng_state"]),
+                "has_checksums": checksums,
             }
             dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy(thread_count),
                                     validate_access_integrity=True)
@@ -710,7 +714,8 @@ def save_checkpoint(
             full = _full_disk(save_dir)
             error = f"writing {tmp}: {full or _describe(exc)}"
         _agree(error, what)
-        _record_checksums(tmp, what)
+        if checksums:
+            _record_checksums(tmp, what)
 
         error = None
         if rank == 0:
@@ -796,7 +801,10 @@ def _validate_checkpoint(path: str, verify_checksums: bool) -> dict[str, Any]:
             f"checkpoint {path} has format {meta.get('format')} v{version}; this code reads "
             f"{FORMAT_NAME} v{', v'.join(map(str, _READABLE_VERSIONS))}")
     if version >= 2 and verify_checksums:
-        _verify_checksums(path, fix + " (or load with checkpoint.verify_checksums=false)")
+        if meta.get("has_checksums", True):
+            _verify_checksums(path, fix + " (or load with checkpoint.verify_checksums=false)")
+        else:
+            logger.warning("%s was saved without checksums: its files are not verified", path)
     storage = read_dcp_metadata(path).storage_data
     needed: dict[str, int] = {}
     for info in storage.values():

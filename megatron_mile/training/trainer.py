@@ -63,6 +63,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.rank = 0  # global rank, set by setup()
         self.iteration = 0
         self.consumed_samples = 0
         self._signal_received = False
@@ -77,6 +78,7 @@ class Trainer:
         timeout_minutes = cfg.parallel.distributed_timeout_minutes
         self.device = initialize_distributed(timeout_minutes=timeout_minutes)
         world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
         cfg.validate(world_size)
         p = cfg.parallel
         parallel_state.initialize_model_parallel(
@@ -298,7 +300,7 @@ class Trainer:
         path = checkpointing.save_checkpoint(
             ck.save, self.iteration, self.model, self.optimizer, self.scheduler,
             {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
-             "config": self.cfg.to_dict()})
+             "config": self.cfg.to_dict()}, checksums=ck.verify_checksums)
         self.logger.info(f"saved checkpoint at iteration {self.iteration} to {path}")
 
     # ------------------------------------------------------------------ one step

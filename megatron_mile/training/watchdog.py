@@ -41,6 +41,20 @@ _FINAL_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 """Signals whose second arrival exits at once (SIGUSR1, Slurm's early warning, does not count)."""
 
 
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank died or timed out
+    (gloo: "Connection closed by peer", "Timed out waiting"; NCCL: watchdog errors), as
+    opposed to a bug: torch raises these as ``DistError`` or a plain ``RuntimeError``."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in (
+        "Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+        "ProcessGroupNCCL", "NCCL communicator was aborted", "gloo/transport"))
+
+
 class Watchdog:
     """Exit a rank that stalls for ``timeout_s`` seconds, or that gets a second SIGTERM/SIGINT.
 
@@ -83,6 +97,10 @@ class Watchdog:
         """Record progress: the main thread is now in ``phase`` of ``iteration``."""
         self._iteration, self._phase = iteration, phase
         self._last_beat = time.monotonic()
+
+    def where(self) -> str:
+        """The last reported progress, e.g. "iteration 12 (train step)"."""
+        return f"iteration {self._iteration} ({self._phase})"
 
     def stop(self) -> None:
         """Stop the thread and give back the signal wakeup fd."""
