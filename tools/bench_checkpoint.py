@@ -34,6 +34,10 @@ def main() -> None:
     from megatron_mile.platform import default_single_process_env
 
     default_single_process_env()
+    from megatron_mile.log_filters import install_warning_filters
+    from megatron_mile.platform import cuda_available
+
+    install_warning_filters(cuda=cuda_available())
     import torch.distributed as dist
 
     from megatron_mile.config import load_config
@@ -54,7 +58,8 @@ def main() -> None:
     size = 0
     try:
         for rep in range(args.reps):
-            for checksums in (True, False):
+            order = (True, False) if rep % 2 == 0 else (False, True)  # rotate: no order bias
+            for checksums in order:
                 where = os.path.join(root, f"{rep}_{checksums}")
                 dist.barrier()
                 start = time.perf_counter()
@@ -67,7 +72,7 @@ def main() -> None:
                 path = checkpointing.checkpoint_path(where, 1)
                 size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
             where = os.path.join(root, f"{rep}_True")
-            for verify in (True, False):
+            for verify in order:
                 dist.barrier()
                 start = time.perf_counter()
                 checkpointing.load_checkpoint(where, trainer.model, trainer.optimizer,
