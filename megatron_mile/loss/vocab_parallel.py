@@ -23,7 +23,8 @@ two collectives in forward (Megatron's unfused CE issues three) and none in back
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -52,8 +53,17 @@ _CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 25}
 _HEADER = 3
 
 
-class WeightedCrossEntropy(NamedTuple):
-    """Per-token results, each ``[s, b]`` fp32; only ``weighted_ce`` carries a gradient."""
+@dataclass(frozen=True)
+class WeightedCrossEntropy:
+    """Per-token results, each fp32 and of the target's shape: ``[s, b]`` from the loss
+    functions, ``[b, s]`` (megatron's label layout) from ``MileGPTModel``. Only
+    ``weighted_ce`` carries a gradient.
+
+    A dataclass, not a NamedTuple, because the model returns it through megatron-core's
+    ``Float16Module.forward`` (megatron/core/transformer/module.py), whose
+    ``float16_to_fp32`` rebuilds every tuple as a plain ``tuple`` and would drop the names;
+    any other object passes through it unchanged.
+    """
 
     weighted_ce: torch.Tensor
     """``weight * ce``: differentiable w.r.t. the logits (through ce only)."""
@@ -63,6 +73,11 @@ class WeightedCrossEntropy(NamedTuple):
     """Plain cross-entropy ``-log p[target]``, detached (0 for IGNORE_INDEX targets)."""
     entropy: torch.Tensor
     """Softmax entropy over the full vocabulary, detached (NaN-free; computed for every token)."""
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> WeightedCrossEntropy:
+        """The same statistics with ``fn`` applied to each (e.g. a transpose)."""
+        return WeightedCrossEntropy(weighted_ce=fn(self.weighted_ce), weight=fn(self.weight),
+                                    ce=fn(self.ce), entropy=fn(self.entropy))
 
 
 def check_weight_params(weighting: str, gamma: float, sigma: float, prefix: str = "") -> None:
