@@ -77,7 +77,8 @@ def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool) -> Transf
         recompute_granularity=m.recompute_granularity,
         recompute_method="uniform" if m.recompute_granularity == "full" else None,
         recompute_num_layers=m.recompute_num_layers if m.recompute_granularity == "full" else None,
-        # "global" normalisation divides by the summed weights itself (see training/step.py).
+        # "global" normalisation divides by the summed weights itself
+        # (megatron_mile/training/trainer.py, Trainer._finalize_model_grads).
         calculate_per_token_loss=cfg.loss.normalization == "global",
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=True,

@@ -50,7 +50,8 @@ def _kwargs(loss_type, gamma, sigma):
 
 @pytest.mark.parametrize("loss_type", ["mile", "focal", "cross_entropy"])
 def test_reference_gradient_is_the_closed_form(loss_type):
-    """Autograd of the reference equals alpha/N * w * (softmax - onehot) (MILE.md)."""
+    """Autograd of the reference equals alpha/N * w * (softmax - onehot): the MiLe gradient
+    with the weight w and alpha detached (arXiv 2310.19531)."""
     logits, target = _inputs(1)
     x = logits.clone().requires_grad_()
     wce, w = reference.token_losses(x, target, loss_type=loss_type, gamma=1.5, sigma=1.0)
