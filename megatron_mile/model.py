@@ -1,11 +1,15 @@
 """The LLaMA-style GPT model on megatron-core, with the configured loss hooked in once.
 
-Shape legend: b micro-batch, s sequence, v/tp vocabulary shard, k = len(TOKEN_STATS).
+Shape legend: b micro-batch, s sequence, v/tp vocabulary shard.
 
 ``MileGPTModel.compute_language_model_loss`` is megatron-core's single place where a model
-turns logits into a loss. It returns ``[b, s, k]``: the differentiable weighted CE and the
-detached per-token statistics the normalisation and the logs need, so nothing is stashed on
-the module between the forward and the loss function.
+turns logits into a loss. It returns a :class:`~megatron_mile.loss.WeightedCrossEntropy` of
+``[b, s]`` tensors: the differentiable weighted CE and the detached per-token statistics the
+normalisation and the logs need, so nothing is stashed on the module between the forward and
+the loss function. On the last pipeline stage megatron-core's schedules hand the model's
+output to ``loss_func`` untouched (``forward_step_calc_loss`` in
+megatron/core/pipeline_parallel/schedules.py), so it need not be a tensor there; the bf16
+wrapper ``Float16Module`` passes it through too, being no tuple (see ``WeightedCrossEntropy``).
 """
 
 from __future__ import annotations
@@ -29,10 +33,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_mile.config import ConfigError, TrainConfig
-from megatron_mile.loss import LossConfig, token_losses
-
-TOKEN_STATS = ("weighted_ce", "weight", "ce", "entropy")
-"""Channels of the model's training output ``[b, s, k]``; only ``weighted_ce`` has a gradient."""
+from megatron_mile.loss import LossConfig, WeightedCrossEntropy, token_losses
 
 
 def padded_vocab_size(vocab_size: int, cfg: TrainConfig) -> int:
@@ -76,7 +77,8 @@ def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool) -> Transf
         recompute_granularity=m.recompute_granularity,
         recompute_method="uniform" if m.recompute_granularity == "full" else None,
         recompute_num_layers=m.recompute_num_layers if m.recompute_granularity == "full" else None,
-        # "global" normalisation divides by the summed weights itself (see training/step.py).
+        # "global" normalisation divides by the summed weights itself
+        # (megatron_mile/training/trainer.py, Trainer._finalize_model_grads).
         calculate_per_token_loss=cfg.loss.normalization == "global",
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=True,
@@ -169,17 +171,21 @@ class MileGPTModel(GPTModel):
             raise ConfigError("multi-token prediction is not supported with MileGPTModel")
         self.loss_config = loss_config
 
-    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """labels ``[b, s]``, logits ``[s, b, v/tp]`` -> ``[b, s, k]`` (see TOKEN_STATS).
+    def compute_language_model_loss(  # type: ignore[override]
+        self, labels: torch.Tensor, logits: torch.Tensor
+    ) -> WeightedCrossEntropy:
+        """labels ``[b, s]``, logits ``[s, b, v/tp]`` -> per-token statistics, each ``[b, s]``
+        fp32; only ``weighted_ce`` carries a gradient. (megatron-core's GPTModel returns one
+        ``[b, s]`` loss tensor here; the module docstring says why a structure can pass.)
 
         Collectives: those of :func:`megatron_mile.loss.token_losses` on the TP group (2
         all-reduces for focal/MiLe, 3 for megatron's CE); none in backward.
         """
         labels_sb = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b], as the logits
-        out = token_losses(logits, labels_sb, self.loss_config,
-                           tp_group=parallel_state.get_tensor_model_parallel_group())
-        stats_sbk = torch.stack(out, dim=-1)  # only channel 0 carries a gradient
-        return stats_sbk.transpose(0, 1).contiguous()  # [s, b, k] -> [b, s, k]
+        stats_sb = token_losses(logits, labels_sb, self.loss_config,
+                                tp_group=parallel_state.get_tensor_model_parallel_group())
+        # [s, b] -> [b, s] as megatron's labels and loss mask; views, the loss only reduces them.
+        return stats_sb.map(lambda t_sb: t_sb.transpose(0, 1))
 
 
 def build_model_chunk(cfg: TrainConfig, config: TransformerConfig, vocab_size: int,

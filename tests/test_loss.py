@@ -4,6 +4,7 @@ Tolerances: fp32 results within 1e-5 relative of the float64 reference (fp32 has
 ~ 6e-8 per operation; a few dozen operations and a sum over v stay well inside 1e-5).
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -49,7 +50,8 @@ def _kwargs(loss_type, gamma, sigma):
 
 @pytest.mark.parametrize("loss_type", ["mile", "focal", "cross_entropy"])
 def test_reference_gradient_is_the_closed_form(loss_type):
-    """Autograd of the reference equals alpha/N * w * (softmax - onehot) (MILE.md)."""
+    """Autograd of the reference equals alpha/N * w * (softmax - onehot): the MiLe gradient
+    with the weight w and alpha detached (arXiv 2310.19531)."""
     logits, target = _inputs(1)
     x = logits.clone().requires_grad_()
     wce, w = reference.token_losses(x, target, loss_type=loss_type, gamma=1.5, sigma=1.0)
@@ -96,6 +98,22 @@ def test_matches_reference_fp32(loss_type, gamma, sigma):
     _assert_close_rel(leaf.grad, x_ref.grad, 1e-5, "logits gradient")
     assert wce[0, 0] == 0 and w[0, 0] == 0 and leaf.grad[0, 0].abs().max() == 0
 
+
+
+def test_statistics_keep_their_names_through_megatrons_float16_wrapper():
+    """MileGPTModel returns the statistics through megatron-core's Float16Module, whose output
+    conversion rebuilds any tuple as a plain tuple: the structure must pass it unchanged, and
+    ``map`` (the model's [s, b] -> [b, s] transpose) must keep every field in its place."""
+    from megatron.core.transformer.module import float16_to_fp32
+
+    logits, target = _inputs(13)
+    target[0, 0] = IGNORE_INDEX
+    out_sb = vocab_parallel_weighted_cross_entropy(logits.float().requires_grad_().clone(), target)
+    assert float16_to_fp32(out_sb) is out_sb
+    out_bs = out_sb.map(lambda t_sb: t_sb.transpose(0, 1))
+    for field in dataclasses.fields(out_sb):
+        assert torch.equal(getattr(out_bs, field.name), getattr(out_sb, field.name).t())
+    assert out_bs.weighted_ce.requires_grad and not out_bs.weight.requires_grad
 
 class _FreshForwardPerBackward(torch.autograd.Function):
     """gradcheck calls backward many times on one graph, but the Function's backward consumes

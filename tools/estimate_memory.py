@@ -55,7 +55,8 @@ class Shape:
     source: str = "config"
 
 
-# The paper's models (MILE.md, arXiv 2310.19531): used when a shipped config is not found.
+# The paper's models (arXiv 2310.19531; also megatron_mile/configs/llama_*.yaml): used when
+# a shipped config is not found.
 PAPER_SHAPES = {
     "llama_468m": Shape("llama_468m", 24, 1024, 16, 4096, 1024, 32000, source="paper"),
     "llama_1.2b": Shape("llama_1.2b", 16, 2048, 8, 8192, 1024, 32000, source="paper"),

@@ -30,7 +30,8 @@ import torch
 from megatron_mile.data.config import parse_blend
 
 PAPER_EDGES = (0.8, 0.95)
-"""Cumulative shares of training occurrences that separate the buckets (MILE.md)."""
+"""Cumulative shares of training occurrences that separate the buckets, as in the paper's
+frequency analysis (arXiv 2310.19531); step 2 of the module docstring spells them out."""
 
 _SUMS = ("tokens", "ce", "entropy")  # columns of the [k, 3] float64 accumulator
 

@@ -58,7 +58,8 @@ def token_losses(
         ce = tensor_parallel.vocab_parallel_cross_entropy(vocab_parallel_logits, target)
         ones = torch.ones_like(ce, dtype=torch.float32).detach()
         nan = torch.full_like(ones, float("nan"))
-        return WeightedCrossEntropy(ce.float(), ones, ce.detach().float(), nan)
+        return WeightedCrossEntropy(weighted_ce=ce.float(), weight=ones,
+                                    ce=ce.detach().float(), entropy=nan)
     weighting = "mile" if cfg.type == "mile" else "focal"
     return vocab_parallel_weighted_cross_entropy(
         vocab_parallel_logits, target, weighting=weighting, gamma=cfg.gamma, sigma=cfg.sigma,

@@ -23,7 +23,8 @@ two collectives in forward (Megatron's unfused CE issues three) and none in back
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -52,8 +53,17 @@ _CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 25}
 _HEADER = 3
 
 
-class WeightedCrossEntropy(NamedTuple):
-    """Per-token results, each ``[s, b]`` fp32; only ``weighted_ce`` carries a gradient."""
+@dataclass(frozen=True)
+class WeightedCrossEntropy:
+    """Per-token results, each fp32 and of the target's shape: ``[s, b]`` from the loss
+    functions, ``[b, s]`` (megatron's label layout) from ``MileGPTModel``. Only
+    ``weighted_ce`` carries a gradient.
+
+    A dataclass, not a NamedTuple, because the model returns it through megatron-core's
+    ``Float16Module.forward`` (megatron/core/transformer/module.py), whose
+    ``float16_to_fp32`` rebuilds every tuple as a plain ``tuple`` and would drop the names;
+    any other object passes through it unchanged.
+    """
 
     weighted_ce: torch.Tensor
     """``weight * ce``: differentiable w.r.t. the logits (through ce only)."""
@@ -63,6 +73,11 @@ class WeightedCrossEntropy(NamedTuple):
     """Plain cross-entropy ``-log p[target]``, detached (0 for IGNORE_INDEX targets)."""
     entropy: torch.Tensor
     """Softmax entropy over the full vocabulary, detached (NaN-free; computed for every token)."""
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> WeightedCrossEntropy:
+        """The same statistics with ``fn`` applied to each (e.g. a transpose)."""
+        return WeightedCrossEntropy(weighted_ce=fn(self.weighted_ce), weight=fn(self.weight),
+                                    ce=fn(self.ce), entropy=fn(self.entropy))
 
 
 def check_weight_params(weighting: str, gamma: float, sigma: float, prefix: str = "") -> None:
@@ -112,11 +127,19 @@ def _target_error(target: torch.Tensor, bad: torch.Tensor, vocab_size: int) -> s
     )
 
 
-def _tp_info(tp_group: Optional[dist.ProcessGroup]) -> tuple[Optional[dist.ProcessGroup], int, int]:
-    """(group, rank, world size); a single process without torch.distributed is TP=1."""
+class _TPGroup(NamedTuple):
+    """The group the vocabulary is split over and this rank's place in it."""
+
+    group: Optional[dist.ProcessGroup]
+    rank: int
+    size: int
+
+
+def _tp_info(tp_group: Optional[dist.ProcessGroup]) -> _TPGroup:
+    """``tp_group`` resolved; a single process without torch.distributed is TP=1."""
     if tp_group is None:
         if not dist.is_available() or not dist.is_initialized():
-            return None, 0, 1
+            return _TPGroup(None, 0, 1)
         from megatron.core import parallel_state
 
         if not parallel_state.model_parallel_is_initialized():
@@ -126,92 +149,120 @@ def _tp_info(tp_group: Optional[dist.ProcessGroup]) -> tuple[Optional[dist.Proce
                 "or pass tp_group explicitly"
             )
         tp_group = parallel_state.get_tensor_model_parallel_group()
-    return tp_group, dist.get_rank(tp_group), dist.get_world_size(tp_group)
+    return _TPGroup(tp_group, dist.get_rank(tp_group), dist.get_world_size(tp_group))
 
 
-class _VocabParallelWeightedCE(torch.autograd.Function):
-    """forward -> (weighted_ce_n, weight_n, ce_n, entropy_n); backward is local to each shard.
+def _max_all_reduce_with_verdict(
+    rowmax_n: torch.Tensor,
+    error: Optional[str],
+    target_sb: torch.Tensor,
+    bad_target_sb: Optional[torch.Tensor],
+    vp: int,
+    tp: _TPGroup,
+) -> tuple[torch.Tensor, Optional[str]]:
+    """Collective 1 when validating: MAX all-reduce of ``[3 + n]`` =
+    ``[error flag, v/tp, -v/tp] + rowmax_n`` (skipped at TP=1).
 
-    Collectives on ``tp_group`` (none when its size is 1):
-      forward  1. all-reduce MAX of ``[header(3) +] rowmax_n``   (header only if validating)
-               2. all-reduce SUM of ``[3, n]`` = (sum exp, sum exp * (z - m), z_target - m)
-      backward none.
-    Memory: one fp32 ``[n, v/tp]`` buffer holding exp(z - m), turned into the gradient in
-    place. For fp32 logits that buffer IS the caller's logits tensor (overwritten, as
-    megatron-core's CE does); for bf16/fp16 it is a new fp32 tensor.
+    Returns the global row max ``[n]`` and the error every rank raises (None when the input is
+    valid on all of them). Reading the header is the call's one host sync; the target ids are
+    read again only on the error path, to name the offending one.
+    """
+    header = torch.tensor([float(error is not None), vp, -vp], dtype=rowmax_n.dtype,
+                          device=rowmax_n.device)
+    if bad_target_sb is not None:
+        header[0] = torch.maximum(header[0], bad_target_sb.any().to(rowmax_n.dtype))
+    max_buf = torch.cat([header, rowmax_n])
+    if tp.size > 1:
+        dist.all_reduce(max_buf, op=dist.ReduceOp.MAX, group=tp.group)
+    any_error, vp_max, vp_min = max_buf[:_HEADER].tolist()
+    if error is None and any_error:
+        if bad_target_sb is not None and bool(bad_target_sb.any()):
+            error = _target_error(target_sb, bad_target_sb, vp * tp.size)
+        else:
+            error = "another tensor-parallel rank reported invalid input (see its error)"
+    if vp_max != -vp_min:  # the root cause of any vocabulary-range error too
+        error = (
+            f"vocabulary shard sizes differ across tensor-parallel ranks "
+            f"(min {int(-vp_min)}, max {int(vp_max)}): every rank must hold v/tp "
+            "columns; pad the vocabulary to a multiple of the TP size"
+        )
+    return max_buf[_HEADER:], error
+
+
+class VocabParallelWeightedCE:
+    """The steps of :class:`_VocabParallelWeightedCE`, one static method each, in the layout of
+    megatron-core's ``VocabParallelCrossEntropy`` (megatron/core/tensor_parallel/
+    cross_entropy.py). Rows are tokens: ``n = s * b`` rows of ``v/tp`` (``vp``) columns.
+
+    forward:  :meth:`global_row_max` (collective 1), :meth:`local_sums` (none), the SUM
+              all-reduce of their ``[3, n]`` result (collective 2, in the Function), then
+              :meth:`token_statistics` (none).
+    backward: :meth:`gradient` (none).
     """
 
     @staticmethod
-    def forward(ctx, logits_sbvp, target_sb, weighting, gamma, sigma, tp_group, validate):
-        group, tp_rank, tp_size = _tp_info(tp_group)
+    def global_row_max(
+        logits_sbvp: torch.Tensor, target_sb: torch.Tensor, tp: _TPGroup, validate: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate the input and all-reduce the row maxima: ``(exp_nvp, rowmax_n)``.
+
+        ``exp_nvp`` ``[n, v/tp]`` is the one working buffer, still holding the logits: the
+        caller's tensor when it already has the compute dtype (fp32 logits are overwritten
+        later, as in megatron-core's CE), else one fp32 copy (bf16/fp16 logits); every later
+        pass reads fp32, which is also faster than bf16 reductions on CPU. ``rowmax_n`` ``[n]``
+        is the maximum over the full vocabulary.
+
+        Collectives on ``tp.group`` (none at TP=1): one MAX all-reduce, of ``[3 + n]`` when
+        validating (the verdict rides in its header, see :func:`_max_all_reduce_with_verdict`)
+        or of ``[n]``. The tensor checks happen on every rank before it, so a bad input on
+        one rank makes every rank raise instead of leaving the others blocked.
+        """
         vp = logits_sbvp.shape[-1] if logits_sbvp.dim() > 0 else 0
-        vocab_size = vp * tp_size
         error = _local_tensor_error(logits_sbvp, target_sb)
         n = target_sb.numel() if error is None else logits_sbvp.numel() // max(vp, 1)
-        # The target-range verdict stays on the device: it rides in the MAX all-reduce's
-        # header, so validating costs one host sync per call (reading that header).
-        bad_target = (_out_of_vocab(target_sb, vocab_size)
-                      if validate and error is None and n > 0 else None)
-        device = logits_sbvp.device
+        # The target-range verdict stays on the device until the header is read.
+        bad_target_sb = (_out_of_vocab(target_sb, vp * tp.size)
+                         if validate and error is None and n > 0 else None)
         # fp32 arithmetic for fp32/bf16/fp16 logits; fp64 only for fp64 (gradcheck).
         cdtype = torch.float64 if logits_sbvp.dtype == torch.float64 else torch.float32
-
-        # ---- collective 1: MAX of the row maxima (and of the validation header) ----
-        if error is None:
-            # The one working buffer: the caller's tensor when it already has the compute dtype
-            # (overwritten, as megatron-core's CE does), else one fp32 copy (bf16/fp16 logits);
-            # every later pass reads fp32, which is also faster than bf16 reductions on CPU.
-            exp_nvp = logits_sbvp.reshape(n, vp).to(cdtype)
-            rowmax_n = (exp_nvp.amax(dim=-1) if vp > 0
-                        else torch.zeros(n, dtype=cdtype, device=device))
-        else:
-            rowmax_n = torch.zeros(n, dtype=cdtype, device=device)
-        if tp_size > 1:
-            if validate:
-                header = torch.tensor([float(error is not None), vp, -vp], dtype=cdtype,
-                                      device=device)
-                if bad_target is not None:
-                    header[0] = torch.maximum(header[0], bad_target.any().to(cdtype))
-                max_buf = torch.cat([header, rowmax_n])
-                dist.all_reduce(max_buf, op=dist.ReduceOp.MAX, group=group)
-                any_error, vp_max, vp_min = max_buf[:_HEADER].tolist()
-                rowmax_n = max_buf[_HEADER:]
-                if error is None and any_error:
-                    # Error path only: find out whether this rank's targets were the cause.
-                    if bad_target is not None and bool(bad_target.any()):
-                        error = _target_error(target_sb, bad_target, vocab_size)
-                    else:
-                        error = ("another tensor-parallel rank reported invalid input "
-                                 "(see its error)")
-                if vp_max != -vp_min:  # the root cause of any vocabulary-range error too
-                    error = (
-                        f"vocabulary shard sizes differ across tensor-parallel ranks "
-                        f"(min {int(-vp_min)}, max {int(vp_max)}): every rank must hold v/tp "
-                        "columns; pad the vocabulary to a multiple of the TP size"
-                    )
-            else:
-                dist.all_reduce(rowmax_n, op=dist.ReduceOp.MAX, group=group)
-        elif error is None and bad_target is not None and bool(bad_target.any()):
-            error = _target_error(target_sb, bad_target, vocab_size)  # TP=1: one sync
+        exp_nvp = logits_sbvp.reshape(n, vp).to(cdtype) if error is None else None
+        if exp_nvp is not None and vp > 0:
+            rowmax_n = exp_nvp.amax(dim=-1)
+        else:  # still joins the collective, so no rank is left waiting
+            rowmax_n = torch.zeros(n, dtype=cdtype, device=logits_sbvp.device)
+        if validate:
+            rowmax_n, error = _max_all_reduce_with_verdict(rowmax_n, error, target_sb,
+                                                           bad_target_sb, vp, tp)
+        elif tp.size > 1:
+            dist.all_reduce(rowmax_n, op=dist.ReduceOp.MAX, group=tp.group)
         if error is not None:
             raise ValueError(error)
         if vp == 0:
             raise ValueError("logits have an empty vocabulary dimension")
+        assert exp_nvp is not None  # set whenever error is None
+        return exp_nvp, rowmax_n
 
-        # ---- local statistics relative to the global max ----
-        vocab_start = tp_rank * vp
-        target_n = target_sb.reshape(n).long()
-        ignored_n = target_n == IGNORE_INDEX
+    @staticmethod
+    def local_sums(
+        exp_nvp: torch.Tensor, rowmax_n: torch.Tensor, target_n: torch.Tensor, vocab_start: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This shard's additive terms relative to the global max m; no collective.
+
+        Overwrites ``exp_nvp`` with ``e = exp(z - m)``. Returns ``(sums_3n, local_t_n,
+        owned_n)``: ``sums_3n`` ``[3, n]`` = (sum_v e, sum_v e (z - m), z_target - m), the last
+        0 where another rank holds the target; ``local_t_n`` ``[n]`` the target's column in
+        this shard (0 where not owned) and ``owned_n`` ``[n]`` whether this shard holds it.
+        """
+        n, vp = exp_nvp.shape
         local_t_n = target_n - vocab_start
         owned_n = (local_t_n >= 0) & (local_t_n < vp)
         local_t_n = torch.where(owned_n, local_t_n, torch.zeros_like(local_t_n))
+        sums_3n = torch.empty(3, n, dtype=exp_nvp.dtype, device=exp_nvp.device)
+        sum_exp_n, sum_exp_z_n = sums_3n[0], sums_3n[1]
         # Gather the target logit before the buffer is overwritten with exponentials.
         z_target_n = exp_nvp.gather(1, local_t_n.unsqueeze(1)).squeeze(1) - rowmax_n
-        z_target_n = torch.where(owned_n, z_target_n, torch.zeros_like(z_target_n))
-
-        sums_3n = torch.empty(3, n, dtype=cdtype, device=device)
-        rows = max(1, _CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"] // vp)
-        sum_exp_n, sum_exp_z_n = sums_3n[0], sums_3n[1]
+        sums_3n[2] = torch.where(owned_n, z_target_n, torch.zeros_like(z_target_n))
+        rows = max(1, _CHUNK_ELEMENTS["cuda" if exp_nvp.device.type == "cuda" else "cpu"] // vp)
         # Row chunks small enough that the buffer slice and the temporary stay in cache: the
         # buffer is read and written once from memory, where an unchunked sub/exp/sum/mul
         # sequence would stream it four times.
@@ -225,13 +276,21 @@ class _VocabParallelWeightedCE(torch.autograd.Function):
             # batched-GEMV bmm measured 6x slower on CPU). Computed for every weighting: the
             # trainer reports the entropy.
             torch.sum(z_cvp.mul_(e_cvp), dim=-1, out=sum_exp_z_n[r0:r1])
-        sums_3n[2] = z_target_n
+        return sums_3n, local_t_n, owned_n
 
-        # ---- collective 2: SUM of (sum exp, sum exp * z, target logit) ----
-        if tp_size > 1:
-            dist.all_reduce(sums_3n, op=dist.ReduceOp.SUM, group=group)
+    @staticmethod
+    def token_statistics(
+        sums_3n: torch.Tensor, ignored_n: torch.Tensor, weighting: str, gamma: float,
+        sigma: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(weighted_ce_n, weight_n, ce_n, entropy_n)`` from the globally summed ``sums_3n``
+        ``[3, n]`` (every rank computes the same values); no collective.
+
+        ``CE = log S - (z_target - m)`` and ``H = log S - T / S``; the weight is detached by
+        construction (the Function's backward treats it as a constant). Tokens with
+        ``ignored_n`` get CE 0 and weight 0.
+        """
         sum_exp_n, sum_exp_z_n, z_target_n = sums_3n.unbind(0)
-
         log_sum_exp_n = torch.log(sum_exp_n)
         ce_n = log_sum_exp_n - z_target_n
         # H >= 0 mathematically; rounding can leave -1e-7, which a negative base would turn
@@ -246,13 +305,56 @@ class _VocabParallelWeightedCE(torch.autograd.Function):
         zero = torch.zeros_like(ce_n)
         ce_n = torch.where(ignored_n, zero, ce_n)
         weight_n = torch.where(ignored_n, zero, weight_n)
-        weighted_ce_n = weight_n * ce_n
+        return weight_n * ce_n, weight_n, ce_n, entropy_n
+
+    @staticmethod
+    def gradient(
+        exp_nvp: torch.Tensor, sum_exp_n: torch.Tensor, weight_n: torch.Tensor,
+        local_t_n: torch.Tensor, counted_n: torch.Tensor, grad_wce_n: torch.Tensor,
+    ) -> torch.Tensor:
+        """``d(w * CE)/dz = grad * w * (softmax - onehot)`` for this shard, w detached; no
+        collective (``S`` is already global). Turned out of ``exp_nvp`` in place, which it
+        returns. ``counted_n``: this shard holds the target and it is not IGNORE_INDEX."""
+        grad_n = grad_wce_n.to(weight_n.dtype) * weight_n
+        exp_nvp.mul_((grad_n / sum_exp_n).unsqueeze(1))  # softmax * grad
+        rows_n = torch.arange(exp_nvp.shape[0], device=exp_nvp.device)
+        exp_nvp[rows_n, local_t_n] -= torch.where(counted_n, grad_n, torch.zeros_like(grad_n))
+        return exp_nvp
+
+
+class _VocabParallelWeightedCE(torch.autograd.Function):
+    """forward -> (weighted_ce_sb, weight_sb, ce_sb, entropy_sb); backward is local to each shard.
+
+    Collectives on ``tp_group`` (none when its size is 1):
+      forward  1. all-reduce MAX of ``[header(3) +] rowmax_n``   (header only if validating)
+               2. all-reduce SUM of ``[3, n]`` = (sum exp, sum exp * (z - m), z_target - m)
+      backward none.
+    Memory: one fp32 ``[n, v/tp]`` buffer holding exp(z - m), turned into the gradient in
+    place. For fp32 logits that buffer IS the caller's logits tensor (overwritten, as
+    megatron-core's CE does); for bf16/fp16 it is a new fp32 tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_sbvp, target_sb, weighting, gamma, sigma, tp_group, validate):
+        steps = VocabParallelWeightedCE
+        tp = _tp_info(tp_group)
+        exp_nvp, rowmax_n = steps.global_row_max(logits_sbvp, target_sb, tp, validate)
+        target_n = target_sb.reshape(-1).long()
+        sums_3n, local_t_n, owned_n = steps.local_sums(exp_nvp, rowmax_n, target_n,
+                                                       tp.rank * exp_nvp.shape[1])
+        if tp.size > 1:
+            # Collective 2: (S, T, z_target - m) are additive now that every rank uses the
+            # same global m.
+            dist.all_reduce(sums_3n, op=dist.ReduceOp.SUM, group=tp.group)
+        ignored_n = target_n == IGNORE_INDEX
+        weighted_ce_n, weight_n, ce_n, entropy_n = steps.token_statistics(
+            sums_3n, ignored_n, weighting, gamma, sigma)
 
         # Save the caller's tensor itself, not a view of it: autograd forbids saving a view
         # made here of a tensor that is later modified in place.
         aliases_input = exp_nvp.data_ptr() == logits_sbvp.data_ptr() and logits_sbvp.is_contiguous()
         saved_exp = logits_sbvp if aliases_input else exp_nvp
-        ctx.save_for_backward(saved_exp, sum_exp_n, weight_n, local_t_n, owned_n & ~ignored_n)
+        ctx.save_for_backward(saved_exp, sums_3n[0], weight_n, local_t_n, owned_n & ~ignored_n)
         ctx.logits_shape = logits_sbvp.shape
         shape = target_sb.shape
         outputs = tuple(t.view(shape) for t in (weighted_ce_n, weight_n, ce_n, entropy_n))
@@ -260,15 +362,11 @@ class _VocabParallelWeightedCE(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    def backward(ctx, grad_wce_sb, _grad_weight, _grad_ce, _grad_entropy):
-        # d(w * CE)/dz = w * (softmax - onehot) with w detached; no communication.
-        exp_nvp, sum_exp_n, weight_n, local_t_n, owned_n = ctx.saved_tensors
-        grad_n = grad_wce_sb.reshape(-1).to(weight_n.dtype) * weight_n
-        # Reuse the exp buffer in place: softmax * grad, then - grad at the target column.
-        grad_nvp = exp_nvp.view(-1, exp_nvp.shape[-1])
-        grad_nvp.mul_((grad_n / sum_exp_n).unsqueeze(1))
-        rows_n = torch.arange(grad_nvp.shape[0], device=grad_nvp.device)
-        grad_nvp[rows_n, local_t_n] -= torch.where(owned_n, grad_n, torch.zeros_like(grad_n))
+    def backward(ctx, grad_wce_sb, *_grads_of_detached_outputs):
+        exp_saved, sum_exp_n, weight_n, local_t_n, counted_n = ctx.saved_tensors
+        grad_nvp = VocabParallelWeightedCE.gradient(
+            exp_saved.view(-1, exp_saved.shape[-1]), sum_exp_n, weight_n, local_t_n, counted_n,
+            grad_wce_sb.reshape(-1))
         return grad_nvp.view(ctx.logits_shape), None, None, None, None, None, None
 
 
@@ -289,11 +387,15 @@ def vocab_parallel_weighted_cross_entropy(
         validate: check target ids, shapes and shard sizes collectively (the check rides on
             the MAX all-reduce; on GPU it costs one host sync per call). Set False only
             for benchmarking trusted inputs.
+
+    Returns:
+        The four ``[s, b]`` fp32 statistics of :class:`WeightedCrossEntropy`.
     """
     check_weight_params(weighting, float(gamma), float(sigma))
-    return WeightedCrossEntropy(*_VocabParallelWeightedCE.apply(
+    weighted_ce, weight, ce, entropy = _VocabParallelWeightedCE.apply(
         vocab_parallel_logits, target, weighting, float(gamma), float(sigma), tp_group, validate
-    ))
+    )
+    return WeightedCrossEntropy(weighted_ce=weighted_ce, weight=weight, ce=ce, entropy=entropy)
 
 
 def vocab_parallel_mile_loss(

@@ -5,7 +5,7 @@ written out small (megatron-core's wheel does not ship ``megatron/training``).
     trainer.setup()              # process groups, model, optimizer, data, resume
     summary = trainer.train()    # iterations, evaluation, checkpoints, logs
 
-Shape legend: b micro-batch, s sequence, k = len(TOKEN_STATS).
+Shape legend: b micro-batch, s sequence.
 Per iteration, collectives beyond the model's own: megatron's schedule (p2p between stages,
 DP gradient reduction in ``finalize_model_grads``), one SUM all-reduce of the loss report
 over DP (x CP), one MAX all-reduce of [signal, non-finite] flags over the world.
@@ -36,7 +36,7 @@ from megatron.core.utils import get_model_config
 
 from megatron_mile.config import ConfigError, TrainConfig
 from megatron_mile.data.datasets import build_data_loader, build_datasets, build_tokenizer
-from megatron_mile.loss import reduce_token_losses
+from megatron_mile.loss import WeightedCrossEntropy, reduce_token_losses
 from megatron_mile.model import (
     build_model_chunk,
     flops_per_token,
@@ -318,15 +318,16 @@ class Trainer:
         attention_mask = batch.get("attention_mask")
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
-        stats_bsk = model(tokens_bs, position_ids_bs, attention_mask, labels=labels_bs)
-        return stats_bsk, partial(self._loss_func, loss_mask_bs)
+        stats_bs = model(tokens_bs, position_ids_bs, attention_mask, labels=labels_bs)
+        return stats_bs, partial(self._loss_func, loss_mask_bs)
 
-    def _loss_func(self, loss_mask_bs: torch.Tensor, stats_bsk: torch.Tensor):
+    def _loss_func(self, loss_mask_bs: torch.Tensor, stats_bs: WeightedCrossEntropy):
         """(loss_sum, num_tokens, report) for one micro-batch on the last pipeline stage.
 
         Collectives: "paper" mode all-reduces (alpha_r, has_tokens) over DP x CP.
         """
-        wce_bs, weight_bs, ce_bs, entropy_bs = stats_bsk.unbind(-1)
+        wce_bs, weight_bs = stats_bs.weighted_ce, stats_bs.weight
+        ce_bs, entropy_bs = stats_bs.ce, stats_bs.entropy
         red = reduce_token_losses(self.cfg.loss.normalization, wce_bs, weight_bs.detach(),
                                   loss_mask_bs, self.dp_cp_group)
         mask = loss_mask_bs.float()
