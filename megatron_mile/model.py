@@ -89,7 +89,7 @@ def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool) -> Transf
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
         # Interleaved 1F1B: unbatched, overlapped p2p, as Megatron-LM sets it (batched p2p
-        # pairs the wrong messages at PP=2; see megatron_mile.platform.check_pipeline_config).
+        # pairs the wrong messages at PP=2; see megatron_mile.cpu_compat.check_pipeline_config).
         overlap_p2p_comm=bool(p.virtual_pipeline_model_parallel_size),
         batch_p2p_comm=not p.virtual_pipeline_model_parallel_size,
         **fp8,

@@ -107,7 +107,7 @@ def load_inference_model(load_dir: str, tp: int = 1, pp: int = 1, dtype: Optiona
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_mile.model import build_model_chunk, transformer_config
-    from megatron_mile.platform import initialize_distributed
+    from megatron_mile.cpu_compat import initialize_distributed
     from megatron_mile.training.checkpointing import load_checkpoint
 
     iteration = resolve_iteration(load_dir, iteration)

@@ -44,7 +44,7 @@ from megatron_mile.model import (
     padded_vocab_size,
     transformer_config,
 )
-from megatron_mile.platform import check_pipeline_config, initialize_distributed
+from megatron_mile.cpu_compat import check_pipeline_config, initialize_distributed
 from megatron_mile.training import checkpointing
 from megatron_mile.training.logger import MetricsLogger
 from megatron_mile.training.watchdog import Watchdog

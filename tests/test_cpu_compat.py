@@ -64,7 +64,7 @@ def _train(tp: int, pp: int, *, num_layers: int = 2, vp: int | None = None, bf16
 
 
 def _layouts(rank: int, world_size: int) -> dict:
-    from megatron_mile.platform import cpu_compat_installed, initialize_distributed
+    from megatron_mile.cpu_compat import cpu_compat_installed, initialize_distributed
 
     device = initialize_distributed()
     out: dict = {"device": str(device), "compat": cpu_compat_installed()}
@@ -155,9 +155,9 @@ _PROBE = textwrap.dedent("""
         "_get_cuda_rng_state": mcore_random._get_cuda_rng_state,
         "_set_cuda_rng_state": mcore_random._set_cuda_rng_state,
     }
-    from megatron_mile import platform
-    platform.install_cpu_compat()
-    platform.install_cpu_compat()                    # idempotent
+    from megatron_mile import cpu_compat
+    cpu_compat.install_cpu_compat()
+    cpu_compat.install_cpu_compat()                    # idempotent
     now = {
         "current_device": torch.cuda.current_device, "manual_seed": torch.cuda.manual_seed,
         "get_rng_state": torch.cuda.get_rng_state, "synchronize": torch.cuda.synchronize,
@@ -167,7 +167,7 @@ _PROBE = textwrap.dedent("""
     out = {
         "changed": sorted(k for k in originals if originals[k] is not now[k]),
         "mode_stack": torch._C._len_torch_function_stack(),
-        "installed": platform.cpu_compat_installed(),
+        "installed": cpu_compat.cpu_compat_installed(),
     }
     if sys.argv[1] == "cpu":
         t = torch.zeros(3, device="cuda")
@@ -196,7 +196,7 @@ _PROBE = textwrap.dedent("""
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        out["init_device"] = str(platform.initialize_distributed(timeout_minutes=1))
+        out["init_device"] = str(cpu_compat.initialize_distributed(timeout_minutes=1))
         out["backend"] = str(torch.distributed.get_backend())
         torch.distributed.destroy_process_group()
     print("RESULT" + json.dumps(out))
@@ -235,7 +235,7 @@ def test_install_on_cpu_patches_once_and_maps_cuda_to_cpu():
 def test_check_pipeline_config_rejects_batched_p2p_with_interleaved_pp2():
     from types import SimpleNamespace
 
-    from megatron_mile.platform import check_pipeline_config
+    from megatron_mile.cpu_compat import check_pipeline_config
 
     def cfg(vp, pp, batch):
         return SimpleNamespace(virtual_pipeline_model_parallel_size=vp,
