@@ -50,40 +50,24 @@ A ``torch.overrides.TorchFunctionMode`` pushed onto the calling thread's mode st
     The mode is thread-local (torch keeps the mode stack per thread): install from the thread
     that runs training. Autograd's backward pass on CPU runs in the calling thread.
 
-Pipeline settings (not a patch; ``check_pipeline_config`` enforces it)
-    The interleaved schedule with PP=2 must not use batched p2p (``batch_p2p_comm=True``, the
-    ModelParallelConfig default): there prev and next peer are the same rank, and
-    ``_batched_p2p_ops`` posts [send_prev, send_next] on one rank against [recv_prev,
-    recv_next] on the other, so an activation lands in the gradient buffer. Seen on gloo (wrong
-    losses, no error); the ordering argument is the same for NCCL (not verified here). Use
-    ``overlap_p2p_comm=True, batch_p2p_comm=False`` as Megatron-LM does for interleaving.
-
-Usage (what a trainer does, once per process, before building the model)::
-
-    device = initialize_distributed()          # nccl + cuda:LOCAL_RANK, or gloo + this layer
-    parallel_state.initialize_model_parallel(tp, pp)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)   # works on CPU after this layer
+Joining the process group (which installs this layer on CPU) is :mod:`megatron_mile.launch`;
+the pipeline setting that mixes up p2p messages is checked by
+:func:`megatron_mile.model.check_pipeline_config`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
-from datetime import timedelta
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "cuda_available",
     "install_cpu_compat",
     "cpu_compat_installed",
-    "initialize_distributed",
-    "default_single_process_env",
-    "check_pipeline_config",
 ]
 
 _CPU = torch.device("cpu")
@@ -219,86 +203,3 @@ def install_cpu_compat() -> None:
         mode = _CudaToCpuMode()
         mode.__enter__()  # stays pushed for the life of this thread
         _installed_mode = mode
-
-
-def default_single_process_env() -> None:
-    """Without torchrun (no ``RANK`` in the environment), describe a world of one process on
-    a free local port, so ``initialize_distributed`` works from a plain ``python`` command."""
-    if "RANK" in os.environ:
-        return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
-def initialize_distributed(timeout_minutes: int = 10) -> torch.device:
-    """Join the job's process group and return the device this rank places tensors on.
-
-    Reads the torchrun environment: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and (through
-    ``init_method="env://"``) ``MASTER_ADDR`` / ``MASTER_PORT``. With CUDA: nccl and
-    ``torch.cuda.set_device(LOCAL_RANK)``. Without: gloo and ``install_cpu_compat()``.
-    If a process group already exists (e.g. the gloo test harness) it is kept as is; the
-    compat layer is still installed on CPU.
-
-    Collectives: ``init_process_group``'s rendezvous (all ranks), unless already initialised.
-
-    Raises:
-        RuntimeError: a required environment variable is missing, or an existing process
-            group's backend does not match the device (nccl without CUDA).
-    """
-    use_cuda = cuda_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        install_cpu_compat()
-        device = _CPU
-
-    if dist.is_initialized():
-        backend = dist.get_backend()
-        if not use_cuda and "nccl" in str(backend):
-            raise RuntimeError(
-                f"process group already initialised with backend {backend!r} but CUDA is not "
-                "available: initialise with backend='gloo' on CPU"
-            )
-        return device
-
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-               if k not in os.environ]
-    if missing:
-        raise RuntimeError(
-            f"initialize_distributed: environment variables {missing} are not set; launch with "
-            "torchrun (or srun with those variables exported)"
-        )
-    dist.init_process_group(
-        backend="nccl" if use_cuda else "gloo",
-        init_method="env://",
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
-        timeout=timedelta(minutes=timeout_minutes),
-    )
-    return device
-
-
-def check_pipeline_config(config: Any) -> None:
-    """Reject pipeline settings that silently mix up p2p messages (see module docstring).
-
-    ``config`` is a megatron ``ModelParallelConfig`` / ``TransformerConfig``. Issues no
-    collectives.
-
-    Raises:
-        ValueError: interleaved pipeline (virtual_pipeline_model_parallel_size set) at PP=2
-            with ``batch_p2p_comm=True``.
-    """
-    if (config.virtual_pipeline_model_parallel_size
-            and config.pipeline_model_parallel_size == 2 and config.batch_p2p_comm):
-        raise ValueError(
-            "interleaved pipeline with pipeline_model_parallel_size=2 needs "
-            "batch_p2p_comm=False (and overlap_p2p_comm=True, as Megatron-LM sets it): batched "
-            "p2p pairs the send_prev of one stage with the recv_prev of the other"
-        )

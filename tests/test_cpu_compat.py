@@ -64,7 +64,8 @@ def _train(tp: int, pp: int, *, num_layers: int = 2, vp: int | None = None, bf16
 
 
 def _layouts(rank: int, world_size: int) -> dict:
-    from megatron_mile.cpu_compat import cpu_compat_installed, initialize_distributed
+    from megatron_mile.cpu_compat import cpu_compat_installed
+    from megatron_mile.launch import initialize_distributed
 
     device = initialize_distributed()
     out: dict = {"device": str(device), "compat": cpu_compat_installed()}
@@ -155,9 +156,9 @@ _PROBE = textwrap.dedent("""
         "_get_cuda_rng_state": mcore_random._get_cuda_rng_state,
         "_set_cuda_rng_state": mcore_random._set_cuda_rng_state,
     }
-    from megatron_mile import cpu_compat
+    from megatron_mile import cpu_compat, launch
     cpu_compat.install_cpu_compat()
-    cpu_compat.install_cpu_compat()                    # idempotent
+    cpu_compat.install_cpu_compat()                  # idempotent
     now = {
         "current_device": torch.cuda.current_device, "manual_seed": torch.cuda.manual_seed,
         "get_rng_state": torch.cuda.get_rng_state, "synchronize": torch.cuda.synchronize,
@@ -196,7 +197,7 @@ _PROBE = textwrap.dedent("""
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        out["init_device"] = str(cpu_compat.initialize_distributed(timeout_minutes=1))
+        out["init_device"] = str(launch.initialize_distributed(timeout_minutes=1))
         out["backend"] = str(torch.distributed.get_backend())
         torch.distributed.destroy_process_group()
     print("RESULT" + json.dumps(out))
@@ -231,17 +232,3 @@ def test_install_on_cpu_patches_once_and_maps_cuda_to_cpu():
     assert out["fork_restores_default"] and out["default_reseeded"] and out["fork_differs"]
     assert out["init_device"] == "cpu" and out["backend"] == "gloo"
 
-
-def test_check_pipeline_config_rejects_batched_p2p_with_interleaved_pp2():
-    from types import SimpleNamespace
-
-    from megatron_mile.cpu_compat import check_pipeline_config
-
-    def cfg(vp, pp, batch):
-        return SimpleNamespace(virtual_pipeline_model_parallel_size=vp,
-                               pipeline_model_parallel_size=pp, batch_p2p_comm=batch)
-
-    with pytest.raises(ValueError, match="batch_p2p_comm=False"):
-        check_pipeline_config(cfg(2, 2, True))
-    for ok in (cfg(2, 2, False), cfg(None, 2, True), cfg(2, 4, True)):
-        check_pipeline_config(ok)

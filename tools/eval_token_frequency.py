@@ -137,7 +137,7 @@ def main(argv=None) -> int:
 
     import torch.distributed as dist
 
-    from megatron_mile.cpu_compat import default_single_process_env
+    from megatron_mile.launch import default_single_process_env
     from megatron_mile.evaluation.token_frequency import evaluate_checkpoint
 
     default_single_process_env()

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from megatron_mile.evaluation.hf_export import export_checkpoint
-    from megatron_mile.cpu_compat import default_single_process_env
+    from megatron_mile.launch import default_single_process_env
 
     default_single_process_env()
     config = export_checkpoint(args.load, args.output, dtype=args.dtype,

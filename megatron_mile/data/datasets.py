@@ -32,6 +32,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import (
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from torch.utils.data import DataLoader, Dataset
 
+from megatron_mile.cpu_compat import cuda_available
 from megatron_mile.data.config import DataConfig
 from megatron_mile.data.integrity import DataError, summarize_indexed_dataset
 from megatron_mile.data.tokenizer import NullTokenizer, SentencePieceTokenizer, Tokenizer
@@ -252,7 +253,7 @@ def build_data_loader(
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                  data_parallel_rank, data_parallel_size)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(),
+                      pin_memory=cuda_available(),
                       persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(seed))
 
