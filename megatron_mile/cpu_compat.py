@@ -1,74 +1,44 @@
 """Run megatron-core on CPU processes over gloo: a small, explicit compatibility layer.
 
-megatron-core 0.16.1 assumes CUDA in many places. On a machine with CUDA none of this module's
-patches is applied (``install_cpu_compat`` is a strict no-op there). Without CUDA,
-``install_cpu_compat`` changes exactly the following, process-wide, once:
+megatron-core 0.16.1 assumes CUDA in many places. On a machine with CUDA nothing here is
+applied (``install_cpu_compat`` is a strict no-op there). Without CUDA, ``install_cpu_compat``
+checks that the installed megatron-core is the release these patches were written against
+(:data:`MEGATRON_CORE_VERSION`), then changes, process-wide and once:
 
-torch.cuda functions (module attributes replaced)
-    ``torch.cuda.current_device``  -> returns ``torch.device("cpu")``: used as a ``device=``
-        argument for buffers all over megatron (``utils.py`` GlobalMemoryBuffer,
-        ``tensor_parallel/mappings.py`` gathers, ``pipeline_parallel/p2p_communication.py``
-        receive buffers, ``distributed/param_and_grad_buffer.py`` grad buffers, RoPE ...).
-    ``torch.cuda.manual_seed``, ``torch.cuda.get_rng_state``, ``torch.cuda.set_rng_state``
-        (also under ``torch.cuda.random``) -> act on the CPU default generator:
-        ``tensor_parallel/random.py`` ``CudaRNGStatesTracker.add`` and
-        ``model_parallel_cuda_manual_seed`` call them directly. ``torch.cuda.manual_seed_all``
-        is left alone: ``torch.manual_seed`` calls it (a queued no-op without CUDA), so routing
-        it to ``torch.manual_seed`` would recurse.
-    ``torch.cuda.synchronize`` -> no-op (nothing to wait for on CPU): called by
-        ``pipeline_parallel/p2p_communication.py`` after batched p2p, and by
-        ``dist_checkpointing/strategies/filesystem_async.py`` ``preload_tensors``.
+* every entry of :data:`PATCHES`: module attributes of ``torch.cuda`` and of megatron-core
+  replaced by CPU versions, and one logging filter, each with the megatron code that needs it;
+* a ``torch.overrides.TorchFunctionMode`` (:class:`_CudaToCpuMode`) pushed onto the calling
+  thread's mode stack, for the ``device="cuda"`` literals, ``Tensor.cuda()`` calls and
+  ``Tensor.type()`` name checks spread over megatron's optimizer, schedules and DDP. The
+  mode is thread-local (torch keeps the mode stack per thread): install from the thread that
+  runs training. Autograd's backward pass on CPU runs in the calling thread.
 
-megatron.core.tensor_parallel.random (module attributes replaced)
-    ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` -> ``torch.get/set_rng_state``: the RNG
-        tracker's ``fork()`` (weight init under TP, dropout in TP regions) and
-        ``_get_all_rng_states`` swap the "CUDA" generator through these; on CPU that generator
-        *is* the CPU default generator, so forking swaps the generator that CPU ops draw from.
-    A logging filter on that module's logger drops "CPU RNG state changed within GPU RNG
-        context": with the CUDA generator backed by the CPU one, that warning fires on every
-        fork that draws random numbers, and means nothing.
-
-megatron.core.transformer.utils / megatron.core.fusions.fused_softmax (module attributes)
-    ``get_default_causal_mask`` -> built on the CPU: under activation recomputation the
-        layer forward runs again inside ``torch.autograd.backward``, which torch dispatches
-        through the mode below (popping it while the handler runs), so the mode cannot
-        rewrite this function's ``device="cuda"`` there.
-
-A ``torch.overrides.TorchFunctionMode`` pushed onto the calling thread's mode stack
-    ``device="cuda"`` / ``"cuda:N"`` / ``torch.device("cuda")`` keyword arguments, and the
-        positional device of ``Tensor.to`` -> CPU: literals in ``pipeline_parallel/schedules.py``
-        (``total_num_tokens``), ``optimizer/clip_grads.py``, ``optimizer/optimizer.py``,
-        ``optimizer/grad_scaler.py``, ``distributed/param_and_grad_buffer.py``,
-        ``transformer/utils.py`` (attention masks).
-    ``Tensor.cuda(...)`` -> returns the tensor itself (``language_module.py``,
-        ``grad_scaler.py`` ``load_state_dict``, ``distrib_optimizer.py`` gloo paths).
-    ``Tensor.type()`` with no argument, on a CPU float32/float16/bfloat16 tensor, -> the
-        ``"torch.cuda.*Tensor"`` name: ``optimizer/optimizer.py``
-        (``Float16OptimizerWithFloat16Params``), ``optimizer/distrib_optimizer.py`` (param
-        sharding) and ``optimizer/clip_grads.py`` (``assert param.grad.type() ==
-        'torch.cuda.FloatTensor'``) compare these strings and reject CPU names.
-    The mode is thread-local (torch keeps the mode stack per thread): install from the thread
-    that runs training. Autograd's backward pass on CPU runs in the calling thread.
-
-Joining the process group (which installs this layer on CPU) is :mod:`megatron_mile.launch`;
-the pipeline setting that mixes up p2p messages is checked by
-:func:`megatron_mile.model.check_pipeline_config`.
+Every "is CUDA here" decision of the package goes through :func:`cuda_available`. Joining the
+process group (which installs this layer on CPU) is :mod:`megatron_mile.launch`.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
+    "MEGATRON_CORE_VERSION",
+    "PATCHES",
+    "Patch",
     "cuda_available",
     "install_cpu_compat",
     "cpu_compat_installed",
 ]
+
+MEGATRON_CORE_VERSION = "0.16.1"
+"""The megatron-core release whose internals :data:`PATCHES` replace (setup.py pins it)."""
 
 _CPU = torch.device("cpu")
 _install_lock = threading.Lock()
@@ -83,7 +53,11 @@ _CUDA_TYPE_NAMES = {
 
 
 def cuda_available() -> bool:
-    """True when torch sees at least one CUDA device (the GPU path; no compat layer)."""
+    """True when torch sees at least one CUDA device: the GPU path (nccl, no compat layer).
+
+    The package's one place for this decision, so that the compat layer, the process group's
+    backend, model initialisation and the data loader never disagree about the device.
+    """
     return torch.cuda.is_available()
 
 
@@ -101,9 +75,21 @@ def _is_cuda_device(value: Any) -> bool:
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA device requests to CPU and reports CPU float tensors under CUDA type names.
+    """Rewrites CUDA device requests to CPU and reports CPU float tensors under CUDA names.
 
-    See the module docstring for which megatron code needs each rule.
+    * ``device="cuda"`` / ``"cuda:N"`` / ``torch.device("cuda")`` keyword arguments, and the
+      positional device of ``Tensor.to`` -> CPU: literals in ``pipeline_parallel/schedules.py``
+      (``total_num_tokens``), ``optimizer/clip_grads.py``, ``optimizer/optimizer.py``,
+      ``optimizer/grad_scaler.py``, ``distributed/param_and_grad_buffer.py``,
+      ``transformer/utils.py`` (attention masks).
+    * ``Tensor.cuda(...)`` -> the tensor itself (``models/common/language_module/
+      language_module.py``, ``grad_scaler.py`` ``load_state_dict``, ``distrib_optimizer.py``
+      gloo paths).
+    * ``Tensor.type()`` with no argument, on a CPU float32/float16/bfloat16 tensor -> the
+      ``"torch.cuda.*Tensor"`` name: ``optimizer/optimizer.py``
+      (``Float16OptimizerWithFloat16Params``), ``optimizer/distrib_optimizer.py`` (param
+      sharding) and ``optimizer/clip_grads.py`` (``assert param.grad.type() ==
+      'torch.cuda.FloatTensor'``) compare these strings and reject CPU names.
     """
 
     def __torch_function__(self, func: Callable, types, args=(), kwargs=None):
@@ -129,15 +115,18 @@ class _DropForkWarning(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
+def _cpu_current_device() -> torch.device:
+    return _CPU
+
+
+def _no_synchronize(device: Any = None) -> None:
+    return None
+
+
 def _cpu_manual_seed(seed: int) -> None:
     # Seeds the CPU generator directly: torch.manual_seed would call
-    # torch.cuda.manual_seed_all, which must stay untouched (see module docstring).
+    # torch.cuda.manual_seed_all, which must stay untouched (see PATCHES).
     torch.default_generator.manual_seed(int(seed))
-
-
-def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
-    # megatron's get_default_causal_mask, on the CPU: True above the diagonal = masked.
-    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
 def _cpu_get_rng_state(device: Any = "cuda") -> torch.Tensor:
@@ -162,11 +151,96 @@ def _megatron_set_rng_state(new_state: torch.Tensor, device: Any = -1,
     torch.set_rng_state(new_state)
 
 
+def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
+    # megatron's get_default_causal_mask, on the CPU: True above the diagonal = masked.
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One process-wide change made by :func:`install_cpu_compat` without CUDA.
+
+    ``attr`` names the attribute of ``module`` that ``replacement`` replaces; ``attr=None``
+    means ``replacement`` is a ``logging.Filter`` added to the logger named ``module``.
+    """
+
+    module: str
+    attr: str | None
+    replacement: Any
+    why: str
+
+    def apply(self) -> None:
+        """Make the change (imports ``module``)."""
+        if self.attr is None:
+            logging.getLogger(self.module).addFilter(self.replacement)
+        else:
+            setattr(importlib.import_module(self.module), self.attr, self.replacement)
+
+
+_RNG_WHY = ("megatron/core/tensor_parallel/random.py: CudaRNGStatesTracker.add and "
+            "model_parallel_cuda_manual_seed call it directly; on CPU the 'CUDA' generator is "
+            "the CPU default generator")
+_MASK_WHY = ("megatron/core/transformer/utils.py get_default_causal_mask (imported by name into "
+             "fusions/fused_softmax.py) builds the mask with device='cuda'. The mode rewrites "
+             "that in forward, but not under activation recomputation: torch dispatches "
+             "torch.autograd.backward itself through the mode and pops the mode while its "
+             "handler runs, so the layer forward that CheckpointFunction replays inside "
+             "backward sees no mode")
+
+PATCHES: tuple[Patch, ...] = (
+    Patch("torch.cuda", "current_device", _cpu_current_device,
+          "a device= argument for buffers all over megatron: utils.py GlobalMemoryBuffer, "
+          "tensor_parallel/mappings.py gathers, pipeline_parallel/p2p_communication.py "
+          "receive buffers, distributed/param_and_grad_buffer.py, RoPE"),
+    Patch("torch.cuda", "synchronize", _no_synchronize,
+          "nothing to wait for on CPU: pipeline_parallel/p2p_communication.py after batched "
+          "p2p, dist_checkpointing/strategies/filesystem_async.py preload_tensors"),
+    # torch.cuda.manual_seed_all is left alone: torch.manual_seed calls it (a queued no-op
+    # without CUDA), so routing it to torch.manual_seed would recurse.
+    Patch("torch.cuda", "manual_seed", _cpu_manual_seed, _RNG_WHY),
+    Patch("torch.cuda.random", "manual_seed", _cpu_manual_seed, _RNG_WHY),
+    Patch("torch.cuda", "get_rng_state", _cpu_get_rng_state, _RNG_WHY),
+    Patch("torch.cuda.random", "get_rng_state", _cpu_get_rng_state, _RNG_WHY),
+    Patch("torch.cuda", "set_rng_state", _cpu_set_rng_state, _RNG_WHY),
+    Patch("torch.cuda.random", "set_rng_state", _cpu_set_rng_state, _RNG_WHY),
+    Patch("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", _megatron_get_rng_state,
+          "the RNG tracker's fork() (weight init under TP, dropout in TP regions) and "
+          "_get_all_rng_states swap the 'CUDA' generator through it; on CPU that is the CPU "
+          "default generator, so forking swaps the generator that CPU ops draw from"),
+    Patch("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", _megatron_set_rng_state,
+          "the other half of _get_cuda_rng_state (fork() restores the generator through it)"),
+    Patch("megatron.core.tensor_parallel.random", None, _DropForkWarning(),
+          "fork() warns 'CPU RNG state changed within GPU RNG context' whenever the CPU "
+          "generator moved inside the fork: with the CUDA generator backed by the CPU one "
+          "that is every fork that draws random numbers, and means nothing"),
+    Patch("megatron.core.transformer.utils", "get_default_causal_mask", _cpu_default_causal_mask,
+          _MASK_WHY),
+    Patch("megatron.core.fusions.fused_softmax", "get_default_causal_mask",
+          _cpu_default_causal_mask, _MASK_WHY),
+)
+"""Everything ``install_cpu_compat`` changes besides pushing :class:`_CudaToCpuMode`, in the
+order it is applied. tests/test_cpu_compat.py checks every entry."""
+
+
+def _check_megatron_core_version() -> None:
+    from megatron.core import package_info
+
+    if package_info.__version__ != MEGATRON_CORE_VERSION:
+        raise RuntimeError(
+            f"megatron_mile.cpu_compat patches megatron-core {MEGATRON_CORE_VERSION} internals "
+            f"but megatron-core {package_info.__version__} is installed: pip install "
+            f"megatron-core=={MEGATRON_CORE_VERSION}")
+
+
 def install_cpu_compat() -> None:
-    """Patch torch.cuda, megatron's RNG helpers and push the device-rewriting mode (CPU only).
+    """Apply :data:`PATCHES` and push the device-rewriting mode (CPU only).
 
     Idempotent (a second call does nothing) and a strict no-op when ``cuda_available()``.
-    Everything changed is listed in the module docstring. Issues no collectives.
+    Issues no collectives.
+
+    Raises:
+        RuntimeError: (without CUDA) the installed megatron-core is not
+            :data:`MEGATRON_CORE_VERSION`, whose internals the patches replace.
     """
     global _installed_mode
     if cuda_available():
@@ -174,32 +248,9 @@ def install_cpu_compat() -> None:
     with _install_lock:
         if _installed_mode is not None:
             return
-        # Import here: megatron-core is heavy and this module must stay cheap to import.
-        from megatron.core.tensor_parallel import random as mcore_random
-
-        torch.cuda.current_device = lambda: _CPU  # buffers: device=torch.cuda.current_device()
-        torch.cuda.synchronize = lambda device=None: None  # p2p_communication, filesystem_async
-        # tensor_parallel/random.py: CudaRNGStatesTracker.add, model_parallel_cuda_manual_seed.
-        for namespace in (torch.cuda, torch.cuda.random):
-            namespace.manual_seed = _cpu_manual_seed
-            namespace.get_rng_state = _cpu_get_rng_state
-            namespace.set_rng_state = _cpu_set_rng_state
-        # tensor_parallel/random.py: CudaRNGStatesTracker.fork, _get/_set_all_rng_states.
-        mcore_random._get_cuda_rng_state = _megatron_get_rng_state
-        mcore_random._set_cuda_rng_state = _megatron_set_rng_state
-        logging.getLogger(mcore_random.__name__).addFilter(_DropForkWarning())
-        # transformer/utils.py get_default_causal_mask (imported by name into
-        # fusions/fused_softmax.py) builds the attention mask with device="cuda". The mode
-        # below rewrites that in forward, but not under activation recomputation: torch
-        # dispatches torch.autograd.backward itself through the mode and pops the mode while
-        # its handler runs, so the layer forward that megatron's CheckpointFunction replays
-        # inside backward sees no mode. The mask is the device literal on that path.
-        from megatron.core.fusions import fused_softmax as mcore_fused_softmax
-        from megatron.core.transformer import utils as mcore_transformer_utils
-
-        mcore_transformer_utils.get_default_causal_mask = _cpu_default_causal_mask
-        mcore_fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
-
+        _check_megatron_core_version()
+        for patch in PATCHES:
+            patch.apply()
         mode = _CudaToCpuMode()
         mode.__enter__()  # stays pushed for the life of this thread
         _installed_mode = mode
