@@ -1,20 +1,16 @@
-"""tools/estimate_memory.py: parameter counts against the paper, the memory arithmetic on a
-hand-computed case, and its layouts against examples/slurm/submit.sh's presets."""
+"""megatron-mile-estimate-memory: parameter counts against the paper, the memory arithmetic on
+a hand-computed case, and its layouts against examples/slurm/submit.sh's presets."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
+from megatron_mile.cli import estimate_memory as em
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("estimate_memory", ROOT / "tools" / "estimate_memory.py")
-em = importlib.util.module_from_spec(_spec)
-sys.modules["estimate_memory"] = em  # dataclasses look their module up there
-_spec.loader.exec_module(em)
 
 
 @pytest.mark.parametrize("name, billions", [

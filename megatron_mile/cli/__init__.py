@@ -1,0 +1,15 @@
+"""The package's command-line tools, installed as console scripts (setup.py ``entry_points``).
+
+=================================  ==========================================================
+``megatron-mile-train``            pretraining (megatron_mile/train.py)
+``megatron-mile-prepare-corpus``   the embedded quickstart corpus, tokenizer and .bin/.idx
+``megatron-mile-train-tokenizer``  a SentencePiece tokenizer from text or JSONL
+``megatron-mile-preprocess``       text or JSONL -> Megatron indexed dataset (.bin/.idx)
+``megatron-mile-eval-frequency``   validation loss by training-frequency bucket, comparisons
+``megatron-mile-export-hf``        a checkpoint -> Hugging Face LlamaForCausalLM folder
+``megatron-mile-estimate-memory``  parameters and GPU memory per rank of a configuration
+=================================  ==========================================================
+
+Each module has ``main(argv) -> int`` (the exit status) and runs as ``python -m
+megatron_mile.cli.<module>`` too; ``tools/*.py`` keeps Megatron-LM's names for them.
+"""
