@@ -82,7 +82,7 @@ def test_existing_model_not_made_by_our_tool(tmp_path):
 
 
 def test_missing_model_names_path_and_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nope\.model.*train_tokenizer\.py"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.model.*megatron-mile-train-tokenizer --input"):
         SentencePieceTokenizer(str(tmp_path / "nope.model"))
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"not a model")

@@ -163,7 +163,7 @@ def _check_prefix(name: str, prefix: str, vocab_size: int, seq_length: int) -> N
             hint = " A preprocessing run for it was interrupted: run it again."
         raise FileNotFoundError(
             f"DataConfig.{name}: no indexed dataset at prefix {prefix!r} (missing "
-            f"{', '.join(missing)}).{hint} Create it with: python tools/preprocess_data.py "
+            f"{', '.join(missing)}).{hint} Create it with: megatron-mile-preprocess "
             f"--input CORPUS.jsonl --output-prefix {prefix} --tokenizer-model TOKENIZER.model")
     try:
         summary = summarize_indexed_dataset(prefix)
@@ -173,7 +173,7 @@ def _check_prefix(name: str, prefix: str, vocab_size: int, seq_length: int) -> N
         raise DataError(
             f"DataConfig.{name}: {prefix}.bin holds token id {summary.max_token_id} but the "
             f"tokenizer has vocab_size={vocab_size}: the data was preprocessed with another "
-            "tokenizer. Use that tokenizer_model, or re-run tools/preprocess_data.py with this "
+            "tokenizer. Use that tokenizer_model, or re-run megatron-mile-preprocess with this "
             "one")
     if summary.num_tokens < seq_length + 1:
         logger.warning("DataConfig.%s: %s holds %d tokens, fewer than one sample of "
