@@ -13,3 +13,19 @@
 Each module has ``main(argv) -> int`` (the exit status) and runs as ``python -m
 megatron_mile.cli.<module>`` too; ``tools/*.py`` keeps Megatron-LM's names for them.
 """
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_text_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """--input-format, --json-key and --text-split: how megatron_mile.data.text_input reads
+    the files of ``megatron-mile-train-tokenizer`` and ``megatron-mile-preprocess`` alike."""
+    from megatron_mile.data.text_input import INPUT_FORMATS, TEXT_SPLITS
+
+    parser.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
+                        help="auto: .jsonl/.json/.ndjson are JSONL, anything else plain text")
+    parser.add_argument("--json-key", default="text", help="JSONL key holding the document text")
+    parser.add_argument("--text-split", choices=TEXT_SPLITS, default="line",
+                        help="plain text: what one document is")

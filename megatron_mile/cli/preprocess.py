@@ -19,7 +19,7 @@ import signal
 import sys
 import warnings
 
-from megatron_mile.data.text_input import INPUT_FORMATS, TEXT_SPLITS
+from megatron_mile.cli import add_text_input_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,11 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text or JSONL files, processed in order; '-' reads stdin")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
-    p.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
-                   help="auto: .jsonl/.json/.ndjson are JSONL, anything else plain text")
-    p.add_argument("--json-key", default="text", help="JSONL key holding the document text")
-    p.add_argument("--text-split", choices=TEXT_SPLITS, default="line",
-                   help="plain text: what one document is")
+    add_text_input_arguments(p)
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     p.add_argument("--strict", action="store_true", help="fail on the first bad record")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX")

@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 
-from megatron_mile.data.text_input import INPUT_FORMATS, TEXT_SPLITS
+from megatron_mile.cli import add_text_input_arguments
 from megatron_mile.data.tokenizer_training import (
     MODEL_TYPES, TokenizerTrainingConfig, train_sentencepiece,
 )
@@ -31,11 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="text or JSONL files")
     p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
-    p.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
-                   help="auto: .jsonl/.json/.ndjson are JSONL, anything else plain text")
-    p.add_argument("--json-key", default="text", help="JSONL key holding the document text")
-    p.add_argument("--text-split", choices=TEXT_SPLITS, default="line",
-                   help="plain text: what one document is")
+    add_text_input_arguments(p)
     p.add_argument("--vocab-size", type=int, default=d.vocab_size)
     p.add_argument("--model-type", choices=MODEL_TYPES, default=d.model_type)
     p.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction,
