@@ -33,6 +33,12 @@ setup(
     entry_points={
         "console_scripts": [
             "megatron-mile-train=megatron_mile.train:main",
+            "megatron-mile-prepare-corpus=megatron_mile.cli.prepare_corpus:main",
+            "megatron-mile-train-tokenizer=megatron_mile.cli.train_tokenizer:main",
+            "megatron-mile-preprocess=megatron_mile.cli.preprocess:main",
+            "megatron-mile-eval-frequency=megatron_mile.cli.eval_frequency:main",
+            "megatron-mile-export-hf=megatron_mile.cli.export_hf:main",
+            "megatron-mile-estimate-memory=megatron_mile.cli.estimate_memory:main",
         ],
     },
 )

@@ -1,8 +1,10 @@
-"""Build-time check of the image: the pinned megatron-core, this package, and NVIDIA's
-torch / Transformer Engine / apex all present. Imports only what loads without a GPU."""
+"""Build-time check of the image: the pinned megatron-core, this package and its console
+scripts, and NVIDIA's torch / Transformer Engine / apex all present. Imports only what loads
+without a GPU."""
 
 import importlib.metadata as md
 import importlib.util
+import shutil
 
 import megatron.core  # noqa: F401  (torch + megatron-core import without a GPU)
 import megatron_mile  # noqa: F401
@@ -16,3 +18,12 @@ for dist in ("torch", "megatron-core", "transformer-engine", "apex", "megatron-m
         print(f"{dist:20s} {md.version(dist)}")
     except md.PackageNotFoundError:
         print(f"{dist:20s} (no distribution metadata)")
+
+# The console scripts of setup.py (megatron_mile/cli/): on PATH, and their main() importable.
+scripts = [ep for ep in md.distribution("megatron-mile").entry_points
+           if ep.group == "console_scripts"]
+assert scripts, "megatron-mile installed without its console scripts"
+for ep in scripts:
+    assert shutil.which(ep.name), f"{ep.name} is not on PATH"
+    ep.load()
+print("console scripts     " + " ".join(sorted(ep.name for ep in scripts)))

@@ -21,12 +21,14 @@
 #   EVAL_SAMPLES [all]             cap on validation windows of SEQ tokens
 #   CONFIG [tiny]                  base config (megatron_mile/configs/), EXTRA_ARGS: more overrides
 #   PYTHON [python]  OMP_NUM_THREADS [2]
+# Needs megatron-mile installed for $PYTHON (pip install -e .); the tools run as
+# `$PYTHON -m megatron_mile.cli.<tool>`, i.e. megatron-mile-prepare-corpus and
+# megatron-mile-eval-frequency of that interpreter.
 #
 # Outputs: $OUT_DIR/results.md (per-run table and the mean over seeds), $OUT_DIR/freq.png,
 # $OUT_DIR/<loss>_seed<S>/{ckpt/,train.log,freq.json}. Finished runs are not retrained.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="${OUT_DIR:-runs/compare_losses}"
 DATA_DIR="${DATA_DIR:-$OUT_DIR/data}"
 VOCAB="${VOCAB:-4096}"
@@ -43,12 +45,11 @@ CONFIG="${CONFIG:-tiny}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 PYTHON="${PYTHON:-python}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 mkdir -p "$OUT_DIR"
 start=$SECONDS
 echo "== data: $DATA_DIR"
-"$PYTHON" "$ROOT/tools/prepare_corpus.py" --output-dir "$DATA_DIR" --tokenize \
+"$PYTHON" -m megatron_mile.cli.prepare_corpus --output-dir "$DATA_DIR" --tokenize \
     --vocab-size "$VOCAB"
 
 read -r -a extra <<< "$EXTRA_ARGS"
@@ -87,7 +88,7 @@ for seed in $SEEDS; do
             grep -E "iteration +$STEPS/" "$run/train.log" | tail -n 1 || true
             echo "   trained in $(( SECONDS - t0 )) s; evaluating"
         fi
-        "$PYTHON" "$ROOT/tools/eval_token_frequency.py" eval --load "$run/ckpt" \
+        "$PYTHON" -m megatron_mile.cli.eval_frequency eval --load "$run/ckpt" \
             --output "$run/freq.json" --label "$loss seed $seed" \
             ${eval_args[@]+"${eval_args[@]}"} 2> "$run/eval.log" \
             || { tail -n 30 "$run/eval.log"; exit 1; }
@@ -96,7 +97,7 @@ for seed in $SEEDS; do
 done
 
 echo "== compare"
-"$PYTHON" "$ROOT/tools/eval_token_frequency.py" compare "${results[@]}" --mean-over-seeds \
+"$PYTHON" -m megatron_mile.cli.eval_frequency compare "${results[@]}" --mean-over-seeds \
     --markdown "$OUT_DIR/results.md" --plot "$OUT_DIR/freq.png"
 {
     echo

@@ -34,7 +34,8 @@ if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
 fi
 
 echo "== [2/3] preparing the embedded corpus, tokenizer and indexed data in $DATA"
-"$PYTHON" tools/prepare_corpus.py --output-dir "$DATA" --tokenize
+# megatron-mile-prepare-corpus, through $PYTHON: the interpreter that also trains below.
+"$PYTHON" -m megatron_mile.cli.prepare_corpus --output-dir "$DATA" --tokenize
 
 echo "== [3/3] training with loss=$LOSS, TP=$NPROC, $ITERS iterations -> $OUT"
 TRAIN_ARGS=(

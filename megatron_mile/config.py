@@ -521,6 +521,17 @@ def config_from_dict(tree: dict, overrides: Optional[list[str]] = None) -> Train
     return _build(TrainConfig, _merge(tree, parse_overrides(overrides or [])), "")
 
 
+def read_config_tree(name_or_path: str, overrides: Optional[list[str]] = None) -> dict:
+    """The nested dict of a YAML config (a path or a shipped name) with the overrides merged
+    in, before any check: what :func:`load_config` builds its TrainConfig from."""
+    path = _resolve_path(name_or_path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    return _merge(tree, parse_overrides(overrides or []))
+
+
 def load_config(name_or_path: str, overrides: Optional[list[str]] = None,
                 world_size: Optional[int] = None) -> TrainConfig:
     """Read a YAML config (a path or a shipped name), apply overrides, validate.
@@ -528,12 +539,6 @@ def load_config(name_or_path: str, overrides: Optional[list[str]] = None,
     ``world_size`` defaults to ``$WORLD_SIZE`` (1 when unset), so that the layout is checked
     before any process group exists.
     """
-    path = _resolve_path(name_or_path)
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    tree = _merge(tree, parse_overrides(overrides or []))
-    cfg = _build(TrainConfig, tree, "")
+    cfg = _build(TrainConfig, read_config_tree(name_or_path, overrides), "")
     cfg.validate(world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
     return cfg

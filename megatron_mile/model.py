@@ -15,7 +15,7 @@ wrapper ``Float16Module`` passes it through too, being no tuple (see ``WeightedC
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_mile.config import ConfigError, TrainConfig
+from megatron_mile.cpu_compat import cuda_available
 from megatron_mile.loss import LossConfig, WeightedCrossEntropy, token_losses
 
 
@@ -45,7 +46,7 @@ def padded_vocab_size(vocab_size: int, cfg: TrainConfig) -> int:
 def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool) -> TransformerConfig:
     """megatron-core's TransformerConfig for ``cfg`` (LLaMA: RMSNorm, SwiGLU, no biases)."""
     m, p, prec = cfg.model, cfg.parallel, cfg.precision
-    on_gpu = torch.cuda.is_available()
+    on_gpu = cuda_available()
     fp8 = {}
     if prec.fp8:
         fp8 = dict(fp8=prec.fp8, fp8_margin=prec.fp8_margin,
@@ -91,11 +92,39 @@ def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool) -> Transf
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
         # Interleaved 1F1B: unbatched, overlapped p2p, as Megatron-LM sets it (batched p2p
-        # pairs the wrong messages at PP=2; see megatron_mile.platform.check_pipeline_config).
+        # pairs the wrong messages at PP=2; see check_pipeline_config).
         overlap_p2p_comm=bool(p.virtual_pipeline_model_parallel_size),
         batch_p2p_comm=not p.virtual_pipeline_model_parallel_size,
         **fp8,
     )
+
+
+def check_pipeline_config(config: Any) -> None:
+    """Reject pipeline settings that silently mix up p2p messages.
+
+    The interleaved schedule with PP=2 must not use batched p2p (``batch_p2p_comm=True``, the
+    ModelParallelConfig default): there prev and next peer are the same rank, and
+    ``_batched_p2p_ops`` (megatron/core/pipeline_parallel/p2p_communication.py) posts
+    [send_prev, send_next] on one rank against [recv_prev, recv_next] on the other, so an
+    activation lands in the gradient buffer. Seen on gloo (wrong losses, no error); the
+    ordering argument is the same for NCCL (not verified here). Use ``overlap_p2p_comm=True,
+    batch_p2p_comm=False`` as Megatron-LM does for interleaving (:func:`transformer_config`
+    does).
+
+    ``config`` is a megatron ``ModelParallelConfig`` / ``TransformerConfig``. Issues no
+    collectives.
+
+    Raises:
+        ValueError: interleaved pipeline (virtual_pipeline_model_parallel_size set) at PP=2
+            with ``batch_p2p_comm=True``.
+    """
+    if (config.virtual_pipeline_model_parallel_size
+            and config.pipeline_model_parallel_size == 2 and config.batch_p2p_comm):
+        raise ValueError(
+            "interleaved pipeline with pipeline_model_parallel_size=2 needs "
+            "batch_p2p_comm=False (and overlap_p2p_comm=True, as Megatron-LM sets it): batched "
+            "p2p pairs the send_prev of one stage with the recv_prev of the other"
+        )
 
 
 class RMSNorm(torch.nn.Module):

@@ -17,8 +17,9 @@ import argparse
 import sys
 
 from megatron_mile.config import ConfigError, load_config
+from megatron_mile.cpu_compat import cuda_available
+from megatron_mile.launch import default_single_process_env
 from megatron_mile.log_filters import install_warning_filters
-from megatron_mile.platform import cuda_available, default_single_process_env
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

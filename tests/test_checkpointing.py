@@ -64,7 +64,7 @@ def _parallel(tp, pp, vp):
 def _resume(rank: int, world_size: int, root: str) -> dict:
     from megatron.core import parallel_state
 
-    from megatron_mile.platform import initialize_distributed
+    from megatron_mile.launch import initialize_distributed
     from megatron_mile.training.checkpointing import load_checkpoint, save_checkpoint
 
     initialize_distributed()
@@ -136,7 +136,7 @@ def _outcome(fn, *args, **kwargs) -> tuple[str, str]:
 def _failures(rank: int, world_size: int, root: str) -> dict:
     import torch.distributed as dist
 
-    from megatron_mile.platform import initialize_distributed
+    from megatron_mile.launch import initialize_distributed
     from megatron_mile.training.checkpointing import (
         TRACKER_FILENAME, checkpoint_path, find_latest_checkpoint, load_checkpoint,
         save_checkpoint,

@@ -1,6 +1,7 @@
 """The configuration: shipped configs load, overrides apply, bad values fail with the field
 named, and the command line exits early with those messages."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -98,13 +99,15 @@ def test_cli_missing_data_path_fails_fast_with_the_fix(tmp_path):
     missing = tmp_path / "nope" / "corpus_text_document"
     proc = _cli("--config", "tiny", "data.mock=false", f"data.data_path=[{missing}]")
     assert proc.returncode != 0
-    assert str(missing) in proc.stderr and "preprocess_data.py" in proc.stderr, proc.stderr[-2000:]
+    assert str(missing) in proc.stderr and "megatron-mile-preprocess --input" in proc.stderr, proc.stderr[-2000:]
     assert "iteration" not in proc.stdout  # failed before training
 
 
 def test_configuration_reference_is_generated_and_current():
+    # The script documents the megatron_mile that Python imports: this checkout's.
     proc = subprocess.run([sys.executable, "tools/gen_config_docs.py", "--check"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          env={**os.environ, "PYTHONPATH": REPO}, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -112,15 +115,17 @@ def test_every_config_field_has_a_docstring():
     import dataclasses
     import typing
 
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    from gen_config_docs import field_docs
+    spec = importlib.util.spec_from_file_location("gen_config_docs",
+                                                  os.path.join(REPO, "tools", "gen_config_docs.py"))
+    gen_config_docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_config_docs)
 
     from megatron_mile.config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     missing = [f"{s.name}.{f.name}" for s in dataclasses.fields(TrainConfig)
                for f in dataclasses.fields(hints[s.name])
-               if not field_docs(hints[s.name]).get(f.name)]
+               if not gen_config_docs.field_docs(hints[s.name]).get(f.name)]
     assert not missing, f"fields without a docstring: {missing}"
 
 

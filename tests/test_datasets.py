@@ -163,7 +163,7 @@ def test_missing_data_path_fails_early_with_the_fix(data, tmp_path):
     cfg = _cfg(data, data_path=[str(tmp_path / "nothing")],
                path_to_cache=str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match=r"no indexed dataset at prefix '.*nothing'.*"
-                                                r"tools/preprocess_data\.py --input"):
+                                                r"megatron-mile-preprocess --input"):
         build_datasets(cfg, tok, SEQ, (10, 1, 1), seed=1)
     assert not (tmp_path / "cache").exists()  # failed before building any index
     with pytest.raises(FileNotFoundError, match=r"without \.bin/\.idx: use '.*a'"):

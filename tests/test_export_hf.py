@@ -1,4 +1,5 @@
-"""tools/export_hf.py: a TP=2 checkpoint exported to LlamaForCausalLM gives megatron's logits.
+"""megatron_mile.evaluation.hf_export (megatron-mile-export-hf): a TP=2 checkpoint exported to
+LlamaForCausalLM gives megatron's logits.
 
 One 2-process launch trains the tiny model at TP=2 with grouped-query attention (4 heads, 2
 kv groups: a q/k/v or gate/up mix-up changes the logits) for a few fp32 steps, saves, and

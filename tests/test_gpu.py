@@ -41,7 +41,7 @@ def test_loss_on_cuda_matches_dense_reference(dtype, grad_rtol, weighting):
 
 
 def test_cpu_compat_layer_stays_off_with_cuda():
-    from megatron_mile.platform import cpu_compat_installed, install_cpu_compat
+    from megatron_mile.cpu_compat import cpu_compat_installed, install_cpu_compat
 
     install_cpu_compat()
     assert not cpu_compat_installed()

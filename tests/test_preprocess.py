@@ -142,7 +142,7 @@ def test_killed_run_leaves_no_valid_looking_output(tmp_path, model_path):
         prefix = tmp_path / sig.name / "out"
         prefix.parent.mkdir()
         procs[sig] = (prefix, subprocess.Popen(
-            [sys.executable, str(REPO / "tools/preprocess_data.py"), "--input", "-",
+            [sys.executable, "-m", "megatron_mile.cli.preprocess", "--input", "-",
              "--input-format", "jsonl", "--output-prefix", str(prefix), "--tokenizer-model",
              model_path, "--log-interval", "0", "--chunk-mb", "0.001"],
             stdin=subprocess.PIPE, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -166,11 +166,7 @@ def test_killed_run_leaves_no_valid_looking_output(tmp_path, model_path):
 
 
 def test_cli_prints_summary(tmp_path, model_path, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("preprocess_data",
-                                                  REPO / "tools/preprocess_data.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from megatron_mile.cli import preprocess as cli
     corpus = tmp_path / "mixed.jsonl"
     good, _ = _mixed_corpus(corpus)
     args = ["--input", str(corpus), "--output-prefix", str(tmp_path / "o"),

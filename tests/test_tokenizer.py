@@ -82,7 +82,7 @@ def test_existing_model_not_made_by_our_tool(tmp_path):
 
 
 def test_missing_model_names_path_and_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nope\.model.*train_tokenizer\.py"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.model.*megatron-mile-train-tokenizer --input"):
         SentencePieceTokenizer(str(tmp_path / "nope.model"))
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"not a model")
@@ -121,10 +121,7 @@ def test_training_reports_wrong_json_key_and_small_corpus(tmp_path):
 
 
 def test_cli_writes_model_and_vocab(tmp_path, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("train_tokenizer", "tools/train_tokenizer.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from megatron_mile.cli import train_tokenizer as cli
     corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(200))
     rc = cli.main(["--input", str(corpus), "--model-prefix", str(tmp_path / "m"),
                    "--vocab-size", "320", "--num-threads", "1"])

@@ -250,3 +250,22 @@ def test_half_precision_trains_like_fp32(pair, dtype):
 def test_non_finite_loss_on_one_rank_stops_every_rank(pair):
     assert pair["nan"] is not None and pair["nan"].startswith("NonFiniteLossError: non-finite "
                                                               "loss at iteration 2"), pair["nan"]
+
+
+def test_check_pipeline_config_rejects_batched_p2p_with_interleaved_pp2():
+    from types import SimpleNamespace
+
+    from megatron_mile.config import load_config
+    from megatron_mile.model import check_pipeline_config, transformer_config
+
+    def cfg(vp, pp, batch):
+        return SimpleNamespace(virtual_pipeline_model_parallel_size=vp,
+                               pipeline_model_parallel_size=pp, batch_p2p_comm=batch)
+
+    with pytest.raises(ValueError, match="batch_p2p_comm=False"):
+        check_pipeline_config(cfg(2, 2, True))
+    for ok in (cfg(2, 2, False), cfg(None, 2, True), cfg(2, 4, True)):
+        check_pipeline_config(ok)
+    # The model's own TransformerConfig for that layout passes.
+    interleaved = load_config("tiny", ["model.num_layers=4", *LAYOUTS["pp2_vp2"]], world_size=2)
+    check_pipeline_config(transformer_config(interleaved, use_cpu_initialization=True))

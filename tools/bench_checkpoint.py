@@ -31,11 +31,11 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     args = parser.parse_args()
 
-    from megatron_mile.platform import default_single_process_env
+    from megatron_mile.launch import default_single_process_env
 
     default_single_process_env()
     from megatron_mile.log_filters import install_warning_filters
-    from megatron_mile.platform import cuda_available
+    from megatron_mile.cpu_compat import cuda_available
 
     install_warning_filters(cuda=cuda_available())
     import torch.distributed as dist

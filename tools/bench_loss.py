@@ -142,7 +142,7 @@ def bench_case(tokens: int, vocab: int, dtype: torch.dtype, reps: int, tp_group,
 def _worker(rank: int, world_size: int, args) -> list[dict]:
     from megatron.core import parallel_state
 
-    from megatron_mile.platform import initialize_distributed
+    from megatron_mile.launch import initialize_distributed
 
     device = initialize_distributed()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))

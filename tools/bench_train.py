@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     if "RANK" in __import__("os").environ:  # under torchrun: this process is one rank
         import torch.distributed as dist
 
-        from megatron_mile.platform import initialize_distributed
+        from megatron_mile.launch import initialize_distributed
 
         initialize_distributed()
         results = _worker(dist.get_rank(), dist.get_world_size(), args)

@@ -4,7 +4,8 @@
     python tools/gen_config_docs.py            # rewrite docs/configuration.md
     python tools/gen_config_docs.py --check    # exit 1 if it is out of date (a test runs this)
 
-A field's docstring is the string literal right after it in the class body.
+A field's docstring is the string literal right after it in the class body. Documents the
+megatron_mile that Python imports: the installed package (or PYTHONPATH's).
 """
 
 from __future__ import annotations
@@ -18,12 +19,9 @@ import textwrap
 import typing
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from megatron_mile.config import TrainConfig
 
-from megatron_mile.config import TrainConfig  # noqa: E402
-
-OUTPUT = REPO / "docs" / "configuration.md"
+OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 
 def field_docs(cls: type) -> dict[str, str]:

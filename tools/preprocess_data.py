@@ -1,84 +1,10 @@
 #!/usr/bin/env python
-"""Tokenize text or JSONL into a Megatron indexed dataset (PREFIX.bin + PREFIX.idx).
+"""Megatron-LM habit: ``python tools/preprocess_data.py ...`` runs ``megatron-mile-preprocess``
+(megatron_mile/cli/preprocess.py) from the installed package."""
 
-    python tools/preprocess_data.py --input data/train.jsonl --output-prefix data/train \
-        --tokenizer-model data/tok.model --workers 4
-
-Each document gets the tokenizer's </s> appended as end-of-document. Bad records (invalid
-JSON, missing --json-key, non-UTF-8 bytes, empty text) are skipped, counted and the first few
-printed with file:line; --strict stops at the first. Prints a progress line every
---log-interval seconds and a summary at the end. Output appears only when complete: an
-interrupted run leaves no PREFIX.idx. Exit status: 0 done, 1 interrupted, 2 bad input/usage.
-Pass the prefix to training as data_path.
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
-import signal
 import sys
-import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_mile.data.text_input import INPUT_FORMATS, TEXT_SPLITS  # noqa: E402
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True,
-                   help="text or JSONL files, processed in order; '-' reads stdin")
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
-    p.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
-                   help="auto: .jsonl/.json/.ndjson are JSONL, anything else plain text")
-    p.add_argument("--json-key", default="text", help="JSONL key holding the document text")
-    p.add_argument("--text-split", choices=TEXT_SPLITS, default="line",
-                   help="plain text: what one document is")
-    p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
-    p.add_argument("--strict", action="store_true", help="fail on the first bad record")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX")
-    p.add_argument("--chunk-mb", type=float, default=1.0, help="input MB per unit of work")
-    p.add_argument("--log-interval", type=float, default=5.0,
-                   help="seconds between progress lines (0: after every chunk)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    return p
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # SIGTERM (kill, job schedulers) unwinds like Ctrl-C, so temporary files are removed.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    from megatron_mile.data.preprocess import BadInputError, preprocess, token_dtype
-
-    try:
-        stats = preprocess(
-            args.input, args.output_prefix, args.tokenizer_model,
-            input_format=args.input_format, json_key=args.json_key,
-            text_split=args.text_split, workers=args.workers, strict=args.strict,
-            overwrite=args.overwrite, chunk_bytes=max(1, int(args.chunk_mb * 1e6)),
-            log_interval_s=args.log_interval, progress=None if args.quiet else sys.stderr)
-    except BadInputError as err:
-        print(f"error: bad input (--strict): {err}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: nothing written to {args.output_prefix}.idx", file=sys.stderr)
-        return 1
-    import sentencepiece as spm
-    vocab = spm.SentencePieceProcessor(model_file=args.tokenizer_model).vocab_size()
-    print(stats.summary(args.output_prefix, token_dtype(vocab).__name__))
-    return 0
-
+from megatron_mile.cli.preprocess import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,8 +9,8 @@
 #   1.2b   llama_1.2b   4 x 8         TP=2, 16 x 4 x 16 = 1024 sequences of 1024 tokens
 #   6.7b   llama_6.7b   16 x 8        TP=4, 16 x 4 x 32 = 2048 sequences of 2048, full recompute
 #   tiny   tiny         1 x 1 (or CPU: DEVICE=cpu NPROC_PER_NODE=2 TP=2), mock data: a smoke test
-# (the paper: 16, 32 and 128 GPUs; tools/estimate_memory.py gives the memory per GPU)
-# Examples (the data: tools/preprocess_data.py output prefixes, see docs/launching.md):
+# (the paper: 16, 32 and 128 GPUs; megatron-mile-estimate-memory gives the memory per GPU)
+# Examples (the data: megatron-mile-preprocess output prefixes, see docs/launching.md):
 #   export DATA_PATH=/data/pile/pile_text_document TOKENIZER_MODEL=/data/llama.model
 #   LOSS=mile GAMMA=1.0        examples/slurm/submit.sh 6.7b
 #   LOSS=focal GAMMA=1.0       examples/slurm/submit.sh 6.7b

@@ -6,7 +6,7 @@ raise ``ValueError`` in ``__post_init__`` naming the field, the value and what i
 Data is named by Megatron blends: ``data_path`` is either a list of prefixes
 (``["data/a", "data/b"]``, weighted by size) or alternating weight/prefix pairs
 (``["0.7", "data/a", "0.3", "data/b"]``). A prefix names ``PREFIX.bin`` + ``PREFIX.idx`` as
-written by ``tools/preprocess_data.py``.
+written by ``megatron-mile-preprocess``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class DataConfig:
     ``data_path`` must be empty and ``vocab_size`` (or ``tokenizer_model``) set."""
 
     tokenizer_model: str | None = None
-    """SentencePiece ``.model`` file (from ``tools/train_tokenizer.py`` or e.g. LLaMA's);
+    """SentencePiece ``.model`` file (from ``megatron-mile-train-tokenizer`` or e.g. LLaMA's);
     must be the one the data was preprocessed with. Exclusive with ``vocab_size``."""
 
     vocab_size: int | None = None
@@ -101,7 +101,7 @@ class DataConfig:
                                  f": mock data reads no files; set mock=False or clear it")
         elif not self.data_path:
             raise ValueError("DataConfig.data_path=[]: give at least one dataset prefix (from "
-                             "tools/preprocess_data.py), or set mock=True for synthetic data")
+                             "megatron-mile-preprocess), or set mock=True for synthetic data")
         if self.test_data_path and not self.valid_data_path:
             raise ValueError(f"DataConfig.test_data_path={self.test_data_path!r} needs "
                              f"valid_data_path too (otherwise data_path is carved by split)")

@@ -32,6 +32,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import (
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from torch.utils.data import DataLoader, Dataset
 
+from megatron_mile.cpu_compat import cuda_available
 from megatron_mile.data.config import DataConfig
 from megatron_mile.data.integrity import DataError, summarize_indexed_dataset
 from megatron_mile.data.tokenizer import NullTokenizer, SentencePieceTokenizer, Tokenizer
@@ -162,7 +163,7 @@ def _check_prefix(name: str, prefix: str, vocab_size: int, seq_length: int) -> N
             hint = " A preprocessing run for it was interrupted: run it again."
         raise FileNotFoundError(
             f"DataConfig.{name}: no indexed dataset at prefix {prefix!r} (missing "
-            f"{', '.join(missing)}).{hint} Create it with: python tools/preprocess_data.py "
+            f"{', '.join(missing)}).{hint} Create it with: megatron-mile-preprocess "
             f"--input CORPUS.jsonl --output-prefix {prefix} --tokenizer-model TOKENIZER.model")
     try:
         summary = summarize_indexed_dataset(prefix)
@@ -172,7 +173,7 @@ def _check_prefix(name: str, prefix: str, vocab_size: int, seq_length: int) -> N
         raise DataError(
             f"DataConfig.{name}: {prefix}.bin holds token id {summary.max_token_id} but the "
             f"tokenizer has vocab_size={vocab_size}: the data was preprocessed with another "
-            "tokenizer. Use that tokenizer_model, or re-run tools/preprocess_data.py with this "
+            "tokenizer. Use that tokenizer_model, or re-run megatron-mile-preprocess with this "
             "one")
     if summary.num_tokens < seq_length + 1:
         logger.warning("DataConfig.%s: %s holds %d tokens, fewer than one sample of "
@@ -252,7 +253,7 @@ def build_data_loader(
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                  data_parallel_rank, data_parallel_size)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(),
+                      pin_memory=cuda_available(),
                       persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(seed))
 

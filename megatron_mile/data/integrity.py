@@ -60,7 +60,7 @@ class IndexSummary:
 
 
 def _redo(prefix: str) -> str:
-    return (f"re-create it with: python tools/preprocess_data.py --input CORPUS.jsonl "
+    return (f"re-create it with: megatron-mile-preprocess --input CORPUS.jsonl "
             f"--output-prefix {prefix} --tokenizer-model TOKENIZER")
 
 

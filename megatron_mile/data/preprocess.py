@@ -211,7 +211,7 @@ def preprocess(
         raise ValueError(f"chunk_bytes={chunk_bytes}: must be >= 1")
     if not os.path.isfile(tokenizer_model):
         raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model}; train one with "
-                                f"tools/train_tokenizer.py")
+                                f"megatron-mile-train-tokenizer")
     bin_path, idx_path = output_prefix + ".bin", output_prefix + ".idx"
     for p in (bin_path, idx_path):
         if os.path.exists(p) and not overwrite:

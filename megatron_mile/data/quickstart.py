@@ -5,7 +5,7 @@
     cfg = DataConfig(data_path=[data.train_prefix], valid_data_path=[data.valid_prefix],
                      tokenizer_model=data.tokenizer_model)
 
-or ``python tools/prepare_corpus.py --output-dir data/quickstart --tokenize``.
+or ``megatron-mile-prepare-corpus --output-dir data/quickstart --tokenize``.
 
 Steps (see ``docs/data.md``): :func:`~megatron_mile.data.corpus.prepare_corpus` writes
 ``train.jsonl``/``validation.jsonl`` from the Python standard library's docstrings; a BPE

@@ -1,6 +1,6 @@
 """Reading raw text corpora: plain text or JSONL, record by record, with line numbers.
 
-Shared by ``tools/train_tokenizer.py`` and ``tools/preprocess_data.py``. Reading and decoding
+Shared by ``megatron-mile-train-tokenizer`` and ``megatron-mile-preprocess``. Reading and decoding
 are split on purpose: :func:`iter_records` yields undecoded bytes (cheap, done by the parent
 process), :func:`decode_record` turns one record into text or a :class:`BadRecord` (done in the
 worker processes), so that every bad input is found, counted and reported with its line number.

@@ -7,7 +7,7 @@ megatron-core 0.16.1 types ``GPTDatasetConfig.tokenizer`` as
   ``eod_mask_loss`` / ``reset_*``), ``pad`` (padding id; -1 when there is none), ``eos``;
 * ``unique_identifiers`` (an ``OrderedDict`` hashed into the dataset cache key).
 
-:class:`SentencePieceTokenizer` wraps a ``.model`` file (ours from ``tools/train_tokenizer.py``
+:class:`SentencePieceTokenizer` wraps a ``.model`` file (ours from ``megatron-mile-train-tokenizer``
 or an existing one such as LLaMA's ``tokenizer.model``) directly with ``sentencepiece``: no
 text rewriting, so ``detokenize(tokenize(text)) == text`` for models trained with our defaults.
 :class:`NullTokenizer` reuses megatron-core's null tokenizer for mock data and pre-tokenized
@@ -46,7 +46,7 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
         if not os.path.isfile(model_path):
             raise FileNotFoundError(
                 f"tokenizer model not found: {model_path}. Train one with "
-                f"`python tools/train_tokenizer.py --input CORPUS --model-prefix PREFIX` or point "
+                f"`megatron-mile-train-tokenizer --input CORPUS --model-prefix PREFIX` or point "
                 f"tokenizer_model at an existing SentencePiece .model (e.g. LLaMA's "
                 f"tokenizer.model)")
         with open(model_path, "rb") as f:
@@ -65,7 +65,7 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
         if self._sp.eos_id() < 0:
             raise ValueError(
                 f"{model_path} has no </s> token, which marks the end of each document; retrain "
-                f"it with an --eos-id (tools/train_tokenizer.py)")
+                f"it with an --eos-id (megatron-mile-train-tokenizer)")
         self._sha256 = hashlib.sha256(proto).hexdigest()
 
     # Pickled into DataLoader workers and preprocessing processes: ship the model bytes.

@@ -3,7 +3,7 @@
 The defaults give an exact round trip ``detokenize(tokenize(text)) == text`` for any text:
 ``identity`` normalisation, whitespace kept as is, and byte fallback so that no character
 maps to ``<unk>``. Special tokens default to the LLaMA layout ``<unk>=0, <s>=1, </s>=2`` plus
-``<pad>=3``; ``</s>`` is the end-of-document token appended by ``tools/preprocess_data.py``.
+``<pad>=3``; ``</s>`` is the end-of-document token appended by ``megatron-mile-preprocess``.
 
 Only ``sentencepiece`` is imported (not torch, not megatron-core): this runs in a second.
 """
@@ -29,7 +29,7 @@ MODEL_TYPES: tuple[str, ...] = ("bpe", "unigram")
 
 @dataclass
 class TokenizerTrainingConfig:
-    """What to train; every field maps to a ``tools/train_tokenizer.py`` flag."""
+    """What to train; every field maps to a ``megatron-mile-train-tokenizer`` flag."""
 
     vocab_size: int = 32000
     """Number of pieces, special and byte-fallback tokens included. Range: [special + 256 + 1,

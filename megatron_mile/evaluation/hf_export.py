@@ -141,7 +141,7 @@ def write_tokenizer(tokenizer_model: str, out_dir: str) -> None:
     """Copy the SentencePiece model and describe it as HF's ``LlamaTokenizer``.
 
     No BOS/EOS is added when encoding: the model was trained on documents without a BOS
-    (tools/preprocess_data.py appends only ``</s>``).
+    (``megatron-mile-preprocess`` appends only ``</s>``).
     """
     import sentencepiece as spm
 

@@ -106,8 +106,9 @@ def load_inference_model(load_dir: str, tp: int = 1, pp: int = 1, dtype: Optiona
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
 
+    from megatron_mile.cpu_compat import cuda_available
+    from megatron_mile.launch import initialize_distributed
     from megatron_mile.model import build_model_chunk, transformer_config
-    from megatron_mile.platform import initialize_distributed
     from megatron_mile.training.checkpointing import load_checkpoint
 
     iteration = resolve_iteration(load_dir, iteration)
@@ -134,7 +135,7 @@ def load_inference_model(load_dir: str, tp: int = 1, pp: int = 1, dtype: Optiona
                                              pipeline_model_parallel_size=pp)
     torch.manual_seed(cfg.training.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.training.seed)
-    config = transformer_config(cfg, use_cpu_initialization=not torch.cuda.is_available())
+    config = transformer_config(cfg, use_cpu_initialization=not cuda_available())
     model = build_model_chunk(cfg, config, vocab_size,
                               pre_process=parallel_state.is_pipeline_first_stage(),
                               post_process=parallel_state.is_pipeline_last_stage())

@@ -1,7 +1,7 @@
 """A debug-size megatron-core GPT and a deterministic training step, for multi-process tests.
 
 Everything here runs inside a process where ``torch.distributed`` is initialised (e.g. under
-``run_distributed``) and ``megatron_mile.platform.initialize_distributed()`` has been called.
+``run_distributed``) and ``megatron_mile.launch.initialize_distributed()`` has been called.
 
 Weights are the same for every TP size: ``use_cpu_initialization=True`` builds each weight's
 full master copy from the CPU generator and keeps this rank's slice
@@ -37,7 +37,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
-from megatron_mile.platform import check_pipeline_config
+from megatron_mile.model import check_pipeline_config
 
 
 @dataclass(frozen=True)

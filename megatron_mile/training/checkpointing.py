@@ -458,7 +458,7 @@ def _rng_state() -> dict[str, torch.Tensor]:
     ([624] and [pos, has_gauss, cached_gaussian]); torch CPU and CUDA generator bytes; one
     entry per megatron RNG tracker state (dropout in TP regions, expert parallel ...).
     """
-    from megatron_mile.platform import cuda_available
+    from megatron_mile.cpu_compat import cuda_available
 
     version, words, gauss = random.getstate()
     _, np_words, pos, has_gauss, cached = np.random.get_state()
@@ -478,7 +478,7 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 
 def _restore_rng_state(state: dict[str, torch.Tensor]) -> None:
-    from megatron_mile.platform import cuda_available
+    from megatron_mile.cpu_compat import cuda_available
 
     version, has_gauss, gauss = state["python_meta"].tolist()
     random.setstate((int(version), tuple(state["python_words"].tolist()),

@@ -35,16 +35,18 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_model_config
 
 from megatron_mile.config import ConfigError, TrainConfig
+from megatron_mile.cpu_compat import cuda_available
 from megatron_mile.data.datasets import build_data_loader, build_datasets, build_tokenizer
+from megatron_mile.launch import initialize_distributed
 from megatron_mile.loss import WeightedCrossEntropy, reduce_token_losses
 from megatron_mile.model import (
     build_model_chunk,
+    check_pipeline_config,
     flops_per_token,
     num_parameters,
     padded_vocab_size,
     transformer_config,
 )
-from megatron_mile.platform import check_pipeline_config, initialize_distributed
 from megatron_mile.training import checkpointing
 from megatron_mile.training.logger import MetricsLogger
 from megatron_mile.training.watchdog import Watchdog
@@ -140,7 +142,7 @@ class Trainer:
 
     def _build_model(self) -> list[torch.nn.Module]:
         cfg = self.cfg
-        on_gpu = torch.cuda.is_available()
+        on_gpu = cuda_available()
         # CPU initialisation builds each full weight from one generator and slices it, so the
         # weights do not depend on the TP size (used by the layout-equivalence tests).
         self.transformer_config = transformer_config(cfg, use_cpu_initialization=not on_gpu)
@@ -516,6 +518,6 @@ class Trainer:
 
 
 def _memory_gib() -> float:
-    if torch.cuda.is_available():
+    if cuda_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB

@@ -1,0 +1,53 @@
+"""Convert a megatron-mile checkpoint (any TP/PP layout) to a Hugging Face LlamaForCausalLM.
+
+    megatron-mile-export-hf --load runs/mile --output hf/mile
+    python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('hf/mile')"
+
+Writes config.json, model.safetensors, generation_config.json and the SentencePiece tokenizer
+(tokenizer.model + tokenizer_config.json) into --output. The vocabulary keeps the model's
+padded rows unless --trim-vocab (see megatron_mile/evaluation/hf_export.py for the name map
+and conventions, docs/evaluation.md for lm-evaluation-harness). Needs `safetensors`.
+Also ``python -m megatron_mile.cli.export_hf`` and ``python tools/export_hf.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``megatron-mile-export-hf``; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="megatron-mile-export-hf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, help="checkpoint.save directory of a run")
+    parser.add_argument("--output", required=True, help="HF model folder to write")
+    parser.add_argument("--iteration", type=int, default=None, help="default: the latest")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                        help="weights dtype (default: the training dtype)")
+    parser.add_argument("--trim-vocab", action="store_true",
+                        help="cut the padded embedding/output rows to the tokenizer's size")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="config overrides, e.g. data.tokenizer_model=/new/path/tok.model")
+    args = parser.parse_args(argv)
+
+    import torch.distributed as dist
+
+    from megatron_mile.evaluation.hf_export import export_checkpoint
+    from megatron_mile.launch import default_single_process_env
+
+    default_single_process_env()
+    config = export_checkpoint(args.load, args.output, dtype=args.dtype,
+                               trim_vocab=args.trim_vocab, iteration=args.iteration,
+                               overrides=args.overrides)
+    if dist.get_rank() == 0:
+        info = config["megatron_mile"]
+        print(f"exported iteration {info['iteration']} of {args.load} ({info['loss']}) to "
+              f"{args.output}: vocab_size {config['vocab_size']} (tokenizer "
+              f"{info['tokenizer_vocab_size']}), dtype {config['torch_dtype']}")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
