@@ -34,7 +34,7 @@ from megatron.core.transformer.transformer_layer import (
 
 from megatron_mile.config import ConfigError, TrainConfig
 from megatron_mile.cpu_compat import cuda_available
-from megatron_mile.loss import LossConfig, WeightedCrossEntropy, token_losses
+from megatron_mile.loss import LossConfig, LossNormalizer, WeightedCrossEntropy, token_losses
 
 
 def padded_vocab_size(vocab_size: int, cfg: TrainConfig) -> int:
@@ -78,9 +78,8 @@ def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool) -> Transf
         recompute_granularity=m.recompute_granularity,
         recompute_method="uniform" if m.recompute_granularity == "full" else None,
         recompute_num_layers=m.recompute_num_layers if m.recompute_granularity == "full" else None,
-        # "global" normalisation divides by the summed weights itself
-        # (megatron_mile/training/trainer.py, Trainer._finalize_model_grads).
-        calculate_per_token_loss=cfg.loss.normalization == "global",
+        # "global" normalisation divides by the summed weights (loss/reduction.py).
+        calculate_per_token_loss=LossNormalizer.uses_per_token_loss(cfg.loss.normalization),
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=True,
         # Fusions that need CUDA kernels (apex/TE/jit) are switched on only on GPU.

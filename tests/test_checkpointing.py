@@ -1,11 +1,16 @@
-"""Checkpoints: exact resume across layouts, resharding, atomic publishing, errors without hangs.
+"""Checkpoints: exact resume in every layout, resharding, the API's errors on every rank.
 
-Two 2-process gloo launches (each process pays ~8 s of imports once):
-- resume: for each layout, train 4 steps saving after step 2; then build fresh objects from a
-  different seed, load, train steps 3-4. Loss and grad norm must equal the uninterrupted run
-  exactly (same ops in the same order on CPU: bitwise reproducible).
-- failures: atomicity and every error path; each must raise CheckpointError on BOTH ranks.
-  A hang would exceed the launch timeout and fail the test.
+One 2-process gloo launch (each process imports megatron-core once), on the product's Trainer
+(the shipped tiny config, mock data, fp32 unless a layout says otherwise):
+- resume: per layout, 4 steps straight; 2 steps + save, then a fresh trainer resumes for steps
+  3-4. Loss and grad norm must equal the straight run bitwise (same ops in the same order on
+  CPU), also with dropout on (every mask comes from the restored RNG state).
+- relayout: the TP=2 checkpoint loads weights-only into a PP=2 model; its first loss is the
+  straight run's at that step (fp32, 1e-5: only the reduction order differs).
+- failures: atomicity and every error path of ``save_checkpoint``/``load_checkpoint``; each
+  must raise CheckpointError on BOTH ranks. A hang would exceed the launch timeout.
+(The CLI-level faults -- crashes in the publish window, a full disk, crafted files, hung
+peers -- are in test_faults.py.)
 """
 
 from __future__ import annotations
@@ -17,109 +22,69 @@ import shutil
 import pytest
 
 from megatron_mile.testing import run_distributed
+from trainer_runs import DROPOUT, curve, resume_curves, run_trainer
 
 pytestmark = pytest.mark.slow
 
+BASE = ["training.eval_interval=0", "training.log_interval=1", "optimizer.lr_decay_iters=16"]
+TP2 = ["parallel.tensor_model_parallel_size=2"]
+PP2 = ["parallel.pipeline_model_parallel_size=2"]
+DISTOPT = ["parallel.use_distributed_optimizer=true"]
 RESUME_LAYOUTS = {
-    # name: (tp, pp, vp, bf16, distributed optimizer, num_layers)
-    "tp2": (2, 1, None, False, False, 2),
-    "dp2_bf16_distopt": (1, 1, None, True, True, 2),
-    "tp2_bf16_distopt": (2, 1, None, True, True, 2),
-    "pp2_vp2_distopt": (1, 2, 2, False, True, 4),
+    "tp2": TP2,
+    "dp2_bf16_distopt": ["precision.dtype=bf16", *DISTOPT],
+    "tp2_bf16_distopt": [*TP2, "precision.dtype=bf16", *DISTOPT],
+    "pp2_vp2_distopt": [*PP2, "parallel.virtual_pipeline_model_parallel_size=2", *DISTOPT,
+                        "model.num_layers=4"],
+    "tp2_sp_dropout": [*TP2, "parallel.sequence_parallel=true", *DROPOUT],
+    "pp2_dropout": [*PP2, *DROPOUT],
 }
-EXTRA = {"step": 2, "consumed_samples": 16, "config": {"model": {"hidden": 64}, "lr": 1e-3}}
 
 
-class _Run:
-    """One layout's model/optimizer/scheduler, built inside an initialised parallel_state."""
-
-    def __init__(self, tp, pp, vp, bf16, distopt, num_layers, seed):
-        from megatron_mile.testing import tiny_gpt as T
-
-        self.T = T
-        T.seed_everything(seed)
-        self.shape = T.TinyGPT(num_layers=num_layers)
-        config = T.transformer_config(self.shape, bf16=bf16, vp_size=vp)
-        self.model = T.wrap_for_training(T.build_model_chunks(self.shape, config), config,
-                                         use_distributed_optimizer=distopt)
-        self.optimizer = T.build_optimizer(self.model, config, use_distributed_optimizer=distopt)
-        self.scheduler = T.build_scheduler(self.optimizer)
-        self.batches = T.make_batches(self.shape, seed=7, count=4)
-
-    def step(self):
-        return self.T.train_step(self.model, self.optimizer, self.scheduler, self.batches,
-                                 self.shape)
-
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-
-def _parallel(tp, pp, vp):
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tp, pp, virtual_pipeline_model_parallel_size=vp)
-
-
-def _resume(rank: int, world_size: int, root: str) -> dict:
-    from megatron.core import parallel_state
-
-    from megatron_mile.launch import initialize_distributed
-    from megatron_mile.training.checkpointing import load_checkpoint, save_checkpoint
-
-    initialize_distributed()
-    out = {}
-    for name, (tp, pp, vp, bf16, distopt, layers) in RESUME_LAYOUTS.items():
-        ckpt = os.path.join(root, name)
-        _parallel(tp, pp, vp)
-        run = _Run(tp, pp, vp, bf16, distopt, layers, seed=1)
-        straight = [run.step(), run.step()]
-        path = save_checkpoint(ckpt, 2, run.model, run.optimizer, run.scheduler, EXTRA)
-        lr_at_save = run.lr()
-        straight += [run.step(), run.step()]
-
-        fresh = _Run(tp, pp, vp, bf16, distopt, layers, seed=99)
-        extra = load_checkpoint(ckpt, fresh.model, fresh.optimizer, fresh.scheduler)
-        lr_after_load = fresh.lr()
-        resumed = [fresh.step(), fresh.step()]
-        out[name] = {"straight": straight, "resumed": resumed, "extra": extra, "path": path,
-                     "lr": (lr_at_save, lr_after_load)}
-
-        if name == "tp2":
-            # Reshard: TP=2 checkpoint -> TP=1 (DP=2) model, weights only (eval/export).
-            _parallel(1, 1, None)
-            single = _Run(1, 1, None, False, False, layers, seed=5)
-            load_checkpoint(ckpt, single.model, None, None)
-            out["tp2_to_tp1_eval"] = single.T.eval_loss(single.model, single.batches,
-                                                        single.shape)
-            out["tp2_after_2_steps"] = straight[2][0]
-    parallel_state.destroy_model_parallel()
+def _checkpoints(rank: int, world_size: int, root: str) -> dict:
+    out: dict = {}
+    for name, layout in RESUME_LAYOUTS.items():
+        out[name] = resume_curves(BASE + layout, world_size, os.path.join(root, name), steps=4)
+    # The TP=2 checkpoint (latest: iteration 4) into PP=2, weights only: iteration 5's loss is
+    # computed from the same weights as in a straight TP=2 run.
+    out["straight_tp2"] = curve(run_trainer(BASE + TP2 + ["training.train_iters=5"], world_size))
+    relayout = run_trainer(BASE + PP2 + [f"checkpoint.load={os.path.join(root, 'tp2')}",
+                                         "checkpoint.load_optimizer=false",
+                                         "training.train_iters=5"], world_size)
+    out["relayout"] = {"start": relayout["history"][0]["iteration"],
+                       "loss": (curve(relayout) or [None])[0]}  # None off the last stage
+    out["failures"] = _failures(rank, world_size, os.path.join(root, "failures"))
     return out
 
 
 @pytest.fixture(scope="module")
-def resume(tmp_path_factory) -> list[dict]:
-    root = str(tmp_path_factory.mktemp("resume"))
-    return run_distributed(_resume, 2, args=(root,), timeout_s=500)
+def checkpoints(tmp_path_factory) -> list[dict]:
+    root = str(tmp_path_factory.mktemp("checkpoints"))
+    return run_distributed(_checkpoints, 2, args=(root,), timeout_s=600)
 
 
-@pytest.mark.parametrize("layout", sorted(RESUME_LAYOUTS))
-def test_resume_is_exact(resume, layout):
-    for rank_out in resume:
+@pytest.mark.parametrize("layout", list(RESUME_LAYOUTS))
+def test_resume_is_exact(checkpoints, layout):
+    for rank_out in checkpoints:
         case = rank_out[layout]
-        # (loss, grad norm) of steps 3 and 4: bitwise equal to the uninterrupted run.
-        assert case["resumed"] == case["straight"][2:], layout
-        assert case["straight"][3][0] < case["straight"][0][0]  # it did train
-        assert case["extra"] == EXTRA
-        assert case["lr"][0] == case["lr"][1]
-        assert os.path.basename(case["path"]) == "iter_0000002"
+        assert case["resumed_start"] == 3
+        assert case["first"] == case["straight"][:2], layout
+        assert case["resumed"] == case["straight"][2:], layout  # bitwise
+        assert case["grad_norm"]["resumed"] == case["grad_norm"]["straight"][2:], layout
+    last = checkpoints[-1][layout]["straight"]  # the last rank is on the last pipeline stage
+    assert len(last) == 4 and last[-1] < last[0], last  # it did train
 
 
-def test_tp2_checkpoint_loads_into_tp1(resume):
-    # Same weights, different reduction order: fp32 agreement to 1e-5 relative.
-    for rank_out in resume:
-        expected = rank_out["tp2_after_2_steps"]
-        assert abs(rank_out["tp2_to_tp1_eval"] - expected) <= 1e-5 * expected
+def test_dropout_is_on_in_the_dropout_layouts(checkpoints):
+    for name in ("tp2_sp_dropout", "pp2_dropout"):
+        dropout, plain = checkpoints[-1][name]["straight"], checkpoints[-1]["tp2"]["straight"]
+        assert max(abs(a - b) for a, b in zip(dropout, plain)) > 1e-3, name
+
+
+def test_checkpoint_reloads_into_another_layout(checkpoints):
+    out = checkpoints[-1]
+    assert out["relayout"]["start"] == 5
+    assert out["relayout"]["loss"] == pytest.approx(out["straight_tp2"][4], rel=1e-5)
 
 
 # --- atomicity and failures -------------------------------------------------------------------
@@ -136,16 +101,17 @@ def _outcome(fn, *args, **kwargs) -> tuple[str, str]:
 def _failures(rank: int, world_size: int, root: str) -> dict:
     import torch.distributed as dist
 
-    from megatron_mile.launch import initialize_distributed
+    from megatron_mile.config import load_config
     from megatron_mile.training.checkpointing import (
         TRACKER_FILENAME, checkpoint_path, find_latest_checkpoint, load_checkpoint,
         save_checkpoint,
     )
+    from megatron_mile.training.trainer import Trainer
 
-    initialize_distributed()
-    _parallel(2, 1, None)
-    run = _Run(2, 1, None, False, False, 2, seed=1)
-    run.step()
+    trainer = Trainer(load_config("tiny", BASE + RESUME_LAYOUTS["tp2"], world_size=world_size))
+    trainer.setup()
+    trainer.train_step()
+    run = trainer  # its model, optimizer and scheduler are what the API saves and loads
     good = os.path.join(root, "good")
     save_checkpoint(good, 2, run.model, run.optimizer, run.scheduler, {"step": 2})
     out: dict = {"latest": find_latest_checkpoint(good)}
@@ -220,13 +186,13 @@ def _failures(rank: int, world_size: int, root: str) -> dict:
 
     # The process group survived all of that: a final collective works.
     out["still_alive"] = _outcome(load, good)
+    trainer.shutdown()
     return out
 
 
 @pytest.fixture(scope="module")
-def failures(tmp_path_factory) -> list[dict]:
-    root = str(tmp_path_factory.mktemp("failures"))
-    return run_distributed(_failures, 2, args=(root,), timeout_s=400)
+def failures(checkpoints) -> list[dict]:
+    return [rank_out["failures"] for rank_out in checkpoints]
 
 
 def test_tracker_names_published_checkpoint(failures):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import make_documents, train_small_tokenizer
+from data_fixtures import make_documents
 from megatron_mile.data.config import DataConfig, parse_blend
 from megatron_mile.data.datasets import (
     PretrainingSampler, build_data_loader, build_datasets, build_tokenizer,
@@ -21,12 +21,12 @@ SEQ = 16
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, str]:
+def data(tmp_path_factory, model_path) -> dict[str, str]:
     """Tokenizer + two preprocessed datasets ("a": 150 documents, "b": 60)."""
     from megatron_mile.data.preprocess import preprocess
 
     tmp = tmp_path_factory.mktemp("data")
-    model = train_small_tokenizer(tmp)
+    model = model_path
     out = {"model": model, "dir": str(tmp)}
     for name, n, seed in (("a", 150, 5), ("b", 60, 6)):
         corpus = tmp / f"{name}.jsonl"
@@ -222,7 +222,7 @@ def test_malformed_dataset_is_one_clear_error(data, tmp_path, damage, match):
     prefix = _damaged_copy(data, tmp_path, damage)
     cfg = _cfg(data, data_path=[prefix], path_to_cache=str(tmp_path / "cache"))
     with pytest.raises(DataError, match=r"DataConfig\.data_path: .*" + match + r".*"
-                                        r"tools/preprocess_data\.py"):
+                                        r"megatron-mile-preprocess"):
         build_datasets(cfg, build_tokenizer(cfg), SEQ, (10, 1, 1), seed=1)
     assert not (tmp_path / "cache").exists()  # refused before building any index
 

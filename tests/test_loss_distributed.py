@@ -20,8 +20,7 @@ import torch.distributed as dist
 
 from megatron_mile.loss import (
     IGNORE_INDEX,
-    reduce_global,
-    reduce_paper,
+    LossNormalizer,
     vocab_parallel_weighted_cross_entropy,
 )
 from megatron_mile.loss import reference
@@ -173,25 +172,28 @@ def _normalisation(mode, tp_group, tp_rank, tp_size, dp_group, dp_rank, dp_size)
         ref_obj = reference.global_objective(torch.stack(wces), torch.stack(ws), torch.stack(masks))
     ref_obj.backward()
 
-    # This rank's share, as the trainer computes it.
-    leaves, local_obj, weight_total = [], 0.0, torch.zeros(())
+    # This rank's share through the trainer's normaliser; megatron's parts are spelled out:
+    # the schedule's scaling of (loss_sum, num_tokens) and finalize_model_grads' all-reduce.
+    normalizer = LossNormalizer(mode, dp_group)
+    normalizer.start_step(torch.device("cpu"))
+    leaves, local_obj = [], 0.0
     for k in range(num_mb):
         logits, target, mask = data[k][dp_rank]
         leaf = _shard(logits, tp_rank, tp_size).float().contiguous().requires_grad_()
         leaves.append(leaf)
         out = vocab_parallel_weighted_cross_entropy(leaf.clone(), target, weighting="mile",
                                                     gamma=1.0, tp_group=tp_group)
-        if mode == "paper":
-            red = reduce_paper(out.weighted_ce, out.weight, mask, dp_group)
-            # what megatron's schedule does with (loss_sum, num_tokens): / clamp(n, 1) / num_mb
-            local_obj = local_obj + red.loss_sum / red.num_tokens.clamp_min(1) / num_mb
-        else:
-            red = reduce_global(out.weighted_ce, out.weight, mask)
+        red = normalizer.micro_batch(out.weighted_ce, out.weight, mask)
+        if normalizer.per_token_loss:  # megatron's schedule: the raw sum
             local_obj = local_obj + red.loss_sum
-            weight_total = weight_total + red.weight_sum
-    if mode == "global":
-        dist.all_reduce(weight_total, group=dp_group)  # what the trainer's grad finaliser does
-        local_obj = local_obj / weight_total
+        else:  # megatron's schedule: / clamp(num_tokens, 1) / num_microbatches
+            local_obj = local_obj + red.loss_sum / red.num_tokens.clamp_min(1) / num_mb
+    denominator = normalizer.grad_denominator(None)
+    if denominator is not None:
+        denominator = denominator.clone()
+        dist.all_reduce(denominator, group=dp_group)  # as finalize_model_grads does
+        local_obj = local_obj / denominator
+    normalizer.end_step()
     local_obj.backward()
     value = local_obj.detach().clone()
     dist.all_reduce(value, group=dp_group)

@@ -13,16 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_fixtures import make_documents, train_small_tokenizer
+from data_fixtures import make_documents
 from megatron_mile.data.preprocess import BadInputError, preprocess
 from megatron_mile.data.tokenizer import SentencePieceTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> str:
-    return train_small_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def _mixed_corpus(path: Path) -> tuple[list[str], dict[str, list[int]]]:

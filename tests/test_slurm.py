@@ -82,12 +82,18 @@ def test_cluster_daemons_stop_even_when_the_body_fails(tmp_path):
         assert proc.poll() is not None, f"{name} (pid {proc.pid}) still runs"
 
 
+# The same lr schedule in both jobs although train_iters grows (8 -> 100000): resuming with a
+# different schedule is an error unless told which to use.
+SCHEDULE = ["optimizer.lr_warmup_iters=2", "optimizer.lr_decay_iters=1000"]
+
+
 @pytest.fixture(scope="module")
 def first_run(cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("first")
     env = _job_env(root)
     done = cluster.run(str(SUBMIT), "tiny", f"training.train_iters={FIRST_ITERS}",
-                       "training.log_interval=1", "training.eval_interval=0", env=env)
+                       "training.log_interval=1", "training.eval_interval=0", *SCHEDULE,
+                       env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     job = re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
     state = cluster.wait(job, JOB_TIMEOUT_S)
@@ -116,7 +122,7 @@ def test_resume_then_save_requeue_and_resume_on_usr1(cluster, first_run, tmp_pat
     env = _job_env(tmp_path, CONFIG="tiny", CKPT_DIR=str(first_run["ckpt"]),
                    TRAIN_ITERS="100000", MOCK_DATA="true")
     job = cluster.sbatch([f"--output={log}", "--nodes=1", "--exclusive", str(PRETRAIN),
-                          "training.log_interval=1", "training.eval_interval=0"],
+                          "training.log_interval=1", "training.eval_interval=0", *SCHEDULE],
                          env=env, cwd=tmp_path)
     _wait_for_log(cluster, job, log, rf"resumed from checkpoint at iteration {FIRST_ITERS}\b")
     _wait_for_log(cluster, job, log, rf"iteration {FIRST_ITERS + 2}/100000")

@@ -22,11 +22,6 @@ ROUND_TRIP = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> str:
-    return train_small_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
 @pytest.mark.parametrize("text", ROUND_TRIP)
 def test_round_trip_is_exact(model_path, text):
     tok = SentencePieceTokenizer(model_path)

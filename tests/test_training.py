@@ -22,6 +22,7 @@ import signal
 import pytest
 
 from megatron_mile.testing import run_distributed
+from trainer_runs import DROPOUT, curve, resume_curves, run_trainer
 
 STEPS = 8
 RTOL = 1e-5
@@ -44,35 +45,11 @@ LAYOUTS = {
 }
 
 
-def _run(overrides: list[str], world_size: int) -> dict:
-    from megatron_mile.config import load_config
-    from megatron_mile.training.trainer import Trainer
-
-    cfg = load_config("tiny", BASE + overrides, world_size=world_size)
-    trainer = Trainer(cfg)
-    trainer.setup()
-    try:
-        out = trainer.train()
-    finally:
-        trainer.shutdown()
-    return out
+def _run(overrides: list[str], world_size: int, **kwargs) -> dict:
+    return run_trainer(BASE + overrides, world_size, **kwargs)
 
 
-def _curve(out: dict, key: str = "lm_loss") -> list[float]:
-    return [h[key] for h in out["history"] if key in h]
-
-
-DROPOUT = ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"]
-
-
-def _dropout_resume(layout: list[str], world_size: int, ckpt: str) -> dict:
-    """Loss curves with dropout on: 8 steps straight; 4 steps + save, then a fresh trainer
-    resumes for the last 4 (every dropout mask must come out the same)."""
-    runs = {"straight": _run(layout + DROPOUT, world_size),
-            "first": _run(layout + DROPOUT + [f"checkpoint.save={ckpt}",
-                                              "training.train_iters=4"], world_size),
-            "resumed": _run(layout + DROPOUT + [f"checkpoint.save={ckpt}"], world_size)}
-    return {name: _curve(run) for name, run in runs.items()}
+_curve = curve
 
 
 def _single(rank: int, world_size: int, tmp: str) -> dict:
@@ -85,7 +62,7 @@ def _single(rank: int, world_size: int, tmp: str) -> dict:
     out = {name: _curve(run) for name, run in runs.items()}
     out["grad_norm_1"] = {name: run["history"][0]["grad_norm"] for name, run in runs.items()}
     out["weight_range_1"] = [runs["paper"]["history"][0][k] for k in ("weight_min", "weight_max")]
-    out["dropout"] = _dropout_resume([], 1, os.path.join(tmp, "dropout"))
+    out["dropout"] = resume_curves(BASE + DROPOUT, 1, os.path.join(tmp, "dropout"))
     return out
 
 
@@ -96,62 +73,33 @@ def _pair(rank: int, world_size: int, tmp: str) -> dict:
     for name in ("tp2", "pp2"):
         out[f"paper_{name}"] = _curve(_run(LAYOUTS[name], 2))
 
-    # Resume: 8 steps straight vs 4 steps, save, a fresh trainer resumes for the last 4.
-    ckpt = os.path.join(tmp, "resume")
-    layout = LAYOUTS["tp2_distopt"]
-    out["straight"] = _curve(_run(layout, 2))
-    first = _run(layout + [f"checkpoint.save={ckpt}", "training.train_iters=4"], 2)
-    # That TP=2 checkpoint (iteration 4) resumed at PP=2, weights only: iteration 5's loss is
-    # computed from the same weights as in the straight run (before this step's update).
-    relayout = _run(LAYOUTS["pp2"] + [f"checkpoint.load={ckpt}",
-                                      "checkpoint.load_optimizer=false"], 2)
-    out["relayout"] = {"start": relayout["history"][0]["iteration"],
-                       "loss": (_curve(relayout) or [None])[0]}  # None off the last stage
-    second = _run(layout + [f"checkpoint.save={ckpt}"], 2)
-    out["resumed_first"], out["resumed_second"] = _curve(first), _curve(second)
-    out["resumed_start"] = second["history"][0]["iteration"]
-    for name in ("tp2_sp", "pp2"):
-        out[f"dropout_{name}"] = _dropout_resume(LAYOUTS[name], 2,
-                                                 os.path.join(tmp, f"dropout_{name}"))
+    # The CPU layer is what runs megatron-core here.
+    from megatron_mile.cpu_compat import cpu_compat_installed
+
+    out["compat"] = cpu_compat_installed()
 
     # A signal on ONE rank stops every rank after that iteration, with a checkpoint.
-    from megatron_mile.training.trainer import Trainer
-
-    original = Trainer.train_step
-
-    def train_step_with_signal(self):
-        metrics = original(self)
-        if self.iteration == 3 and rank == 0:
+    def signal_at_3(trainer, metrics):
+        if trainer.iteration == 3 and rank == 0:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return metrics
 
-    Trainer.train_step = train_step_with_signal
-    try:
-        sig = _run(LAYOUTS["pp2"] + [f"checkpoint.save={os.path.join(tmp, 'signal')}"], 2)
-    finally:
-        Trainer.train_step = original
+    sig = _run(LAYOUTS["pp2"] + [f"checkpoint.save={os.path.join(tmp, 'signal')}"], 2,
+               step_callbacks=[signal_at_3])
     # Half precision through the trainer (Float16Module, fp32 master weights; fp16 with
     # dynamic loss scaling), TP=2 with the distributed optimizer.
     for dtype in ("bf16", "fp16"):
         out[dtype] = _curve(_run(LAYOUTS["tp2_distopt"] + [f"precision.dtype={dtype}"], 2))
 
     # A non-finite loss seen on ONE rank stops every rank with a clear error, no hang.
-    original_reduce = Trainer._reduce_report
-
-    def reduce_with_nan(self, reports):
-        metrics = original_reduce(self, reports)
-        if self.iteration == 2 and rank == 0:
+    def nan_at_2(trainer, metrics):
+        if trainer.iteration == 2 and rank == 0:
             metrics["lm_loss"] = float("nan")
-        return metrics
 
-    Trainer._reduce_report = reduce_with_nan
     try:
-        _run(LAYOUTS["tp2"], 2)
+        _run(LAYOUTS["tp2"], 2, step_callbacks=[nan_at_2])
         out["nan"] = None
     except Exception as e:  # noqa: BLE001 - the message is the result
         out["nan"] = f"{type(e).__name__}: {e}"
-    finally:
-        Trainer._reduce_report = original_reduce
 
     from megatron_mile.training.checkpointing import find_latest_checkpoint
 
@@ -211,27 +159,18 @@ def test_mile_gamma_zero_is_cross_entropy(single):
     _assert_same_curve(single["mile_g0"], single["ce"], "MiLe gamma=0 vs CE", rtol=1e-6)
 
 
-def test_resume_reproduces_the_uninterrupted_run(pair):
-    assert pair["resumed_start"] == 5
-    assert pair["resumed_first"] == pair["straight"][:4]
-    resumed = pair["resumed_second"]
-    assert len(resumed) == 4
-    for step, (a, e) in enumerate(zip(resumed, pair["straight"][4:]), start=5):
-        assert a == pytest.approx(e, rel=1e-6), f"step {step}: resumed {a} vs straight {e}"
-
-
-@pytest.mark.parametrize("layout", ["single", "tp2_sp", "pp2"])
-def test_resume_is_bit_exact_with_dropout(single, pair, layout):
-    curves = single["dropout"] if layout == "single" else pair[f"dropout_{layout}"]
+def test_resume_is_bit_exact_with_dropout_in_one_process(single):
+    """The layouts' resumes (dropout on at TP=2+SP and PP=2) are in test_checkpointing.py."""
+    curves = single["dropout"]
+    assert curves["resumed_start"] == 5
     assert curves["first"] == curves["straight"][:4]
-    assert curves["resumed"] == curves["straight"][4:], layout  # bitwise: same masks, same ops
-    # Dropout is on: the curve leaves the dropout-free one (the same in every layout).
+    assert curves["resumed"] == curves["straight"][4:]  # bitwise: same masks, same ops
+    # Dropout is on: the curve leaves the dropout-free one.
     assert max(abs(a - b) for a, b in zip(curves["straight"], single["paper"])) > 1e-3
 
 
-def test_checkpoint_reloads_into_another_layout(pair):
-    assert pair["relayout"]["start"] == 5
-    assert pair["relayout"]["loss"] == pytest.approx(pair["straight"][4], rel=RTOL)
+def test_megatron_runs_on_the_cpu_compat_layer(pair):
+    assert pair["compat"] is True
 
 
 def test_signal_on_one_rank_saves_and_stops_all(pair):

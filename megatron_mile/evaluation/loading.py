@@ -100,15 +100,10 @@ def load_inference_model(load_dir: str, tp: int = 1, pp: int = 1, dtype: Optiona
         dtype: 'fp32', 'bf16' or 'fp16' for the parameters; None keeps the training dtype.
         overrides: dotted config overrides (e.g. a moved ``data.tokenizer_model``).
 
-    Collectives: ``initialize_distributed`` (unless a group exists), megatron's
-    ``initialize_model_parallel``, and ``load_checkpoint``'s agreement and reads (all ranks).
+    Collectives: ``builders.initialize_parallel`` (the rendezvous unless a group exists,
+    megatron's ``initialize_model_parallel``) and ``load_checkpoint``'s agreement and reads.
     """
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
-
-    from megatron_mile.cpu_compat import cuda_available
-    from megatron_mile.launch import initialize_distributed
-    from megatron_mile.model import build_model_chunk, transformer_config
+    from megatron_mile.training.builders import build_model, initialize_parallel
     from megatron_mile.training.checkpointing import load_checkpoint
 
     iteration = resolve_iteration(load_dir, iteration)
@@ -126,20 +121,11 @@ def load_inference_model(load_dir: str, tp: int = 1, pp: int = 1, dtype: Optiona
     vocab_size, tokenizer_vocab = trained_vocab_sizes(trained)
     cfg = read_checkpoint_config(load_dir, iteration, (overrides or []) + layout)
 
-    device = initialize_distributed()
-    cfg.validate(dist.get_world_size())
     if vocab_size % tp:
         raise ValueError(f"the trained padded vocabulary ({vocab_size}) is not divisible by "
                          f"tp={tp}; pick a TP size that divides it")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                             pipeline_model_parallel_size=pp)
-    torch.manual_seed(cfg.training.seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(cfg.training.seed)
-    config = transformer_config(cfg, use_cpu_initialization=not cuda_available())
-    model = build_model_chunk(cfg, config, vocab_size,
-                              pre_process=parallel_state.is_pipeline_first_stage(),
-                              post_process=parallel_state.is_pipeline_last_stage())
-    model.to(device)
+    device = initialize_parallel(cfg)
+    (model,) = build_model(cfg, vocab_size, device, for_training=False)
     load_checkpoint(load_dir, [model], None, None, iteration=iteration)
     model.eval()
     return InferenceModel(cfg=cfg, model=model, vocab_size=vocab_size,

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron_mile.loss.config import LOSS_TYPES, LossConfig
 from megatron_mile.loss.reduction import (
     NORMALIZATIONS,
+    LossNormalizer,
     ReducedLoss,
     reduce_global,
     reduce_paper,
@@ -29,7 +30,7 @@ from megatron_mile.loss.vocab_parallel import (
 )
 
 __all__ = [
-    "IGNORE_INDEX", "LOSS_TYPES", "NORMALIZATIONS", "LossConfig", "ReducedLoss",
+    "IGNORE_INDEX", "LOSS_TYPES", "NORMALIZATIONS", "LossConfig", "LossNormalizer", "ReducedLoss",
     "WeightedCrossEntropy", "reduce_global", "reduce_paper", "reduce_token_losses",
     "token_losses", "vocab_parallel_focal_loss", "vocab_parallel_mile_loss",
     "vocab_parallel_weighted_cross_entropy",

@@ -27,7 +27,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["NORMALIZATIONS", "ReducedLoss", "reduce_paper", "reduce_global", "reduce_token_losses"]
+__all__ = ["NORMALIZATIONS", "LossNormalizer", "ReducedLoss", "reduce_paper", "reduce_global",
+           "reduce_token_losses"]
 
 NORMALIZATIONS = ("paper", "global")
 
@@ -99,3 +100,73 @@ def reduce_token_losses(
     if normalization == "global":
         return reduce_global(weighted_ce, weight, loss_mask)
     raise ValueError(f"normalization={normalization!r} is not one of {NORMALIZATIONS}")
+
+
+class LossNormalizer:
+    """MiLe's normalisation of one optimizer step, both modes, in one place.
+
+    megatron's schedule hands each micro-batch's ``(loss_sum, num_tokens)`` to
+    ``finalize_model_grads``, which (with ``calculate_per_token_loss``) divides the gradients by
+    the token count summed over micro-batches and all-reduced over DP x CP. ``"paper"`` mode
+    uses megatron as it is (per-micro-batch means, DDP averaging); ``"global"`` mode replaces
+    the token count by the summed MiLe weights, so the objective is the exact weighted mean.
+
+        normalizer = LossNormalizer(cfg.loss.normalization, dp_cp_group)
+        TransformerConfig(..., calculate_per_token_loss=normalizer.per_token_loss)
+        normalizer.start_step(device)                           # before the schedule runs
+        reduced = normalizer.micro_batch(wce_bs, weight_bs, loss_mask_bs)   # in loss_func
+        num_tokens = normalizer.grad_denominator(num_tokens)    # in finalize_model_grads
+        normalizer.end_step()
+
+    Collectives: ``micro_batch`` in ``"paper"`` mode, one SUM all-reduce of 2 values on
+    ``dp_cp_group`` (see :func:`reduce_paper`); none otherwise. The weight total that
+    ``grad_denominator`` returns is all-reduced by megatron's ``finalize_model_grads``.
+    """
+
+    def __init__(self, mode: str, dp_cp_group: Optional[dist.ProcessGroup]) -> None:
+        if mode not in NORMALIZATIONS:
+            raise ValueError(f"normalization={mode!r} is not one of {NORMALIZATIONS}")
+        self.mode = mode
+        self.dp_cp_group = dp_cp_group
+        self._weight_total: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def uses_per_token_loss(mode: str) -> bool:
+        """megatron's ``calculate_per_token_loss`` for ``mode``: True for ``"global"``."""
+        return mode == "global"
+
+    @property
+    def per_token_loss(self) -> bool:
+        """megatron's ``calculate_per_token_loss`` for this mode."""
+        return self.uses_per_token_loss(self.mode)
+
+    def start_step(self, device: torch.device) -> None:
+        """Reset the step's weight total (``"global"`` mode)."""
+        if self.mode == "global":
+            self._weight_total = torch.zeros((), dtype=torch.float32, device=device)
+
+    def micro_batch(self, weighted_ce: torch.Tensor, weight: torch.Tensor,
+                    loss_mask: torch.Tensor) -> ReducedLoss:
+        """One micro-batch's ``ReducedLoss``; in ``"global"`` mode adds its weights to the total.
+        ``weight`` is used detached (MiLe's weights are constants of the gradient)."""
+        reduced = reduce_token_losses(self.mode, weighted_ce, weight.detach(), loss_mask,
+                                      self.dp_cp_group)
+        if self._weight_total is not None:
+            self._weight_total += reduced.weight_sum
+        return reduced
+
+    def reported_objective(self, reduced: ReducedLoss, num_tokens: torch.Tensor) -> torch.Tensor:
+        """``[numerator, denominator]`` of the logged objective, summed over micro-batches and
+        DP ranks: the mean of per-micro-batch means (paper), the weighted mean (global)."""
+        if self.mode == "paper":
+            n = num_tokens.to(torch.float32)
+            return torch.stack([reduced.loss_sum.detach() / n.clamp_min(1), (n > 0).float()])
+        return torch.stack([reduced.loss_sum.detach(), reduced.weight_sum])
+
+    def grad_denominator(self, num_tokens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """What ``finalize_model_grads`` divides the gradients by: this rank's weight total in
+        ``"global"`` mode (megatron all-reduces it), megatron's own ``num_tokens`` otherwise."""
+        return self._weight_total if self._weight_total is not None else num_tokens
+
+    def end_step(self) -> None:
+        self._weight_total = None

@@ -14,40 +14,26 @@ over DP (x CP), one MAX all-reduce of [signal, non-finite] flags over the world.
 from __future__ import annotations
 
 import math
-import random
 import resource
 import signal
 import time
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
-from megatron.core.optimizer import get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_model_config
 
 from megatron_mile.config import ConfigError, TrainConfig
 from megatron_mile.cpu_compat import cuda_available
 from megatron_mile.data.datasets import build_data_loader, build_datasets, build_tokenizer
-from megatron_mile.launch import initialize_distributed
-from megatron_mile.loss import WeightedCrossEntropy, reduce_token_losses
-from megatron_mile.model import (
-    build_model_chunk,
-    check_pipeline_config,
-    flops_per_token,
-    num_parameters,
-    padded_vocab_size,
-    transformer_config,
-)
+from megatron_mile.loss import LossNormalizer, WeightedCrossEntropy
+from megatron_mile.model import flops_per_token, num_parameters, padded_vocab_size
 from megatron_mile.training import checkpointing
+from megatron_mile.training.builders import build_model, build_optimizer, initialize_parallel
 from megatron_mile.training.logger import MetricsLogger
 from megatron_mile.training.watchdog import Watchdog
 
@@ -63,13 +49,17 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     """Owns the model chunks, optimizer, scheduler, data iterators and counters of one run."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, *,
+                 step_callbacks: Sequence[Callable[["Trainer", dict], None]] = ()):
+        """``step_callbacks`` run on every rank after each optimizer step, with the trainer and
+        that step's metrics (which they may change), before the ranks agree on stopping:
+        custom logging, or a test injecting a signal or a non-finite loss."""
         self.cfg = cfg
+        self.step_callbacks = list(step_callbacks)
         self.rank = 0  # global rank, set by setup()
         self.iteration = 0
         self.consumed_samples = 0
         self._signal_received = False
-        self._weight_total: Optional[torch.Tensor] = None  # "global" mode denominator
         self.watchdog: Optional[Watchdog] = None
         self._previous_handlers: dict = {}
 
@@ -77,24 +67,16 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
-        timeout_minutes = cfg.parallel.distributed_timeout_minutes
-        self.device = initialize_distributed(timeout_minutes=timeout_minutes)
+        self.device = initialize_parallel(cfg)
         world_size = dist.get_world_size()
         self.rank = dist.get_rank()
-        cfg.validate(world_size)
         p = cfg.parallel
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=p.tensor_model_parallel_size,
-            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
-            context_parallel_size=p.context_parallel_size,
-        )
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.normalizer = LossNormalizer(cfg.loss.normalization, self.dp_cp_group)
         self.num_microbatches = cfg.training.global_batch_size // (
             cfg.training.micro_batch_size * self.dp_size)
-        self._seed(cfg.training.seed)
 
         self.logger = MetricsLogger(cfg, is_logging_rank=dist.get_rank() == world_size - 1)
         self.tokenizer = build_tokenizer(cfg.data)
@@ -111,11 +93,16 @@ class Trainer:
         if cfg.training.exit_on_signal:
             self._previous_handlers = {sig: signal.signal(sig, self._on_signal)
                                        for sig in _SIGNALS}
-        self.watchdog = Watchdog(timeout_minutes * 60, dist.get_rank()).start()
+        self.watchdog = Watchdog(p.distributed_timeout_minutes * 60, self.rank).start()
         try:
             self.watchdog.beat(0, "building the model")
-            self.model = self._build_model()
-            self.optimizer, self.scheduler = self._build_optimizer()
+            self.model = build_model(cfg, self.vocab_size, self.device)
+            self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+            model_config = get_model_config(self.model[0])
+            model_config.grad_scale_func = self.optimizer.scale_loss
+            model_config.finalize_model_grads_func = self._finalize_model_grads
+            no_sync = [c.no_sync for c in self.model]
+            model_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
             self.watchdog.beat(0, "loading the checkpoint")
             self._resume()
             self.train_iterator = self._iterators(self.train_dataset, self.consumed_samples,
@@ -132,86 +119,6 @@ class Trainer:
             f"micro-batches/step; loss {cfg.loss.type} (gamma {cfg.loss.gamma}, sigma "
             f"{cfg.loss.sigma}, {cfg.loss.normalization}); device {self.device}, "
             f"dtype {cfg.precision.dtype}")
-
-    def _seed(self, seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        # Megatron's TP-aware RNG tracker (dropout inside TP regions, weight init on GPU).
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-    def _build_model(self) -> list[torch.nn.Module]:
-        cfg = self.cfg
-        on_gpu = cuda_available()
-        # CPU initialisation builds each full weight from one generator and slices it, so the
-        # weights do not depend on the TP size (used by the layout-equivalence tests).
-        self.transformer_config = transformer_config(cfg, use_cpu_initialization=not on_gpu)
-        check_pipeline_config(self.transformer_config)
-        vpp = cfg.parallel.virtual_pipeline_model_parallel_size
-        chunks = []
-        for vp_stage in range(vpp or 1):
-            stage = vp_stage if vpp else None
-            chunk = build_model_chunk(
-                cfg, self.transformer_config, self.vocab_size,
-                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
-                                                                    vp_stage=stage),
-                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
-                                                                   vp_stage=stage),
-                vp_stage=stage,
-            )
-            chunk.to(self.device)
-            chunks.append(chunk)
-        if cfg.precision.dtype in ("bf16", "fp16"):
-            chunks = [Float16Module(self.transformer_config, c) for c in chunks]
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        )
-        chunks = [
-            DistributedDataParallel(self.transformer_config, ddp_config, c,
-                                    disable_bucketing=i > 0)
-            for i, c in enumerate(chunks)
-        ]
-        for c in chunks:
-            c.broadcast_params()
-        return chunks
-
-    def _build_optimizer(self):
-        o, prec = self.cfg.optimizer, self.cfg.precision
-        opt_config = MegatronOptimizerConfig(
-            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-            clip_grad=o.clip_grad, bf16=prec.dtype == "bf16", fp16=prec.dtype == "fp16",
-            params_dtype=prec.torch_dtype,
-            initial_loss_scale=prec.initial_loss_scale if prec.dtype == "fp16" else None,
-            min_loss_scale=prec.min_loss_scale, loss_scale_window=prec.loss_scale_window,
-            use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
-        )
-        optimizer = get_megatron_optimizer(opt_config, self.model)
-        train_iters = self.cfg.training.train_iters
-        decay_steps = o.lr_decay_iters or train_iters
-        # megatron's scheduler needs warm-up < decay: a short debug run (train_iters=10 on a
-        # 2000-step warm-up config) warms up for all but its last step.
-        warmup_steps = min(o.lr_warmup_iters, max(decay_steps - 1, 0))
-        scheduler = OptimizerParamScheduler(
-            optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=warmup_steps,
-            lr_decay_steps=max(decay_steps, warmup_steps + 1),
-            lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=train_iters, wd_incr_style="constant",
-            # The comparison with a checkpoint's schedule is _check_schedule's (one clear
-            # error); megatron only has to take the checkpoint's or the config's values.
-            use_checkpoint_opt_param_scheduler=not self.cfg.checkpoint.override_opt_param_scheduler,
-            override_opt_param_scheduler=self.cfg.checkpoint.override_opt_param_scheduler,
-        )
-        model_config = get_model_config(self.model[0])
-        model_config.grad_scale_func = optimizer.scale_loss
-        model_config.finalize_model_grads_func = self._finalize_model_grads
-        model_config.no_sync_func = [c.no_sync for c in self.model]
-        if len(self.model) == 1:
-            model_config.no_sync_func = model_config.no_sync_func[0]
-        return optimizer, scheduler
 
     def _build_datasets(self) -> None:
         cfg = self.cfg
@@ -265,7 +172,7 @@ class Trainer:
         self.logger.info(f"resumed from checkpoint at iteration {self.iteration} ({load_dir})"
                          + ("" if with_optimizer else "; weights only, fresh optimizer state"))
 
-    # Scheduler state key -> the config field(s) that set it (see _build_optimizer).
+    # Scheduler state key -> the config field(s) that set it (see builders.build_optimizer).
     _SCHEDULE_FIELDS = {
         "max_lr": "optimizer.lr",
         "min_lr": "optimizer.min_lr",
@@ -328,22 +235,13 @@ class Trainer:
 
         Collectives: "paper" mode all-reduces (alpha_r, has_tokens) over DP x CP.
         """
-        wce_bs, weight_bs = stats_bs.weighted_ce, stats_bs.weight
-        ce_bs, entropy_bs = stats_bs.ce, stats_bs.entropy
-        red = reduce_token_losses(self.cfg.loss.normalization, wce_bs, weight_bs.detach(),
-                                  loss_mask_bs, self.dp_cp_group)
+        weight_bs, ce_bs, entropy_bs = stats_bs.weight, stats_bs.ce, stats_bs.entropy
+        red = self.normalizer.micro_batch(stats_bs.weighted_ce, weight_bs, loss_mask_bs)
         mask = loss_mask_bs.float()
         n = mask.sum()
-        if self._weight_total is not None:
-            self._weight_total += red.weight_sum
-        if self.cfg.loss.normalization == "paper":
-            objective = red.loss_sum.detach() / n.clamp_min(1)
-            objective_pair = torch.stack([objective, (n > 0).float()])
-        else:
-            objective_pair = torch.stack([red.loss_sum.detach(), red.weight_sum])
         report = {
             "lm_loss": torch.stack([(ce_bs.detach() * mask).sum(), n]),
-            "objective": objective_pair,
+            "objective": self.normalizer.reported_objective(red, n),
             "entropy": torch.stack([(entropy_bs.detach() * mask).sum(), n]),
             "weight": torch.stack([red.weight_sum, n]),
             "alpha": torch.stack([red.alpha.detach(), torch.ones_like(n)]),
@@ -357,9 +255,8 @@ class Trainer:
         """megatron's grad finalisation; in "global" mode it divides by the summed weights
         (float) instead of megatron's integer token count. Collectives: megatron's DP grad
         reduction, and (global mode) a PP broadcast + DP x CP all-reduce of the weight sum."""
-        if self._weight_total is not None:
-            num_tokens = self._weight_total
-        finalize_model_grads(model, num_tokens=num_tokens, **kwargs)
+        finalize_model_grads(model, num_tokens=self.normalizer.grad_denominator(num_tokens),
+                             **kwargs)
 
     def _reduce_report(self, reports: list[dict]) -> dict[str, float]:
         """Sum pairs over micro-batches and DP x CP ranks; min/max likewise. Last stage only."""
@@ -396,13 +293,12 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        if self.cfg.loss.normalization == "global":
-            self._weight_total = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.normalizer.start_step(self.device)
         reports = self._forward_backward(self.train_iterator, forward_only=False)
         update_successful, grad_norm, _ = self.optimizer.step()
         if update_successful:
             self.scheduler.step(increment=1)
-        self._weight_total = None
+        self.normalizer.end_step()
         self.iteration += 1
         self.consumed_samples += self.cfg.training.global_batch_size
         metrics = self._reduce_report(reports) if parallel_state.is_pipeline_last_stage(
@@ -462,6 +358,8 @@ class Trainer:
         while self.iteration < t.train_iters:
             self.watchdog.beat(self.iteration + 1, "train step")
             metrics = self.train_step()
+            for callback in self.step_callbacks:
+                callback(self, metrics)
             window_iters += 1
             got_signal, non_finite = self._world_flags(metrics)
             if non_finite:

@@ -1,0 +1,20 @@
+"""Fixtures shared by the test modules, and the test tiers.
+
+Tiers: tests marked ``slow`` are multi-process (gloo launches, torchrun, a Slurm cluster) or
+end-to-end; the rest are single-process unit tests. ``bash tests/run.sh --fast`` runs the unit
+tier (``-m "not slow"``), ``bash tests/run.sh`` everything. Helpers that run inside spawned
+workers live in importable modules beside this file (``data_fixtures.py``,
+``trainer_runs.py``): a worker cannot reach a conftest.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from data_fixtures import train_small_tokenizer
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory) -> str:
+    """A 400-piece SentencePiece BPE model trained on generated text (about a second)."""
+    return train_small_tokenizer(tmp_path_factory.mktemp("tok"))
