@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command: installs what the tests need, then runs the whole suite.
-#   bash tests/run.sh            # everything (about 10 minutes on 2 cores)
+#   bash tests/run.sh            # everything: unit + multi-process + end-to-end tiers
+#   bash tests/run.sh --fast     # the unit tier only (-m "not slow"), for the edit loop
 #   bash tests/run.sh -k loss    # extra arguments go to pytest
 # .ci/run runs exactly this.
 set -euo pipefail
@@ -18,5 +19,10 @@ else
          "the tests that need them skip unless they are already present" >&2
 fi
 
+tier=()
+if [[ ${1:-} == --fast ]]; then
+    shift
+    tier=(-m "not slow")
+fi
 # pytest exits 5 when it collects nothing: that is a failure here too, as is any test failure.
-exec python -m pytest -q tests "$@"
+exec python -m pytest -q tests "${tier[@]}" "$@"

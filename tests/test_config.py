@@ -88,6 +88,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_bad_value_exits_2_before_building_anything():
     proc = _cli("--config", "tiny", "loss.sigma=-1", "loss.gamma=0.5")
     assert proc.returncode == 2, proc.stderr
@@ -95,6 +96,7 @@ def test_cli_bad_value_exits_2_before_building_anything():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_missing_data_path_fails_fast_with_the_fix(tmp_path):
     missing = tmp_path / "nope" / "corpus_text_document"
     proc = _cli("--config", "tiny", "data.mock=false", f"data.data_path=[{missing}]")
@@ -129,6 +131,7 @@ def test_every_config_field_has_a_docstring():
     assert not missing, f"fields without a docstring: {missing}"
 
 
+@pytest.mark.slow
 def test_cli_missing_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     missing = tmp_path / "no_such_run"
     proc = _cli("--config", "tiny", f"checkpoint.load={missing}", "training.train_iters=2")

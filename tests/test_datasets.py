@@ -318,6 +318,7 @@ def _distributed_body(rank: int, world_size: int, data: dict[str, str], cache: s
     return missing_error, gathered, train.unique_description_hash
 
 
+@pytest.mark.slow
 def test_multiprocess_build_and_dp_slices(data, tmp_path):
     cache = str(tmp_path / "cache")
     results = run_distributed(_distributed_body, 2, args=(data, cache), timeout_s=240)

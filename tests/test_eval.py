@@ -128,6 +128,7 @@ def compare_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_script_numbers_are_finite_and_consistent(compare_run):
     for loss in LOSSES:
         with open(compare_run / f"{loss}_seed7" / "freq.json", encoding="utf-8") as f:
@@ -194,6 +195,7 @@ def _layouts(rank: int, world_size: int, ckpt: str) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_layouts_and_dense_reference_agree(compare_run):
     ckpt = str(compare_run / "cross_entropy_seed7" / "ckpt")
     with open(compare_run / "cross_entropy_seed7" / "freq.json", encoding="utf-8") as f:

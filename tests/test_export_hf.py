@@ -20,6 +20,8 @@ import torch
 
 from megatron_mile.testing import run_distributed
 
+pytestmark = pytest.mark.slow  # checkpoints written by multi-process trainer runs
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 

@@ -8,6 +8,8 @@ import torch.distributed as dist
 
 from megatron_mile.testing import DistributedTestError, run_distributed
 
+pytestmark = pytest.mark.slow  # the multi-process harness itself (spawns, hangs, crashes)
+
 
 def _allreduce_rank(rank: int, world_size: int, scale: float) -> float:
     t = torch.tensor([float(rank)])

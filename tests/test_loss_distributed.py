@@ -26,6 +26,8 @@ from megatron_mile.loss import (
 from megatron_mile.loss import reference
 from megatron_mile.testing import run_distributed
 
+pytestmark = pytest.mark.slow  # the loss over 4 gloo processes
+
 WORLD = 4
 S, B, V = 6, 2, 96
 FP32_RTOL = 1e-5

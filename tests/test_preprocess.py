@@ -128,6 +128,7 @@ def test_no_good_document_is_an_error(tmp_path, model_path):
     assert not (tmp_path / "out.idx").exists()
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_no_valid_looking_output(tmp_path, model_path):
     """SIGKILL and SIGTERM mid-run (input still streaming on stdin): no PREFIX.idx/.bin;
     SIGTERM also removes the temporaries and exits 1."""
@@ -175,6 +176,7 @@ def test_cli_prints_summary(tmp_path, model_path, capsys):
     assert "mixed.jsonl:5" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_corpus_is_deterministic_and_split_disjoint(tmp_path):
     from megatron_mile.data.corpus import prepare_corpus
 

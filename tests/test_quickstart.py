@@ -12,6 +12,8 @@ import pytest
 
 from megatron_mile.testing import run_distributed
 
+pytestmark = pytest.mark.slow  # end-to-end: the quickstart script and a real-text training run
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -24,6 +24,8 @@ import pytest
 from megatron_mile.testing import run_distributed
 from trainer_runs import DROPOUT, curve, resume_curves, run_trainer
 
+pytestmark = pytest.mark.slow  # multi-process trainer runs (gloo)
+
 STEPS = 8
 RTOL = 1e-5
 BASE = [f"training.train_iters={STEPS}", "training.log_interval=4", "training.eval_interval=0",
