@@ -113,6 +113,17 @@ def _publish_and_disk(rank: int, world_size: int, root: str, tmpfs: str | None) 
                 while True:
                     os.write(fd, b"\0" * block)
         os.close(fd)
+        # The tracker's atomic rewrite on a full disk: fails, leaves no temp file, keeps the
+        # old content.
+        from megatron_mile.utils import atomic_write_text
+
+        tracker = os.path.join(disk, TRACKER_FILENAME)
+        try:
+            atomic_write_text(tracker, "9" * 100_000 + "\n")
+            out["tracker_write"] = "written"
+        except OSError as exc:
+            out["tracker_write"] = str(exc)
+        out["tracker_after_full_write"] = (open(tracker).read(), sorted(os.listdir(disk)))
         out["disk_full"] = _main("training.train_iters=4", f"checkpoint.save={disk}")
         out["after_disk_full"] = (_latest(disk), sorted(os.listdir(disk)))
         os.remove(filler)
@@ -177,6 +188,15 @@ def test_disk_full_during_a_save_is_one_line_and_recoverable(publish):
     assert latest == 2 and names == ["iter_0000002", "latest_checkpointed_iteration.txt"], names
     assert publish["disk_freed"] == (0, "")
     assert publish["latest_after_disk_freed"] == 4
+
+
+def test_tracker_rewrite_on_a_full_disk_leaves_no_temp_file(publish):
+    if "disk_full" not in publish:
+        pytest.skip("needs root to mount a small tmpfs")
+    assert "No space left on device" in publish["tracker_write"]
+    content, names = publish["tracker_after_full_write"]
+    assert content == "2\n"
+    assert names == ["iter_0000002", "latest_checkpointed_iteration.txt"], names
 
 
 # --------------------------------------------------------------------------- crafted files
@@ -332,6 +352,18 @@ def _bad_inputs(rank: int, world_size: int, root: str) -> dict:
         "seed": _main("training.seed=-1"),
         "model_vocab": _main("model.vocab_size=100"),
     }
+    # A truncated dataset: one line naming the file, before any training.
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = os.path.join(root, "corpus")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for doc in range(40):
+        builder.add_document(np.arange(doc, doc + 100) % 500, [100])
+    builder.finalize(prefix + ".idx")
+    os.truncate(prefix + ".bin", os.path.getsize(prefix + ".bin") - 10)
+    out["truncated_data"] = _main("data.mock=false", f"data.data_path=[{prefix}]")
+
     tracker_dir = os.path.join(root, "tracker")
     os.makedirs(tracker_dir)
     with open(os.path.join(tracker_dir, "latest_checkpointed_iteration.txt"), "wb") as f:
@@ -383,6 +415,7 @@ def bad(tmp_path_factory):
     ("seed", "training.seed=-1 must be in [0, 2**32)"),
     ("model_vocab", "model.vocab_size=100 is smaller than the tokenizer's vocabulary (512"),
     ("tracker", "latest_checkpointed_iteration.txt is corrupt (not UTF-8 text)"),
+    ("truncated_data", "corpus.bin has 7990 bytes but"),
 ])
 def test_bad_values_are_one_line_and_exit_2(bad, case, needle):
     code, stderr = bad[case]
