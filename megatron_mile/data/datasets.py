@@ -132,16 +132,20 @@ def _rank_zero_without_process_group() -> Iterator[None]:
 def _check_data(cfg: DataConfig, tokenizer: Tokenizer, seq_length: int,
                 built_here: Callable[[], bool]) -> None:
     """Raise on every rank if any rank lacks data or has bad data, so that no rank waits in
-    a barrier. Collectives: one ``all_gather_object`` when a process group exists."""
+    a barrier. Every building rank checks that its files exist; global rank 0 alone checks
+    their contents (the first start scans each ``.bin`` once for the job, not once a rank).
+    Collectives: one ``all_gather_object`` when a process group exists."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    check_contents = not distributed or torch.distributed.get_rank() == 0
     error: str | None = None
     if not cfg.mock and built_here():
         try:
             for name, prefix in cfg.all_prefixes():
-                _check_prefix(name, prefix, tokenizer.vocab_size, seq_length)
+                _check_prefix(name, prefix, tokenizer.vocab_size, seq_length, check_contents)
         except (FileNotFoundError, DataError) as err:
             error = f"{type(err).__name__}: {err}"
     errors = [error]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if distributed:
         errors = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(errors, error)
     for rank, err in enumerate(errors):
@@ -151,7 +155,8 @@ def _check_data(cfg: DataConfig, tokenizer: Tokenizer, seq_length: int,
             raise (FileNotFoundError if kind == "FileNotFoundError" else DataError)(msg + where)
 
 
-def _check_prefix(name: str, prefix: str, vocab_size: int, seq_length: int) -> None:
+def _check_prefix(name: str, prefix: str, vocab_size: int, seq_length: int,
+                  check_contents: bool = True) -> None:
     missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
     if missing:
         hint = ""
@@ -165,6 +170,8 @@ def _check_prefix(name: str, prefix: str, vocab_size: int, seq_length: int) -> N
             f"DataConfig.{name}: no indexed dataset at prefix {prefix!r} (missing "
             f"{', '.join(missing)}).{hint} Create it with: megatron-mile-preprocess "
             f"--input CORPUS.jsonl --output-prefix {prefix} --tokenizer-model TOKENIZER.model")
+    if not check_contents:
+        return
     try:
         summary = summarize_indexed_dataset(prefix)
     except DataError as err:

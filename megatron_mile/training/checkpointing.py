@@ -725,14 +725,14 @@ def save_checkpoint(
                 error = f"publishing {final}: {_describe(exc)}"
         _agree(error, what)
     except CheckpointError as exc:
+        published = find_latest_checkpoint(save_dir)
         if rank == 0:  # every rank is past its writes: remove this save's partial output
             shutil.rmtree(tmp, ignore_errors=True)
-            if find_latest_checkpoint(save_dir) != iteration:
+            if published != iteration:
                 shutil.rmtree(final, ignore_errors=True)
-        published = find_latest_checkpoint(save_dir)
-        raise CheckpointError(
-            f"{exc}; the last published checkpoint ({'none' if published is None else f'iteration {published}'}) "
-            "is untouched") from None
+        last = "none" if published is None else f"iteration {published}"
+        raise CheckpointError(f"{exc}; the last published checkpoint ({last}) is untouched"
+                              ) from None
     if rank == 0:
         _remove_leftovers(save_dir)
     return final
