@@ -40,8 +40,11 @@ if [[ $DEVICE == auto ]]; then
     if (( $(gpu_count) > 0 )); then DEVICE=gpu; else DEVICE=cpu; fi
 fi
 case $DEVICE in
-    gpu) NPROC_PER_NODE=${NPROC_PER_NODE:-$(gpu_count)} ;;
+    gpu) NPROC_PER_NODE=${NPROC_PER_NODE:-$(gpu_count)}
+         export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} ;;   # torchrun's default, said here
     cpu) NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+         # the node's cores shared out between the trainers
+         export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC_PER_NODE > 0 ? $(nproc) / NPROC_PER_NODE : 1 ))}
          export CUDA_VISIBLE_DEVICES="" ;;     # the trainer then runs on CPU over gloo
     *) die "DEVICE must be auto, gpu or cpu, not '$DEVICE'" ;;
 esac
@@ -80,8 +83,8 @@ PP=${PP:-}
 VPP=${VPP:-}                               # virtual pipeline stages per rank (interleaving)
 SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-$( [[ -z $TP ]] || { (( TP > 1 )) && echo true || echo false; })}
 DISTRIBUTED_OPTIMIZER=${DISTRIBUTED_OPTIMIZER:-}   # true: shard optimizer state over DP
-TRANSFORMER_IMPL=${TRANSFORMER_IMPL:-$( [[ -z ${FP8:-} ]] || echo transformer_engine)}
-                                           # transformer_engine (fused attention, FP8) | local
+TRANSFORMER_IMPL=${TRANSFORMER_IMPL:-}     # auto (the configs' default: Transformer Engine
+                                           # where importable with CUDA) | transformer_engine | local
 RECOMPUTE=${RECOMPUTE:-}                   # selective | full activation recomputation
 MICRO_BATCH=${MICRO_BATCH:-}               # empty: the config's value
 GLOBAL_BATCH=${GLOBAL_BATCH:-}

@@ -52,6 +52,9 @@ TRAIN_ARGS=(
 if (( NPROC == 1 )); then
     TRAIN_ARGS+=("parallel.sequence_parallel=false")
 fi
+# The cores shared out between the processes (torchrun would print a banner and use 1).
+cores=$(nproc)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / NPROC > 0 ? cores / NPROC : 1 ))}
 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
     -m megatron_mile.train "${TRAIN_ARGS[@]}"
 

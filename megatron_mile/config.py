@@ -22,6 +22,7 @@ from typing import Any, Optional
 import yaml
 
 from megatron_mile.data.config import DataConfig
+from megatron_mile.fusions import TRANSFORMER_IMPLS, Kernels, resolve_transformer_impl
 from megatron_mile.loss.config import LossConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -66,9 +67,11 @@ class ModelConfig:
     """RoPE base."""
     untie_embeddings: bool = True
     """Separate input embedding and output layer weights (LLaMA, the paper)."""
-    transformer_impl: str = "local"
-    """Layer implementation: 'local' (megatron-core modules, CPU or GPU) or
-    'transformer_engine' (GPU, needs Transformer Engine; required for FP8)."""
+    transformer_impl: str = "auto"
+    """Layer implementation: 'auto' (Transformer Engine where it is importable with CUDA,
+    else 'local'), 'local' (megatron-core modules, CPU or GPU) or 'transformer_engine' (GPU,
+    needs Transformer Engine; required for FP8 and context parallelism). The fused kernels
+    follow from it and from what is installed (megatron_mile/fusions.py, docs/launching.md)."""
     recompute_granularity: Optional[str] = None
     """Activation recomputation: None, 'selective' (attention core) or 'full'."""
     recompute_num_layers: int = 1
@@ -94,9 +97,9 @@ class ModelConfig:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
                 f"model.num_query_groups={self.num_query_groups}")
-        if self.transformer_impl not in ("local", "transformer_engine"):
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ConfigError(f"model.transformer_impl={self.transformer_impl!r} is not one of "
-                              "('local', 'transformer_engine')")
+                              f"{TRANSFORMER_IMPLS}")
         if self.recompute_granularity not in (None, "selective", "full"):
             raise ConfigError(f"model.recompute_granularity={self.recompute_granularity!r} is "
                               "not one of (None, 'selective', 'full')")
@@ -380,28 +383,27 @@ class TrainConfig:
                     f"the interleaved schedule needs the {num_mb} micro-batches per step to be "
                     f"a multiple of parallel.pipeline_model_parallel_size="
                     f"{p.pipeline_model_parallel_size}")
-        if m.transformer_impl == "transformer_engine" and not _transformer_engine_available():
-            what = f"precision.fp8={self.precision.fp8!r}" if self.precision.fp8 else \
-                "model.transformer_impl=transformer_engine"
+        kernels = Kernels.detect()
+        impl = resolve_transformer_impl(m.transformer_impl, kernels)
+        te_usable = kernels.cuda and kernels.transformer_engine
+        needs_te = [what for what, needed in (
+            (f"precision.fp8={self.precision.fp8!r}", bool(self.precision.fp8)),
+            (f"parallel.context_parallel_size={p.context_parallel_size}",
+             p.context_parallel_size > 1),
+            ("model.transformer_impl=transformer_engine", impl == "transformer_engine"),
+        ) if needed]
+        if needs_te and not te_usable:
             raise ConfigError(
-                f"{what} needs Transformer Engine, which is not installed here: run in NVIDIA's "
-                "PyTorch container (see docker/), or set model.transformer_impl=local and "
-                "precision.fp8=null (bf16 without FP8)")
-        if self.precision.fp8 and m.transformer_impl != "transformer_engine":
-            raise ConfigError(f"precision.fp8={self.precision.fp8!r} needs "
-                              "model.transformer_impl=transformer_engine")
-        if p.context_parallel_size > 1 and m.transformer_impl != "transformer_engine":
-            raise ConfigError("parallel.context_parallel_size > 1 needs "
-                              "model.transformer_impl=transformer_engine")
+                f"{needs_te[0]} needs Transformer Engine with CUDA, which this process cannot "
+                "load: run in NVIDIA's PyTorch container (see docker/), or set "
+                "model.transformer_impl=auto, precision.fp8=null and "
+                "parallel.context_parallel_size=1 (bf16 on the local layer spec)")
+        if needs_te and impl != "transformer_engine":
+            raise ConfigError(f"{needs_te[0]} needs model.transformer_impl=transformer_engine "
+                              f"(or auto), not {m.transformer_impl!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _transformer_engine_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("transformer_engine") is not None
 
 
 # ---------------------------------------------------------------- loading

@@ -35,8 +35,8 @@ def initialize_distributed(timeout_minutes: int = 10) -> torch.device:
     """Join the job's process group and return the device this rank places tensors on.
 
     Reads the torchrun environment: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and (through
-    ``init_method="env://"``) ``MASTER_ADDR`` / ``MASTER_PORT``. With CUDA: nccl and
-    ``torch.cuda.set_device(LOCAL_RANK)``. Without: gloo and
+    ``init_method="env://"``) ``MASTER_ADDR`` / ``MASTER_PORT``. With CUDA: nccl,
+    ``torch.cuda.set_device(LOCAL_RANK)`` and ``CUDA_DEVICE_MAX_CONNECTIONS=1`` unless set. Without: gloo and
     :func:`megatron_mile.cpu_compat.install_cpu_compat`. If a process group already exists
     (e.g. the gloo test harness) it is kept as is; the compat layer is still installed on CPU.
 
@@ -49,6 +49,11 @@ def initialize_distributed(timeout_minutes: int = 10) -> torch.device:
     use_cuda = cuda_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
+        # Read when the CUDA context is created, i.e. later. megatron's tensor-parallel
+        # communication overlap relies on kernels running in issue order (it warns without
+        # this, megatron/core/tensor_parallel/layers.py); examples/launch.sh and the image set
+        # it too. A value set by the user is kept.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:

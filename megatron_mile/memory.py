@@ -114,7 +114,7 @@ def load_run(name: str, world_size: int, overrides: Sequence[str] = ()) -> Run:
     The layout goes through :meth:`TrainConfig.validate` at that world size, with the local
     layer implementation: its transformer_engine check needs Transformer Engine installed,
     which the machine planning a GPU run often lacks. ``flash_attention`` keeps the configured
-    implementation.
+    implementation (``auto``: Transformer Engine, as on the GPU nodes).
 
     Raises:
         ConfigError: a bad value, or a layout that does not fit ``world_size``.
@@ -126,8 +126,9 @@ def load_run(name: str, world_size: int, overrides: Sequence[str] = ()) -> Run:
     cfg = config_from_dict(tree, mock)
     config_from_dict(tree, [*mock, "model.transformer_impl=local", "precision.fp8=null"]) \
         .validate(world_size)
-    return Run(Path(name).stem, cfg, world_size,
-               cfg.model.transformer_impl == "transformer_engine")
+    # "auto" plans for the GPU node of NVIDIA's container, where it resolves to Transformer
+    # Engine (megatron_mile/fusions.py), not for the machine running the estimate.
+    return Run(Path(name).stem, cfg, world_size, cfg.model.transformer_impl != "local")
 
 
 def activation_bytes_per_token(run: Run, recompute: str) -> tuple[float, float]:

@@ -33,7 +33,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_mile.config import ConfigError, TrainConfig
-from megatron_mile.cpu_compat import cuda_available
+from megatron_mile.fusions import Kernels, fusion_settings, resolve_transformer_impl
 from megatron_mile.loss import LossConfig, LossNormalizer, WeightedCrossEntropy, token_losses
 
 
@@ -44,9 +44,14 @@ def padded_vocab_size(vocab_size: int, cfg: TrainConfig) -> int:
 
 
 def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool) -> TransformerConfig:
-    """megatron-core's TransformerConfig for ``cfg`` (LLaMA: RMSNorm, SwiGLU, no biases)."""
+    """megatron-core's TransformerConfig for ``cfg`` (LLaMA: RMSNorm, SwiGLU, no biases).
+
+    The fusion flags are those :func:`megatron_mile.fusions.fusion_settings` decides for the
+    kernels this process can load (all off on CPU).
+    """
     m, p, prec = cfg.model, cfg.parallel, cfg.precision
-    on_gpu = cuda_available()
+    kernels = Kernels.detect()
+    impl = resolve_transformer_impl(m.transformer_impl, kernels)
     fp8 = {}
     if prec.fp8:
         fp8 = dict(fp8=prec.fp8, fp8_margin=prec.fp8_margin,
@@ -82,14 +87,7 @@ def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool) -> Transf
         calculate_per_token_loss=LossNormalizer.uses_per_token_loss(cfg.loss.normalization),
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=True,
-        # Fusions that need CUDA kernels (apex/TE/jit) are switched on only on GPU.
-        bias_activation_fusion=False,
-        masked_softmax_fusion=on_gpu and m.transformer_impl == "transformer_engine",
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        cross_entropy_loss_fusion=False,
+        **fusion_settings(impl, kernels),
         # Interleaved 1F1B: unbatched, overlapped p2p, as Megatron-LM sets it (batched p2p
         # pairs the wrong messages at PP=2; see check_pipeline_config).
         overlap_p2p_comm=bool(p.virtual_pipeline_model_parallel_size),
@@ -167,8 +165,9 @@ class LayoutInvariantTransformerLayer(TransformerLayer):
 
 def layer_spec(cfg: TrainConfig, config: TransformerConfig, vp_stage: Optional[int] = None):
     """Transformer Engine's spec, or megatron's local spec with :class:`RMSNorm` norms; the
-    latter as a block spec (layers of this pipeline stage + the final norm)."""
-    if cfg.model.transformer_impl == "transformer_engine":
+    latter as a block spec (layers of this pipeline stage + the final norm).
+    ``model.transformer_impl: auto`` is resolved by :mod:`megatron_mile.fusions`."""
+    if resolve_transformer_impl(cfg.model.transformer_impl, Kernels.detect()) == "transformer_engine":
         try:
             from megatron.core.models.gpt.gpt_layer_specs import (
                 get_gpt_layer_with_transformer_engine_spec,

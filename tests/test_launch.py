@@ -109,7 +109,7 @@ def test_variables_become_trainer_overrides():
     trainer = words[words.index("megatron_mile.train") + 1:]
     assert trainer[:2] == ["--config", "llama_6.7b"]
     expected = [
-        "model.transformer_impl=transformer_engine", "loss.type=mile", "loss.gamma=0.5", "parallel.tensor_model_parallel_size=2",
+        "loss.type=mile", "loss.gamma=0.5", "parallel.tensor_model_parallel_size=2",
         "parallel.pipeline_model_parallel_size=4", "parallel.sequence_parallel=true",
         "parallel.virtual_pipeline_model_parallel_size=2", "training.micro_batch_size=4",
         "training.global_batch_size=2048", "precision.dtype=bf16", "precision.fp8=hybrid",

@@ -115,6 +115,10 @@ def mean_over_seeds(results: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``megatron-mile-eval-frequency``; returns the exit status."""
+    from megatron_mile.cpu_compat import cuda_available
+    from megatron_mile.log_filters import install_warning_filters
+
+    install_warning_filters(cuda=cuda_available())  # before megatron-core is imported
     args = parse_args(argv)
     if args.command == "compare":
         from megatron_mile.evaluation.token_frequency import plot_runs

@@ -18,6 +18,10 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``megatron-mile-export-hf``; returns the exit status."""
+    from megatron_mile.cpu_compat import cuda_available
+    from megatron_mile.log_filters import install_warning_filters
+
+    install_warning_filters(cuda=cuda_available())  # before megatron-core is imported
     parser = argparse.ArgumentParser(prog="megatron-mile-export-hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, help="checkpoint.save directory of a run")

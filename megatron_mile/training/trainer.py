@@ -30,6 +30,7 @@ from megatron.core.utils import get_model_config
 from megatron_mile.config import ConfigError, TrainConfig
 from megatron_mile.cpu_compat import cuda_available
 from megatron_mile.data.datasets import build_data_loader, build_datasets, build_tokenizer
+from megatron_mile.fusions import Kernels, kernel_notice, resolve_transformer_impl
 from megatron_mile.loss import LossNormalizer, WeightedCrossEntropy
 from megatron_mile.model import flops_per_token, num_parameters, padded_vocab_size
 from megatron_mile.training import checkpointing
@@ -119,6 +120,11 @@ class Trainer:
             f"micro-batches/step; loss {cfg.loss.type} (gamma {cfg.loss.gamma}, sigma "
             f"{cfg.loss.sigma}, {cfg.loss.normalization}); device {self.device}, "
             f"dtype {cfg.precision.dtype}")
+        kernels = Kernels.detect()
+        notice = kernel_notice(resolve_transformer_impl(cfg.model.transformer_impl, kernels),
+                               kernels)
+        if notice:
+            self.logger.info(notice)
 
     def _build_datasets(self) -> None:
         cfg = self.cfg
