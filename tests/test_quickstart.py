@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def test_quickstart_script_end_to_end(quickstart_data, tmp_path):
     assert [e.step for e in events.Scalars("train/lm_loss")] == [10, 20]
     assert lm_loss[-1] < lm_loss[0]
     assert f"Checkpoint: {out}/checkpoints (latest iteration 20)" in log
+    # The log is the product's own lines: no third-party warnings, banners or tracebacks.
+    noise = [line for line in log.splitlines()
+             if re.search(r"Warning|warnings\.warn|\*{5}|Traceback|return func", line)]
+    assert not noise, "\n".join(noise)
 
 
 def _learn(rank: int, world_size: int, data: str) -> dict:
