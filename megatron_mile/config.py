@@ -261,9 +261,22 @@ class TrainingConfig:
     exit_on_signal: bool = True
     """On SIGTERM/SIGUSR1/SIGINT: finish the iteration, save a checkpoint, exit 0 (for
     requeue). A second SIGTERM/SIGINT exits at once, without saving."""
+    exit_duration_in_mins: Optional[float] = None
+    """Save a checkpoint and exit 0 after the first iteration that ends this many minutes
+    after the job started (Megatron-LM's --exit-duration-in-mins): the environment variable
+    MILE_JOB_START_TIME (Unix seconds; examples/slurm/pretrain.sbatch sets it and derives this
+    value from the job's time limit) or else the trainer's start, the earliest over ranks.
+    Ranks decide together: the elapsed time rides on the per-iteration MAX all-reduce the
+    trainer already does (no extra collective). None: no limit."""
+    exit_interval: Optional[int] = None
+    """Save a checkpoint and exit 0 at the first iteration of this run that is a multiple of
+    this (Megatron-LM's --exit-interval), e.g. to train a long schedule in slices of jobs.
+    None: off."""
 
     def __post_init__(self) -> None:
         _positive("training", micro_batch_size=self.micro_batch_size,
+                  exit_duration_in_mins=self.exit_duration_in_mins,
+                  exit_interval=self.exit_interval,
                   global_batch_size=self.global_batch_size, train_iters=self.train_iters,
                   log_interval=self.log_interval)
         if not 0 <= self.seed < 2**32:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from datetime import timedelta
 
 import torch
@@ -16,7 +17,28 @@ import torch.distributed as dist
 
 from megatron_mile.cpu_compat import cuda_available, install_cpu_compat
 
-__all__ = ["default_single_process_env", "initialize_distributed"]
+__all__ = ["default_single_process_env", "initialize_distributed", "job_start_time"]
+
+_PROCESS_START = time.time()  # this module is imported first by every entry point
+
+
+def job_start_time() -> float:
+    """When the job started, in Unix seconds: ``MILE_JOB_START_TIME`` when set (the Slurm
+    batch script sets it before launching anything), else when this process started.
+
+    Raises:
+        ConfigError: ``MILE_JOB_START_TIME`` is not a number.
+    """
+    from megatron_mile.config import ConfigError
+
+    value = os.environ.get("MILE_JOB_START_TIME")
+    if value is None:
+        return _PROCESS_START
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"MILE_JOB_START_TIME={value!r} is not a Unix time in seconds "
+                         "(e.g. the output of `date +%s`)") from None
 
 
 def default_single_process_env() -> None:

@@ -14,6 +14,8 @@ Overrides are ``section.field=value`` with YAML values; see docs/configuration.m
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from megatron_mile.config import ConfigError, load_config
@@ -46,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_mile.training.trainer import NonFiniteLossError, Trainer
     from megatron_mile.training.watchdog import EXIT_STALLED, is_peer_failure
 
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except ConfigError as e:
+        print(f"megatron-mile-train: configuration error: {e}", file=sys.stderr)
+        return 2
     try:
         try:
             trainer.setup()
@@ -56,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megatron-mile-train: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
         try:
-            trainer.train()
+            summary = trainer.train()
+            _record_exit(trainer.rank, summary)
         except (CheckpointError, NonFiniteLossError) as e:
             # The run failed (a full disk during a save, a diverged loss); the last published
             # checkpoint is intact and a restart resumes from it.
@@ -74,6 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         trainer.shutdown()
     return 0
+
+
+def _record_exit(rank: int, summary: dict) -> None:
+    """Global rank 0 writes why the run stopped to ``MILE_EXIT_FILE`` when that is set:
+    ``{"reason": "completed" | "signal" | "time_limit" | "exit_interval", "iteration": N}``.
+    examples/slurm/pretrain.sbatch reads it to requeue a job that stopped for its time limit
+    (the exit status is 0 either way)."""
+    path = os.environ.get("MILE_EXIT_FILE")
+    if not path or rank != 0:
+        return
+    from megatron_mile.utils import atomic_write_text
+
+    atomic_write_text(path, json.dumps({"reason": summary["exit_reason"],
+                                        "iteration": summary["iteration"]}) + "\n")
 
 
 if __name__ == "__main__":

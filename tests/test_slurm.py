@@ -143,3 +143,30 @@ def test_resume_then_save_requeue_and_resume_on_usr1(cluster, first_run, tmp_pat
     resumed = [int(i) for i in re.findall(r"resumed from checkpoint at iteration (\d+)", text)]
     assert resumed == [FIRST_ITERS, saved[0]], text
     assert f"== job {job} (restart 1)" in after, text
+
+
+@pytest.mark.timeout(420)
+def test_time_limit_stops_saves_and_requeues(cluster, tmp_path):
+    """pretrain.sbatch turns the job's time limit (1 minute here) minus EXIT_MARGIN_MINUTES
+    into training.exit_duration_in_mins; the trainers save and exit 0 before the limit, the
+    script sees why (MILE_EXIT_FILE) and requeues, and the requeued job resumes."""
+    log = tmp_path / "job.out"
+    ckpt = tmp_path / "ckpt"
+    env = _job_env(tmp_path, CONFIG="tiny", CKPT_DIR=str(ckpt), TRAIN_ITERS="100000",
+                   MOCK_DATA="true", EXIT_MARGIN_MINUTES="0.9")
+    # SIGUSR1 only 5 s before the limit: the time limit, not the signal, must stop the run.
+    job = cluster.sbatch([f"--output={log}", "--nodes=1", "--exclusive", "--time=1",
+                          "--signal=B:USR1@5", str(PRETRAIN), "training.log_interval=1",
+                          "training.eval_interval=0", *SCHEDULE], env=env, cwd=tmp_path)
+    text = _wait_for_log(cluster, job, log, r"resumed from checkpoint at iteration \d+")
+    cluster.run("scancel", job)
+    before, after = text.split(f"requeueing job {job}")
+    assert re.search(r"the trainers save and stop after 0\.\d+ \(EXIT_MARGIN_MINUTES=0\.9\)",
+                     before), before
+    stopped = re.search(r"exiting (\d\.\d+) minutes after the job started "
+                        r"\(training\.exit_duration_in_mins=(0\.\d+)\)", before)
+    assert stopped and float(stopped.group(1)) >= float(stopped.group(2)), before
+    assert "saved and stopped before the time limit" in before and "got SIGUSR1" not in before
+    saved = int(re.findall(r"saved checkpoint at iteration (\d+)", before)[-1])
+    assert f"== job {job} (restart 1)" in after, text
+    assert f"resumed from checkpoint at iteration {saved}" in after, text

@@ -8,7 +8,8 @@ written out small (megatron-core's wheel does not ship ``megatron/training``).
 Shape legend: b micro-batch, s sequence.
 Per iteration, collectives beyond the model's own: megatron's schedule (p2p between stages,
 DP gradient reduction in ``finalize_model_grads``), one SUM all-reduce of the loss report
-over DP (x CP), one MAX all-reduce of [signal, non-finite] flags over the world.
+over DP (x CP), one MAX all-reduce of [signal, non-finite, elapsed minutes] over the world,
+which is how every rank reaches the same decision to stop (signal, time limit).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import resource
 import signal
 import time
 from functools import partial
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ from megatron_mile.config import ConfigError, TrainConfig
 from megatron_mile.cpu_compat import cuda_available
 from megatron_mile.data.datasets import build_data_loader, build_datasets, build_tokenizer
 from megatron_mile.fusions import Kernels, kernel_notice, resolve_transformer_impl
+from megatron_mile.launch import job_start_time
 from megatron_mile.loss import LossNormalizer, WeightedCrossEntropy
 from megatron_mile.model import flops_per_token, num_parameters, padded_vocab_size
 from megatron_mile.training import checkpointing
@@ -45,6 +47,17 @@ _PAIR_KEYS = ("lm_loss", "objective", "entropy", "weight", "alpha")
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf."""
+
+
+class _WorldFlags(NamedTuple):
+    """What the ranks agree on after each step (one MAX all-reduce)."""
+
+    signal: bool
+    """Some rank received SIGTERM/SIGUSR1/SIGINT."""
+    non_finite: bool
+    """Some rank's loss is NaN or inf."""
+    elapsed_minutes: float
+    """Minutes since the job started (the largest over ranks)."""
 
 
 class Trainer:
@@ -63,6 +76,7 @@ class Trainer:
         self._signal_received = False
         self.watchdog: Optional[Watchdog] = None
         self._previous_handlers: dict = {}
+        self.job_start = job_start_time()  # agreed over ranks (the earliest) in setup()
 
     # ------------------------------------------------------------------ setup
 
@@ -71,6 +85,10 @@ class Trainer:
         self.device = initialize_parallel(cfg)
         world_size = dist.get_world_size()
         self.rank = dist.get_rank()
+        if cfg.training.exit_duration_in_mins is not None:
+            start = torch.tensor([self.job_start], dtype=torch.float64, device=self.device)
+            dist.all_reduce(start, op=dist.ReduceOp.MIN)
+            self.job_start = start.item()
         p = cfg.parallel
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -340,14 +358,32 @@ class Trainer:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)  # on the device: NCCL needs CUDA tensors
         return value.item()
 
-    def _world_flags(self, metrics: dict) -> tuple[bool, bool]:
-        """(signal received on any rank, non-finite loss on any rank): one MAX all-reduce."""
+    def _world_flags(self, metrics: dict) -> _WorldFlags:
+        """Signal, non-finite loss and elapsed time over all ranks: one MAX all-reduce."""
         loss = metrics.get("objective", 0.0)
         flags = torch.tensor([float(self._signal_received),
                               float(not math.isfinite(loss) or not math.isfinite(
-                                  metrics.get("lm_loss", 0.0)))], device=self.device)
+                                  metrics.get("lm_loss", 0.0))),
+                              (time.time() - self.job_start) / 60.0],
+                             dtype=torch.float64, device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0]), bool(flags[1])
+        signal_flag, non_finite, elapsed = flags.tolist()
+        return _WorldFlags(bool(signal_flag), bool(non_finite), elapsed)
+
+    def _stop_reason(self, flags: _WorldFlags) -> Optional[str]:
+        """Why the run stops early after this iteration, the same on every rank: ``signal``,
+        ``time_limit`` (training.exit_duration_in_mins), ``exit_interval``, or None."""
+        t = self.cfg.training
+        if self.iteration >= t.train_iters:
+            return None  # completed
+        if flags.signal:
+            return "signal"
+        if t.exit_duration_in_mins is not None and \
+                flags.elapsed_minutes >= t.exit_duration_in_mins:
+            return "time_limit"
+        if t.exit_interval is not None and self.iteration % t.exit_interval == 0:
+            return "exit_interval"
+        return None
 
     # ------------------------------------------------------------------ the loop
 
@@ -367,8 +403,8 @@ class Trainer:
             for callback in self.step_callbacks:
                 callback(self, metrics)
             window_iters += 1
-            got_signal, non_finite = self._world_flags(metrics)
-            if non_finite:
+            flags = self._world_flags(metrics)
+            if flags.non_finite:
                 raise NonFiniteLossError(
                     f"non-finite loss at iteration {self.iteration}: lm_loss "
                     f"{metrics.get('lm_loss')}, objective {metrics.get('objective')}. Check "
@@ -395,17 +431,31 @@ class Trainer:
                     history[-1]["valid_lm_loss"] = valid
                     self.logger.log_valid(self.iteration, valid)
             ck = cfg.checkpoint
+            stop = self._stop_reason(flags)
             if ck.save and ((ck.save_interval and self.iteration % ck.save_interval == 0)
-                            or self.iteration == t.train_iters or got_signal):
+                            or self.iteration == t.train_iters or stop):
                 self.watchdog.beat(self.iteration, "checkpoint save")
                 self.save()
             window_start += time.time() - pause_start  # tokens/s counts training only
-            if got_signal:
-                exit_reason = "signal"
-                self.logger.info("exiting on signal")
+            if stop:
+                exit_reason = stop
+                self.logger.info(self._stop_message(stop, flags))
                 break
         self.logger.close()
         return {"history": history, "exit_reason": exit_reason, "iteration": self.iteration}
+
+    def _stop_message(self, stop: str, flags: _WorldFlags) -> str:
+        t = self.cfg.training
+        if stop == "time_limit":
+            why = (f"{flags.elapsed_minutes:.2f} minutes after the job started "
+                   f"(training.exit_duration_in_mins={t.exit_duration_in_mins:g})")
+        elif stop == "exit_interval":
+            why = f"at iteration {self.iteration} (training.exit_interval={t.exit_interval})"
+        else:
+            why = "on signal"
+        saved = ("; resume by starting the job again" if self.cfg.checkpoint.save else
+                 "; checkpoint.save is not set, so nothing was saved")
+        return f"exiting {why}{saved}"
 
     def _release_process_hooks(self) -> None:
         """Stop the watchdog and give back the signal handlers setup() replaced."""
