@@ -3,7 +3,8 @@
 #
 #   bash examples/quickstart.sh
 #
-# 1. installs megatron-mile (CPU torch pinned, so no CUDA build is downloaded);
+# 1. installs megatron-mile (tools/install.sh: keeps an installed torch, else installs the
+#    pinned CPU build, so no CUDA build is downloaded);
 # 2. prepares the embedded corpus (the Python standard library's docstrings, ~2 MB of text,
 #    see docs/data.md), trains a SentencePiece tokenizer and writes Megatron .bin/.idx files;
 # 3. trains the `quickstart` config with MiLe (gamma=1, sigma=1) at TP=2 + sequence parallel
@@ -28,9 +29,8 @@ OUT=${OUT:-runs/quickstart-$(date +%Y%m%d-%H%M%S)}
 PYTHON=${PYTHON:-python}
 
 if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
-    echo "== [1/3] installing megatron-mile (CPU torch 2.13.0, megatron-core 0.16.1)"
-    "$PYTHON" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-    "$PYTHON" -m pip install --quiet --disable-pip-version-check -e .
+    echo "== [1/3] installing megatron-mile (megatron-core 0.16.1)"
+    PYTHON=$PYTHON bash tools/install.sh
 fi
 
 echo "== [2/3] preparing the embedded corpus, tokenizer and indexed data in $DATA"

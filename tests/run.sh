@@ -7,9 +7,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# The CPU build of torch first: an unpinned resolve would pull a multi-GB CUDA build.
-python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+# The package and the test extras; the installed torch is kept (the CPU build is installed
+# only where none is importable, see tools/install.sh).
+bash tools/install.sh test
 
 # Slurm daemons, munge, shellcheck (apt) and hadolint for the launch/Slurm/lint tests.
 if [[ "$(id -u)" == 0 ]]; then
