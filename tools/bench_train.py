@@ -10,7 +10,9 @@ ratios to the first loss.
     torchrun --nproc-per-node 1 tools/bench_train.py --config bench_125m --dtype bf16   # GPU
 
 Mock data (vocabulary 4096, as the quickstart tokenizer), so the data path costs the same
-for every loss.
+for every loss. On a GPU it also reports model TFLOP/s per GPU (``megatron_mile.model.
+flops_per_token``: 6 x matmul parameters + attention) and MFU against the device's dense BF16
+peak (``--peak-tflops``; known for A100, H100 and H200).
 """
 
 from __future__ import annotations
@@ -21,8 +23,14 @@ import sys
 import time
 
 
+# Dense BF16 peak TFLOP/s of SXM parts (NVIDIA's data sheets), by a substring of the name.
+_PEAK_TFLOPS = {"H200": 989.5, "H100": 989.5, "A100": 312.0}
+
+
 def _round(config: str, loss: str, overrides: list[str], warmup: int, iters: int,
-           world_size: int) -> float:
+           world_size: int) -> tuple[float, float]:
+    """(tokens/s, model FLOPs per token) of one fresh trainer."""
+    from megatron_mile.model import flops_per_token
     from megatron_mile.config import load_config
     from megatron_mile.training.trainer import Trainer
 
@@ -50,18 +58,28 @@ def _round(config: str, loss: str, overrides: list[str], warmup: int, iters: int
         elapsed = time.perf_counter() - t0
     finally:
         trainer.shutdown()
-    return iters * cfg.training.global_batch_size * cfg.model.seq_length / elapsed
+    tokens_per_s = iters * cfg.training.global_batch_size * cfg.model.seq_length / elapsed
+    return tokens_per_s, flops_per_token(cfg, trainer.vocab_size)
 
 
 def _worker(rank: int, world_size: int, args) -> dict:
     results: dict[str, list[float]] = {loss: [] for loss in args.losses}
+    flops = 0.0
     for r in range(args.rounds):
         # Rotate the order each round, so no loss always runs first (or after another).
         k = r % len(args.losses)
         for loss in args.losses[k:] + args.losses[:k]:
-            results[loss].append(_round(args.config, loss, args.overrides, args.warmup,
-                                        args.iters, world_size))
-    return results
+            tokens_per_s, flops = _round(args.config, loss, args.overrides, args.warmup,
+                                         args.iters, world_size)
+            results[loss].append(tokens_per_s)
+    return {"tokens_per_s": results, "flops_per_token": flops, "world_size": world_size,
+            "device": _device_name()}
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def main(argv=None) -> int:
@@ -72,6 +90,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense BF16 peak per device for MFU (default: known GPUs)")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     args = parser.parse_args(argv)
     if "RANK" in __import__("os").environ:  # under torchrun: this process is one rank
@@ -87,16 +107,22 @@ def main(argv=None) -> int:
         from megatron_mile.testing import run_distributed
 
         results = run_distributed(_worker, args.nproc, args=(args,), timeout_s=3600)[0]
-    base = results[args.losses[0]]
-    print(f"config {args.config} {' '.join(args.overrides)}; {args.rounds} rounds x "
+    per_loss = results["tokens_per_s"]
+    base = per_loss[args.losses[0]]
+    device = results["device"]
+    peak = args.peak_tflops or next((v for k, v in _PEAK_TFLOPS.items() if k in device), None)
+    print(f"{device}; config {args.config} {' '.join(args.overrides)}; {args.rounds} rounds x "
           f"{args.iters} steps; ratio = median over rounds of (tokens/s / {args.losses[0]}'s "
-          "tokens/s in the same round), robust to drift of the machine's speed")
-    print("| loss | tokens/s (median) | all rounds | ratio |")
-    print("|---|---|---|---|")
-    for loss, vals in results.items():
+          "tokens/s in the same round), robust to drift of the machine's speed"
+          + (f"; MFU against {peak:g} TFLOP/s" if peak else ""))
+    print("| loss | tokens/s (median) | all rounds | ratio | model TFLOP/s per device | MFU |")
+    print("|---|---|---|---|---|---|")
+    for loss, vals in per_loss.items():
         ratio = statistics.median(v / b for v, b in zip(vals, base))
+        tflops = statistics.median(vals) * results["flops_per_token"] / results["world_size"] / 1e12
+        mfu = f"{tflops / peak:.1%}" if peak else "n/a"
         print(f"| {loss} | {statistics.median(vals):,.0f} | "
-              f"{', '.join(f'{v:,.0f}' for v in vals)} | {ratio:.3f} |")
+              f"{', '.join(f'{v:,.0f}' for v in vals)} | {ratio:.3f} | {tflops:.2f} | {mfu} |")
     return 0
 
 

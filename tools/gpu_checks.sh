@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark in one run, for a machine with one CUDA GPU (e.g. a lent
-# H100): the GPU test tier, the loss benchmark, and MiLe-vs-CE training throughput on a
-# ~125M-parameter BF16 model. Results go to $OUT (default runs/gpu_checks).
+# Every GPU check and benchmark in one command, for a machine with one CUDA GPU and no
+# network (e.g. a lent H100/H200: Python 3.12, its own torch with CUDA and Triton, no
+# Transformer Engine). About 6 minutes; each step has its own time limit, so a hang costs
+# that step only. Results go to $OUT (default runs/gpu_checks), one file per step.
 #
-#   bash tools/gpu_checks.sh
+#   bash tools/fetch_gpu_wheels.sh     # beforehand, with network: wheels into .wheels/
+#   bash tools/gpu_checks.sh           # on the GPU machine, from the checkout
 #
-# Without network: put wheels for megatron-core 0.16.1 (and its deps) for that machine's
-# Python in .wheels/ first; they are installed from there.
+# Steps: the GPU test tier (tests/test_gpu.py: the loss on the device against float64, BF16
+# training with each available layer implementation), a short training run whose log must
+# hold no third-party warnings (and the one-line kernel notice where TE/apex are missing),
+# the loss benchmark (tools/bench_loss.py), and MiLe vs cross-entropy training throughput and
+# MFU of a 125M-parameter BF16 model (tools/bench_train.py). Exits 1 if any step failed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-runs/gpu_checks}
@@ -14,18 +19,35 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 if [[ -d .wheels ]]; then
-    python -m pip install --quiet --no-index --find-links .wheels megatron-core==0.16.1 pyyaml \
-        sentencepiece pytest pytest-timeout
+    # --no-deps: megatron-core's wheel declares torch, and the machine's CUDA torch must stay.
+    python -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+        --no-index --find-links .wheels --no-deps -r tools/gpu_wheels.txt
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-python -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__)" \
-    | tee -a "$OUT/device.txt"
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python -c "import torch, megatron.core as m; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '| megatron-core', m.__version__)"
+} | tee "$OUT/device.txt"
 
 status=0
-python -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt" || status=1
+step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/NAME.txt
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    if ! timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"; then
+        echo "== $name FAILED (or timed out)"
+        status=1
+    fi
+}
 run1=(python -m torch.distributed.run --standalone --nproc-per-node 1)
-"${run1[@]}" tools/bench_loss.py --reps 10 --json "$OUT/bench_loss.json" 2>&1 \
-    | tee "$OUT/bench_loss.md" || status=1
-"${run1[@]}" tools/bench_train.py --config bench_125m --rounds 3 --iters 20 --warmup 5 \
-    2>&1 | tee "$OUT/bench_train.md" || status=1
+
+step gpu_tests 150 python -m pytest -q -m gpu tests/test_gpu.py
+step quiet_log 90 "${run1[@]}" -m megatron_mile.train --config tiny data.mock=true \
+    precision.dtype=bf16 training.train_iters=10 training.log_interval=5
+if grep -nE "Warning|warnings\.warn|Traceback" "$OUT/quiet_log.txt"; then
+    echo "== quiet_log FAILED: third-party warnings in the training log"
+    status=1
+fi
+step bench_loss 90 "${run1[@]}" tools/bench_loss.py --reps 10 --json "$OUT/bench_loss.json"
+step bench_train 180 "${run1[@]}" tools/bench_train.py --config bench_125m --rounds 2 \
+    --iters 20 --warmup 5 --losses cross_entropy mile precision.dtype=bf16 data.vocab_size=32000
 exit "$status"
