@@ -146,5 +146,6 @@ def kernel_notice(transformer_impl: str, kernels: Kernels) -> Optional[str]:
         return None
     off = [f.field for f in FUSIONS
            if f.field != "cross_entropy_loss_fusion" and not f.enabled(transformer_impl, kernels)]
+    verb = "stays" if len(off) == 1 else "stay"
     return (f"kernels: {'; '.join(missing)} not importable, so {', '.join(off) or 'nothing'} "
-            "stays off. NVIDIA's PyTorch container (docker/) has both")
+            f"{verb} off. NVIDIA's PyTorch container (docker/) has both")

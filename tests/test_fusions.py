@@ -120,3 +120,17 @@ def test_auto_picks_transformer_engine_only_with_cuda():
     assert resolve_transformer_impl("local", kernels(True, True)) == "local"
     # Without apex's softmax kernels, the local spec must not ask for the fused softmax.
     assert not fusion_settings("local", kernels(True, False))["masked_softmax_fusion"]
+
+
+def test_one_kernel_line_on_a_gpu_with_something_missing_none_on_cpu():
+    def kernels(cuda, te, apex):
+        return Kernels(cuda=cuda, transformer_engine=te, apex_gradient_accumulation=apex,
+                       apex_masked_softmax=apex, apex_persist_layer_norm=apex)
+
+    line = kernel_notice("local", kernels(True, False, False))
+    assert line.startswith("kernels: Transformer Engine (") and "apex (" in line, line
+    assert "gradient_accumulation_fusion, apply_rope_fusion, masked_softmax_fusion, " \
+           "persist_layer_norm stay off" in line, line
+    assert "\n" not in line
+    assert kernel_notice("local", kernels(False, False, False)) is None  # CPU: expected
+    assert kernel_notice("transformer_engine", kernels(True, True, True)) is None
