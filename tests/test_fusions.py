@@ -18,7 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mile.fusions import FUSIONS, Kernels, fusion_settings, resolve_transformer_impl
+from megatron_mile.fusions import (
+    FUSIONS,
+    Kernels,
+    fusion_settings,
+    kernel_notice,
+    resolve_transformer_impl,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ("gpu_te", "gpu", "cpu")  # the table's columns, in order
