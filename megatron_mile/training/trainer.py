@@ -86,7 +86,10 @@ class Trainer:
                 f"vocabulary ({self.tokenizer.vocab_size}, {cfg.data.tokenizer_model or 'data.vocab_size'}"
                 "): its ids would index past the embedding. Set model.vocab_size to at least "
                 f"{self.tokenizer.vocab_size}, or leave it unset (null) to take the tokenizer's")
-        self.vocab_size = padded_vocab_size(cfg.model.vocab_size or self.tokenizer.vocab_size, cfg)
+        # The real vocabulary (the padded rows behind it count nowhere in the loss) and the
+        # embedding's rows, padded to the TP padding unit.
+        self.valid_vocab_size = cfg.model.vocab_size or self.tokenizer.vocab_size
+        self.vocab_size = padded_vocab_size(self.valid_vocab_size, cfg)
         self._build_datasets()  # before the model: a missing data path fails fast
         # From here on every phase is bounded: a hung peer ends this rank (datasets are built
         # before, on rank 0 first, for as long as a large corpus needs).
@@ -96,7 +99,8 @@ class Trainer:
         self.watchdog = Watchdog(p.distributed_timeout_minutes * 60, self.rank).start()
         try:
             self.watchdog.beat(0, "building the model")
-            self.model = build_model(cfg, self.vocab_size, self.device)
+            self.model = build_model(cfg, self.vocab_size, self.device,
+                                     valid_vocab_size=self.valid_vocab_size)
             self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
             model_config = get_model_config(self.model[0])
             model_config.grad_scale_func = self.optimizer.scale_loss
