@@ -54,42 +54,28 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 def llama_state_dict(state: dict[str, torch.Tensor], cfg: TrainConfig,
                      rows: Optional[int] = None) -> dict[str, torch.Tensor]:
-    """Rename/split a TP=1, PP=1 megatron-mile state dict into HF Llama's names.
+    """Rename/split a TP=1, PP=1 megatron-mile state dict into HF Llama's names, through the
+    tensor table the import uses too (``megatron_mile.checkpoint_hf``).
 
     Args:
         state: the model's ``state_dict()`` (``_extra_state`` entries are ignored).
         rows: keep the first ``rows`` vocabulary rows (None: all, i.e. padded).
     """
-    m = cfg.model
-    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
-    hn = m.hidden_size // heads
-    q_per_group = heads // groups
-    ffn = m.ffn_size
-    out = {
-        "model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:rows],
-        "model.norm.weight": state["decoder.final_layernorm.weight"],
-        "lm_head.weight": state["output_layer.weight"][:rows],
-    }
-    for i in range(m.num_layers):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        qkv = state[src + "self_attention.linear_qkv.weight"]
-        # [ng * (q_per_group + 2) * hn, h] -> [ng, q_per_group + 2, hn, h]
-        qkv = qkv.reshape(groups, q_per_group + 2, hn, m.hidden_size)
-        fc1 = state[src + "mlp.linear_fc1.weight"]
-        if fc1.shape[0] != 2 * ffn:
-            raise ValueError(f"{src}mlp.linear_fc1.weight has {fc1.shape[0]} rows, expected "
-                             f"2 x ffn = {2 * ffn} (gate; up)")
-        out.update({
-            dst + "input_layernorm.weight": state[src + "input_layernorm.weight"],
-            dst + "self_attn.q_proj.weight": qkv[:, :q_per_group].reshape(heads * hn, -1),
-            dst + "self_attn.k_proj.weight": qkv[:, q_per_group].reshape(groups * hn, -1),
-            dst + "self_attn.v_proj.weight": qkv[:, q_per_group + 1].reshape(groups * hn, -1),
-            dst + "self_attn.o_proj.weight": state[src + "self_attention.linear_proj.weight"],
-            dst + "post_attention_layernorm.weight": state[src + "pre_mlp_layernorm.weight"],
-            dst + "mlp.gate_proj.weight": fc1[:ffn],
-            dst + "mlp.up_proj.weight": fc1[ffn:],
-            dst + "mlp.down_proj.weight": state[src + "mlp.linear_fc2.weight"],
-        })
+    from megatron_mile.checkpoint_hf import (
+        HF_EMBEDDING, HF_FINAL_NORM, HF_LAYER_TENSORS, HF_OUTPUT, Shapes, split_full,
+    )
+
+    shapes = Shapes.of(cfg.model)
+    globals_ = [HF_EMBEDDING, HF_FINAL_NORM] + ([HF_OUTPUT] if cfg.model.untie_embeddings
+                                                else [])  # tied: lm_head is the embedding
+    out = {}
+    for entry in globals_:
+        out.update(split_full(entry, state[entry.megatron], shapes, rows))
+    for i in range(cfg.model.num_layers):
+        for entry in HF_LAYER_TENSORS:
+            full = state[f"decoder.layers.{i}.{entry.megatron}"]
+            for name, tensor in split_full(entry, full, shapes).items():
+                out[f"model.layers.{i}.{name}"] = tensor
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
@@ -97,8 +83,6 @@ def llama_config(cfg: TrainConfig, vocab_size: int, dtype: torch.dtype,
                  special: dict[str, Optional[int]]) -> dict:
     """config.json of the equivalent ``LlamaForCausalLM``."""
     m = cfg.model
-    if not m.untie_embeddings:
-        raise ValueError("tied embeddings: export with tie_word_embeddings is not implemented")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -117,7 +101,7 @@ def llama_config(cfg: TrainConfig, vocab_size: int, dtype: torch.dtype,
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": 0.0,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": not m.untie_embeddings,
         "initializer_range": m.init_method_std,
         "bos_token_id": special.get("bos"),
         "eos_token_id": special.get("eos"),
