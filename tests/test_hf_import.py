@@ -127,3 +127,104 @@ def test_export_of_import_is_bit_exact(folders, round_trip, name):
                 "tie_word_embeddings"):
         assert config[key] == hf[key], key
     assert config["rope_theta"] == hf["rope_parameters"]["rope_theta"]
+
+
+# ---------------------------------------------------------------- refusals
+
+BASE_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+               "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 176,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+               "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False}
+
+REFUSED = {
+    "attention_bias": ({"attention_bias": True}, "attention_bias=true is not supported"),
+    "mlp_bias": ({"mlp_bias": True}, "mlp_bias=true is not supported"),
+    "rope_scaling": ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+                     "rope_scaling.rope_type='llama3' is not supported"),
+    "rope_parameters": ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}},
+                        "rope_parameters.rope_type='yarn' is not supported"),
+    "architecture": ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
+                     "model_type='mistral'"),
+    "moe": ({"num_local_experts": 8}, "num_local_experts=8: mixture-of-experts"),
+    "sliding_window": ({"sliding_window": 4096}, "sliding_window=4096 is not supported"),
+    "activation": ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+}
+
+
+def _config_folder(tmp_path, changes: dict) -> str:
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**BASE_CONFIG, **changes}))
+    return str(folder)
+
+
+def _train_main(capsys, monkeypatch, overrides: list[str]) -> tuple[int, list[str]]:
+    from megatron_mile.train import main
+
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
+        monkeypatch.setenv(key, value)  # a world of one, restored after the test
+
+    code = main(["--config", "tiny", *overrides])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return code, lines
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_unsupported_models_are_refused_naming_the_field(tmp_path, capsys, monkeypatch, case):
+    changes, message = REFUSED[case]
+    folder = _config_folder(tmp_path, changes)
+    code, lines = _train_main(capsys, monkeypatch, [f"checkpoint.init_from_hf={folder}"])
+    assert code == 2 and len(lines) == 1, lines
+    assert message in lines[0] and "config.json" in lines[0], lines[0]
+
+
+def test_explicit_shape_that_disagrees_names_both(tmp_path, capsys, monkeypatch):
+    folder = _config_folder(tmp_path, {})
+    code, lines = _train_main(capsys, monkeypatch, [
+        f"checkpoint.init_from_hf={folder}", "model.hidden_size=128", "model.num_query_groups=4"])
+    assert code == 2 and len(lines) == 1, lines
+    assert "model.hidden_size=128 (config) vs 64 (from hidden_size)" in lines[0]
+    assert "model.num_query_groups=4 (config) vs 2 (from num_key_value_heads)" in lines[0]
+
+
+def test_shape_fields_come_from_config_json(tmp_path):
+    from megatron_mile.config import load_config
+
+    folder = _config_folder(tmp_path, {"rope_theta": 500000.0, "tie_word_embeddings": True})
+    cfg = load_config("tiny", [f"checkpoint.init_from_hf={folder}"])
+    m = cfg.model
+    assert (m.num_query_groups, m.norm_epsilon, m.rotary_base, m.vocab_size) == \
+        (2, 1e-6, 500000, VOCAB)
+    assert m.untie_embeddings is False and m.ffn_size == 176
+
+
+def test_missing_folder_and_bias_tensors(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    from megatron_mile.checkpoint_hf import HFCheckpoint
+    from megatron_mile.training.checkpointing import CheckpointError
+
+    code, lines = _train_main(capsys, monkeypatch,
+                              [f"checkpoint.init_from_hf={tmp_path}/absent"])
+    assert code == 2 and len(lines) == 1 and "no such directory" in lines[0], lines
+    folder = _config_folder(tmp_path, {})
+    save_file({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)},
+              os.path.join(folder, "model.safetensors"))
+    with pytest.raises(CheckpointError, match="q_proj.bias is a bias"):
+        HFCheckpoint(folder)
+
+
+@pytest.mark.slow
+def test_cli_refusal_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    folder = _config_folder(tmp_path, {"attention_bias": True})
+    proc = subprocess.run([sys.executable, "-m", "megatron_mile.cli.import_hf", "--hf", folder,
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert lines[-1].startswith("megatron-mile-import-hf: ConfigError:") and \
+        "attention_bias" in lines[-1], lines
