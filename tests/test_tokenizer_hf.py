@@ -58,7 +58,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bpe(corpus):
     with open(corpus / "train.jsonl", encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f]
+        texts = [json.loads(line)["text"] for _, line in zip(range(150), f)]
     return make_byte_level_bpe(str(corpus / "bpe"), texts)
 
 
@@ -121,14 +121,12 @@ def test_missing_tokenizers_library_is_a_clear_error(bpe, monkeypatch):
 
 @pytest.fixture(scope="module")
 def preprocessed(corpus, bpe):
+    """The validation split (43 documents, 130 kB; the training split is 2 MB) with two
+    workers and small chunks, so the tokenizer crosses to pool processes."""
     from megatron_mile.data.preprocess import preprocess
 
-    out = {}
-    for split in ("train", "validation"):
-        stats = preprocess([str(corpus / f"{split}.jsonl")], str(corpus / f"bpe_{split}"), bpe,
-                           workers=2 if split == "train" else 1, progress=None)
-        out[split] = stats
-    return out
+    return preprocess([str(corpus / "validation.jsonl")], str(corpus / "bpe_validation"), bpe,
+                      workers=2, chunk_bytes=20_000, progress=None)
 
 
 def test_preprocess_with_tokenizer_json(corpus, bpe, preprocessed):
@@ -140,12 +138,11 @@ def test_preprocess_with_tokenizer_json(corpus, bpe, preprocessed):
     ds = IndexedDataset(str(corpus / "bpe_validation"))
     with open(corpus / "validation.jsonl", encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
-    assert len(ds) == len(texts) == preprocessed["validation"].documents
+    assert len(ds) == len(texts) == preprocessed.documents
     for i in (0, len(ds) // 2, len(ds) - 1):
         ids = ds[i].tolist()
         assert ids[-1] == tok.eod == 999
         assert tok.detokenize(ids) == texts[i]  # EOS decodes to nothing
-    assert preprocessed["train"].documents > 600
 
 
 def _train_and_export(rank: int, world_size: int, corpus: str, bpe: str) -> dict:
@@ -154,9 +151,10 @@ def _train_and_export(rank: int, world_size: int, corpus: str, bpe: str) -> dict
     from megatron_mile.training.trainer import Trainer
 
     cfg = load_config("tiny", [
-        "data.mock=false", "data.vocab_size=null", f"data.data_path=[{corpus}/bpe_train]",
+        # Trains (and evaluates) on the small validation split: enough to see learning.
+        "data.mock=false", "data.vocab_size=null", f"data.data_path=[{corpus}/bpe_validation]",
         f"data.valid_data_path=[{corpus}/bpe_validation]", f"data.tokenizer_model={bpe}",
-        "training.train_iters=30", "training.eval_interval=30", "training.eval_iters=2",
+        "training.train_iters=20", "training.eval_interval=20", "training.eval_iters=2",
         "optimizer.lr_warmup_iters=5", f"checkpoint.save={corpus}/ckpt"], world_size=1)
     trainer = Trainer(cfg)
     trainer.setup()
@@ -179,7 +177,7 @@ def test_trains_and_exports_with_tokenizer_json(corpus, bpe, preprocessed):
     res = run_distributed(_train_and_export, 1, args=(str(corpus), bpe), timeout_s=300)[0]
     assert res["vocab"] == 1000 and res["padded"] == 1024
     # Untrained: near uniform over the 1000 REAL ids, log(1000) = 6.908; counting the 24
-    # padded rows would give log(1024) = 6.931. Measured: 6.910 -> 6.00 in 30 steps.
+    # padded rows would give log(1024) = 6.931. 
     assert res["start"] == pytest.approx(math.log(1000), abs=0.01), res
     assert res["end"] < res["start"] - 0.5, res
     exported = corpus / "exported"
