@@ -424,12 +424,14 @@ def import_hf_weights(folder: str, model: list[torch.nn.Module], cfg: TrainConfi
 _HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def import_to_checkpoint(hf_folder: str, out_dir: str, *, config: str = "tiny",
+def import_to_checkpoint(hf_folder: str, out_dir: str, *, config: Optional[str] = None,
                          overrides: Optional[list[str]] = None,
                          dtype: Optional[str] = None) -> TrainConfig:
     """Write ``hf_folder`` as a regular megatron-mile checkpoint (iteration 0, no optimizer
     state) into ``out_dir``, so that a large import runs once; returns the config it saved.
 
+    ``config``: a config file or shipped name for the non-shape fields saved with the
+    checkpoint (None: the defaults, which never conflict with config.json).
     The model's shape comes from config.json, the dtype from ``dtype`` or config.json's
     ``torch_dtype``; ``data`` points at the folder's tokenizer.json when it has one (else a
     null tokenizer of the model's vocabulary). Runs in the current world (one process, or
@@ -451,7 +453,7 @@ def import_to_checkpoint(hf_folder: str, out_dir: str, *, config: str = "tiny",
     data = ([f"data.tokenizer_model={os.path.abspath(hf_folder)}", "data.vocab_size=null"]
             if has_tokenizer else [f"data.vocab_size={hf.get('vocab_size')}",
                                    "data.tokenizer_model=null"])
-    cfg = load_config(config, ["data.mock=true", *data, f"precision.dtype={dtype}",
+    cfg = load_config(config, ["data.mock=true", "data.num_workers=0", *data, f"precision.dtype={dtype}",
                                *(overrides or []),
                                f"checkpoint.init_from_hf={os.path.abspath(hf_folder)}"],
                       world_size=dist.get_world_size() if dist.is_initialized() else None)

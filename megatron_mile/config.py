@@ -530,9 +530,13 @@ def config_from_dict(tree: dict, overrides: Optional[list[str]] = None) -> Train
     return _build(TrainConfig, _merge(tree, parse_overrides(overrides or [])), "")
 
 
-def read_config_tree(name_or_path: str, overrides: Optional[list[str]] = None) -> dict:
-    """The nested dict of a YAML config (a path or a shipped name) with the overrides merged
-    in, before any check: what :func:`load_config` builds its TrainConfig from."""
+def read_config_tree(name_or_path: Optional[str],
+                     overrides: Optional[list[str]] = None) -> dict:
+    """The nested dict of a YAML config (a path or a shipped name; None: no file, the
+    defaults) with the overrides merged in, before any check: what :func:`load_config`
+    builds its TrainConfig from."""
+    if name_or_path is None:  # the dataclass defaults only
+        return parse_overrides(overrides or [])
     path = _resolve_path(name_or_path)
     try:
         tree = yaml.safe_load(path.read_text()) or {}
@@ -541,7 +545,7 @@ def read_config_tree(name_or_path: str, overrides: Optional[list[str]] = None) -
     return _merge(tree, parse_overrides(overrides or []))
 
 
-def load_config(name_or_path: str, overrides: Optional[list[str]] = None,
+def load_config(name_or_path: Optional[str], overrides: Optional[list[str]] = None,
                 world_size: Optional[int] = None) -> TrainConfig:
     """Read a YAML config (a path or a shipped name), apply overrides, validate.
 

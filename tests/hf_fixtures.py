@@ -158,7 +158,7 @@ def round_trip_body(rank: int, world_size: int, folders: dict, tmp: str) -> dict
     out = {}
     for name, folder in folders.items():
         ckpt = os.path.join(tmp, f"ckpt_{name}")
-        import_to_checkpoint(folder, ckpt, dtype="fp32")
+        import_to_checkpoint(folder, ckpt, dtype="fp32")  # the default config
         out[name] = export_checkpoint(ckpt, os.path.join(tmp, f"export_{name}"),
                                       trim_vocab=True)
     return out

@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf", required=True, help="local Hugging Face model folder")
     parser.add_argument("--output", required=True, help="checkpoint directory to write")
-    parser.add_argument("--config", default="tiny",
-                        help="config the non-shape fields come from (saved with the checkpoint)")
+    parser.add_argument("--config", default=None,
+                        help="config file or shipped name the non-shape fields come from "
+                             "(saved with the checkpoint; default: the built-in defaults)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                         help="parameter dtype (default: config.json's torch_dtype)")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
