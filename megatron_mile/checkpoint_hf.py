@@ -48,15 +48,20 @@ class TensorMap:
     megatron: str
     hf: tuple[str, ...]
     layout: str
+    te: Optional[str] = None
+    """The parameter's name in Transformer Engine's layer spec, where the norm is fused into
+    the next linear (None: the same name)."""
 
 
 HF_LAYER_TENSORS = (
-    TensorMap("input_layernorm.weight", ("input_layernorm.weight",), "replicated"),
+    TensorMap("input_layernorm.weight", ("input_layernorm.weight",), "replicated",
+              te="self_attention.linear_qkv.layer_norm_weight"),
     TensorMap("self_attention.linear_qkv.weight",
               ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
               "qkv"),
     TensorMap("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "columns"),
-    TensorMap("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "replicated"),
+    TensorMap("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "replicated",
+              te="mlp.linear_fc1.layer_norm_weight"),
     TensorMap("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
               "gate_up"),
     TensorMap("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "columns"),
@@ -365,7 +370,10 @@ def _local_tensors(model, tied: bool) -> list[tuple[torch.nn.Parameter, TensorMa
         for layer in chunk.decoder.layers:
             i = layer.layer_number - 1  # global, pipeline offset included
             for entry in HF_LAYER_TENSORS:
-                param = layer.get_parameter(entry.megatron)
+                try:
+                    param = layer.get_parameter(entry.megatron)
+                except AttributeError:  # Transformer Engine's spec: the norm sits in a linear
+                    param = layer.get_parameter(entry.te or entry.megatron)
                 out.append((param, entry, f"model.layers.{i}."))
         if chunk.post_process:
             out.append((chunk.decoder.final_layernorm.weight, HF_FINAL_NORM, ""))
