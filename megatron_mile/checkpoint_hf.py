@@ -319,7 +319,7 @@ class HFCheckpoint:
             try:
                 self._files[filename] = self._stack.enter_context(
                     safe_open(path, framework="pt"))
-            except (OSError, Exception) as e:  # safetensors raises its own error types
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
                 raise self._error(f"cannot open {path}: {e}") from None
         return self._files[filename]
 
