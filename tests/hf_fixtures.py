@@ -109,9 +109,10 @@ def _pipeline_outputs(trainer, batch: dict, with_labels: bool) -> list:
     return outputs
 
 
-def layout_body(rank: int, world_size: int, folders: dict, tokens: list) -> dict:
+def layout_body(rank: int, world_size: int, folders: dict, tokens: list, tmp: str) -> dict:
     """For each (model, layout): full-vocabulary logits and per-token CE of the imported
-    model on ``tokens`` (last stage, TP-gathered), then two training steps on repeated data."""
+    model on ``tokens`` (last stage, TP-gathered), then three training steps on repeated
+    data. Then the round trip (:func:`round_trip_body`) in the same launch."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -121,7 +122,7 @@ def layout_body(rank: int, world_size: int, folders: dict, tokens: list) -> dict
     tokens_bs = torch.tensor(tokens)
     batch = _batch(tokens_bs)
     results = {}
-    cases = [("untied_gqa", layout) for layout in LAYOUTS] + [("tied", "pp2"), ("tied", "tp2-sp")]
+    cases = [("untied_gqa", layout) for layout in LAYOUTS] + [("tied", "pp2")]
     for name, layout in cases:
         cfg = load_config("tiny", _overrides(folders[name], layout), world_size=world_size)
         trainer = Trainer(cfg)
@@ -147,11 +148,12 @@ def layout_body(rank: int, world_size: int, folders: dict, tokens: list) -> dict
             results[(name, layout)] = res
         finally:
             trainer.shutdown()
-    return results
+    return {"layouts": results, "round_trip": round_trip_body(rank, world_size, folders, tmp)}
 
 
 def round_trip_body(rank: int, world_size: int, folders: dict, tmp: str) -> dict:
-    """import_to_checkpoint then export_checkpoint(trim_vocab) for each model."""
+    """import_to_checkpoint then export_checkpoint(trim_vocab) for each model (TP=1, the
+    ranks are data-parallel)."""
     from megatron_mile.checkpoint_hf import import_to_checkpoint
     from megatron_mile.evaluation.hf_export import export_checkpoint
 

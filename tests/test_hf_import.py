@@ -4,8 +4,8 @@ Tiny LlamaForCausalLM models are built from a LlamaConfig and saved locally (no 
 GQA + untied + sharded safetensors + rope_theta 50000 + eps 1e-6, and tied multi-head; both
 with a vocabulary of 1000 (padded to 1024). One 2-process launch imports them into TP=1 x DP=2
 (distributed optimizer), TP=2 + SP, PP=2 and PP=2 x VPP=2 through the trainer and records the
-logits, CE and a few training steps; one more exports import_hf's checkpoints back. The
-refusals are single-process and fast.
+logits, CE and a few training steps, then writes import_hf's checkpoints and exports them
+back. The refusals are single-process and fast.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 
 from hf_fixtures import (
     LAYOUTS, SEQ, VOCAB, hf_logits, layout_body, make_hf_model, read_safetensors,
-    round_trip_body,
 )
 from megatron_mile.testing import run_distributed
 
@@ -47,10 +46,17 @@ def tokens():
 
 
 @pytest.fixture(scope="module")
-def layouts(folders, tokens):
-    results = run_distributed(layout_body, 2, args=(folders, tokens), timeout_s=600)
+def launch(folders, tokens, tmp_path_factory):
+    """The one 2-process launch: every layout, then the round trip."""
+    tmp = str(tmp_path_factory.mktemp("round_trip"))
+    results = run_distributed(layout_body, 2, args=(folders, tokens, tmp), timeout_s=600)
+    return tmp, results
+
+
+@pytest.fixture(scope="module")
+def layouts(launch):
     merged: dict = {}
-    for res in results:  # the last stage's ranks carry the numbers
+    for res in (r["layouts"] for r in launch[1]):  # the last stage's ranks carry the numbers
         for key, value in res.items():
             slot = merged.setdefault(key, {})
             for k, v in value.items():
@@ -62,7 +68,7 @@ def layouts(folders, tokens):
     return merged
 
 
-CASES = [("untied_gqa", layout) for layout in LAYOUTS] + [("tied", "pp2"), ("tied", "tp2-sp")]
+CASES = [("untied_gqa", layout) for layout in LAYOUTS] + [("tied", "pp2")]  # tied: PP splits it
 
 
 @pytest.mark.slow
@@ -103,10 +109,9 @@ def test_layouts_start_from_the_same_loss(layouts):
 
 
 @pytest.fixture(scope="module")
-def round_trip(folders, tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("round_trip"))
-    configs = run_distributed(round_trip_body, 1, args=(folders, tmp), timeout_s=300)[0]
-    return tmp, configs
+def round_trip(launch):
+    tmp, results = launch
+    return tmp, results[0]["round_trip"]
 
 
 @pytest.mark.slow
