@@ -18,11 +18,10 @@ conversion) at a time. Reads only local files.
 from __future__ import annotations
 
 import json
-import math
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -302,7 +301,8 @@ class HFCheckpoint:
         self._stack = ExitStack()
         self._files: dict[str, Any] = {}
         if self.weight_map is None:
-            self.weight_map = {k: "model.safetensors" for k in self._open("model.safetensors").keys()}
+            names = self._open("model.safetensors").keys()
+            self.weight_map = {k: "model.safetensors" for k in names}
         biases = [k for k in self.weight_map if k.endswith(".bias")]
         if biases:
             raise CheckpointError(f"{folder}: tensor {biases[0]} is a bias, which the model "
@@ -441,8 +441,8 @@ def import_to_checkpoint(hf_folder: str, out_dir: str, *, config: Optional[str] 
     ``config``: a config file or shipped name for the non-shape fields saved with the
     checkpoint (None: the defaults, which never conflict with config.json).
     The model's shape comes from config.json, the dtype from ``dtype`` or config.json's
-    ``torch_dtype``; ``data`` points at the folder's tokenizer.json when it has one (else a
-    null tokenizer of the model's vocabulary). Runs in the current world (one process, or
+    ``torch_dtype``; ``data`` points at the folder's tokenizer (tokenizer.json or
+    tokenizer.model) when it has one, else a null tokenizer of the model's vocabulary. Runs in the current world (one process, or
     every rank under torchrun with ``parallel.*`` overrides to split the memory); the
     checkpoint loads into any layout. Collectives: ``initialize_parallel``'s and
     ``save_checkpoint``'s.
@@ -457,11 +457,13 @@ def import_to_checkpoint(hf_folder: str, out_dir: str, *, config: Optional[str] 
 
     hf = read_hf_config(hf_folder)
     dtype = dtype or _HF_DTYPES.get(hf.get("torch_dtype") or hf.get("dtype"), "fp32")
-    has_tokenizer = os.path.isfile(os.path.join(hf_folder, "tokenizer.json"))
+    has_tokenizer = any(os.path.isfile(os.path.join(hf_folder, name))
+                        for name in ("tokenizer.json", "tokenizer.model"))
     data = ([f"data.tokenizer_model={os.path.abspath(hf_folder)}", "data.vocab_size=null"]
             if has_tokenizer else [f"data.vocab_size={hf.get('vocab_size')}",
                                    "data.tokenizer_model=null"])
-    cfg = load_config(config, ["data.mock=true", "data.num_workers=0", *data, f"precision.dtype={dtype}",
+    cfg = load_config(config, ["data.mock=true", "data.num_workers=0", *data,
+                               f"precision.dtype={dtype}",
                                *(overrides or []),
                                f"checkpoint.init_from_hf={os.path.abspath(hf_folder)}"],
                       world_size=dist.get_world_size() if dist.is_initialized() else None)
