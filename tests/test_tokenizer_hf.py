@@ -56,10 +56,17 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bpe(corpus):
-    with open(corpus / "train.jsonl", encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for _, line in zip(range(150), f)]
-    return make_byte_level_bpe(str(corpus / "bpe"), texts)
+def bpe(tmp_path_factory):
+    """Trained on generated words (a fraction of a second): the unit tier needs no corpus. The slow tests preprocess and train on the embedded corpus with it."""
+    import random
+
+    rng = random.Random(2)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+             for _ in range(3000)]
+    texts = [" ".join(rng.choice(words[:rng.randint(50, 3000)]) for _ in range(200))
+             for _ in range(300)]
+    folder = tmp_path_factory.mktemp("bpe")
+    return make_byte_level_bpe(str(folder), texts)
 
 
 @pytest.mark.parametrize("text", ROUND_TRIP)
@@ -129,6 +136,7 @@ def preprocessed(corpus, bpe):
                       workers=2, chunk_bytes=20_000, progress=None)
 
 
+@pytest.mark.slow
 def test_preprocess_with_tokenizer_json(corpus, bpe, preprocessed):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -177,7 +185,7 @@ def test_trains_and_exports_with_tokenizer_json(corpus, bpe, preprocessed):
     res = run_distributed(_train_and_export, 1, args=(str(corpus), bpe), timeout_s=300)[0]
     assert res["vocab"] == 1000 and res["padded"] == 1024
     # Untrained: near uniform over the 1000 REAL ids, log(1000) = 6.908; counting the 24
-    # padded rows would give log(1024) = 6.931. 
+    # padded rows would give log(1024) = 6.931.
     assert res["start"] == pytest.approx(math.log(1000), abs=0.01), res
     assert res["end"] < res["start"] - 0.5, res
     exported = corpus / "exported"
