@@ -30,12 +30,12 @@ Conventions checked by tests/test_export_hf.py (logits equal to 1e-4 in fp32):
   (loaded at TP=1, i.e. the TP shards' halves already regrouped by megatron's sharded state
   dict): gate = first half, up = second half.
 * RMSNorm ``x * rsqrt(mean(x^2) + eps) * w`` with the model's ``norm_epsilon``; no biases.
-* Vocabulary: the embedding and output layer keep their PADDED rows by default
-  (``vocab_size`` in config.json = padded size >= tokenizer size). The logits then equal
-  megatron's exactly, and softmax normalises over the same rows the model was trained (and is
-  evaluated) with; the padding ids are never produced by the tokenizer. ``trim_vocab=True``
-  cuts both matrices to the tokenizer's size (a normaliser over fewer rows: log-likelihoods
-  change slightly, by the probability mass the model puts on padding rows).
+* Vocabulary: training and evaluation leave the rows padded for TP out of the softmax
+  (``valid_vocab_size``), so ``trim_vocab=True``, which cuts both matrices to the real
+  vocabulary, is the faithful export (and round-trips an imported HF model bit-exactly). By
+  default the PADDED rows are kept (``vocab_size`` in config.json = padded size): the logits
+  of the real rows equal megatron's exactly, but HF's softmax then also counts the padded
+  rows, at their initial values (they get no gradient).
 """
 
 from __future__ import annotations
