@@ -3,10 +3,12 @@
     megatron-mile-export-hf --load runs/mile --output hf/mile
     python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('hf/mile')"
 
-Writes config.json, model.safetensors, generation_config.json and the SentencePiece tokenizer
-(tokenizer.model + tokenizer_config.json, or tokenizer.json) into --output. The vocabulary keeps
-the model's padded rows unless --trim-vocab (recommended: training leaves them out of the softmax) (see megatron_mile/evaluation/hf_export.py for the name map
-and conventions, docs/evaluation.md for lm-evaluation-harness). Needs `safetensors`.
+Writes config.json, model.safetensors, generation_config.json and the tokenizer files (the
+SentencePiece tokenizer.model + tokenizer_config.json, or the Hugging Face tokenizer.json with
+its config) into --output. The vocabulary keeps the model's padded rows unless --trim-vocab
+(recommended: training leaves them out of the softmax); see
+megatron_mile/evaluation/hf_export.py for the name map and conventions, docs/evaluation.md for
+lm-evaluation-harness. Needs `safetensors`.
 Also ``python -m megatron_mile.cli.export_hf`` and ``python tools/export_hf.py``.
 """
 
