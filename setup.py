@@ -24,7 +24,10 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "transformers", "safetensors", "matplotlib"],
+        "test": ["pytest>=8", "pytest-timeout", "transformers", "safetensors", "tokenizers",
+                 "matplotlib"],
+        # Hugging Face interop: import/export of checkpoints, tokenizer.json tokenizers.
+        "hf": ["safetensors", "tokenizers"],
         # Evaluation tools: per-frequency plots, Hugging Face export.
         "eval": ["matplotlib", "safetensors"],
         # Transformer Engine comes with NVIDIA's PyTorch containers; listed for bare installs.
@@ -38,6 +41,7 @@ setup(
             "megatron-mile-preprocess=megatron_mile.cli.preprocess:main",
             "megatron-mile-eval-frequency=megatron_mile.cli.eval_frequency:main",
             "megatron-mile-export-hf=megatron_mile.cli.export_hf:main",
+            "megatron-mile-import-hf=megatron_mile.cli.import_hf:main",
             "megatron-mile-estimate-memory=megatron_mile.cli.estimate_memory:main",
         ],
     },

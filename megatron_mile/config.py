@@ -313,6 +313,15 @@ class CheckpointConfig:
     """On resume, keep the checkpoint's learning-rate schedule (lr, min_lr, warm-up, decay
     iterations and style, weight decay) even where the config differs (Megatron-LM's
     --use-checkpoint-opt_param-scheduler). By default a difference is an error."""
+    init_from_hf: Optional[str] = None
+    """A local Hugging Face LlamaForCausalLM folder (config.json + safetensors, single or
+    sharded): a run that starts without a checkpoint of its own loads its weights into the
+    configured layout (any TP/PP/VPP/DP), with a fresh optimizer and the configured schedule;
+    a resumed run ignores it. The model's shape fields (hidden_size, num_layers, heads,
+    num_query_groups, ffn_hidden_size, norm_epsilon, rotary_base, untie_embeddings,
+    vocab_size) are taken from config.json: set in the config to anything but their default,
+    they must agree with it. Biases, rope scaling, MoE, sliding windows and other
+    architectures are refused. See README, "Continue pretraining a Hugging Face model"."""
     override_opt_param_scheduler: bool = False
     """On resume, take the schedule from the config instead of the checkpoint, e.g. to extend
     training.train_iters (Megatron-LM's --override-opt_param-scheduler); the step count still
@@ -536,9 +545,13 @@ def config_from_dict(tree: dict, overrides: Optional[list[str]] = None) -> Train
     return _build(TrainConfig, _merge(tree, parse_overrides(overrides or [])), "")
 
 
-def read_config_tree(name_or_path: str, overrides: Optional[list[str]] = None) -> dict:
-    """The nested dict of a YAML config (a path or a shipped name) with the overrides merged
-    in, before any check: what :func:`load_config` builds its TrainConfig from."""
+def read_config_tree(name_or_path: Optional[str],
+                     overrides: Optional[list[str]] = None) -> dict:
+    """The nested dict of a YAML config (a path or a shipped name; None: no file, the
+    defaults) with the overrides merged in, before any check: what :func:`load_config`
+    builds its TrainConfig from."""
+    if name_or_path is None:  # the dataclass defaults only
+        return parse_overrides(overrides or [])
     path = _resolve_path(name_or_path)
     try:
         tree = yaml.safe_load(path.read_text()) or {}
@@ -547,13 +560,18 @@ def read_config_tree(name_or_path: str, overrides: Optional[list[str]] = None) -
     return _merge(tree, parse_overrides(overrides or []))
 
 
-def load_config(name_or_path: str, overrides: Optional[list[str]] = None,
+def load_config(name_or_path: Optional[str], overrides: Optional[list[str]] = None,
                 world_size: Optional[int] = None) -> TrainConfig:
     """Read a YAML config (a path or a shipped name), apply overrides, validate.
 
     ``world_size`` defaults to ``$WORLD_SIZE`` (1 when unset), so that the layout is checked
-    before any process group exists.
+    before any process group exists. With ``checkpoint.init_from_hf`` the model's shape
+    fields come from that folder's config.json (``checkpoint_hf.apply_hf_model_config``).
     """
     cfg = _build(TrainConfig, read_config_tree(name_or_path, overrides), "")
+    if cfg.checkpoint.init_from_hf:
+        from megatron_mile.checkpoint_hf import apply_hf_model_config
+
+        apply_hf_model_config(cfg)  # the model's shape comes from the HF config.json
     cfg.validate(world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
     return cfg

@@ -192,11 +192,16 @@ class MileGPTModel(GPTModel):
     """GPTModel whose loss is the configured objective (CE, focal or MiLe) over the
     vocabulary-parallel logits, reduced over megatron-core's tensor-parallel group."""
 
-    def __init__(self, *args, loss_config: LossConfig, **kwargs):
+    def __init__(self, *args, loss_config: LossConfig, valid_vocab_size: Optional[int] = None,
+                 **kwargs):
+        """``valid_vocab_size``: the real vocabulary (the tokenizer's, or model.vocab_size)
+        before padding to ``vocab_size``; the padded logit columns count nowhere in the loss
+        (:func:`megatron_mile.loss.token_losses`). None: every row is real."""
         super().__init__(*args, **kwargs)
         if getattr(self.config, "mtp_num_layers", None):
             raise ConfigError("multi-token prediction is not supported with MileGPTModel")
         self.loss_config = loss_config
+        self.valid_vocab_size = valid_vocab_size
 
     def compute_language_model_loss(  # type: ignore[override]
         self, labels: torch.Tensor, logits: torch.Tensor
@@ -210,15 +215,18 @@ class MileGPTModel(GPTModel):
         """
         labels_sb = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b], as the logits
         stats_sb = token_losses(logits, labels_sb, self.loss_config,
-                                tp_group=parallel_state.get_tensor_model_parallel_group())
+                                tp_group=parallel_state.get_tensor_model_parallel_group(),
+                                valid_vocab_size=self.valid_vocab_size)
         # [s, b] -> [b, s] as megatron's labels and loss mask; views, the loss only reduces them.
         return stats_sb.map(lambda t_sb: t_sb.transpose(0, 1))
 
 
 def build_model_chunk(cfg: TrainConfig, config: TransformerConfig, vocab_size: int,
                       pre_process: bool, post_process: bool,
-                      vp_stage: Optional[int] = None) -> MileGPTModel:
-    """One pipeline chunk of the model (all of it when PP = 1)."""
+                      vp_stage: Optional[int] = None,
+                      valid_vocab_size: Optional[int] = None) -> MileGPTModel:
+    """One pipeline chunk of the model (all of it when PP = 1); ``vocab_size`` is padded,
+    ``valid_vocab_size`` the real vocabulary before padding."""
     return MileGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(cfg, config, vp_stage),
@@ -232,6 +240,7 @@ def build_model_chunk(cfg: TrainConfig, config: TransformerConfig, vocab_size: i
         rotary_base=cfg.model.rotary_base,
         vp_stage=vp_stage,
         loss_config=cfg.loss,
+        valid_vocab_size=valid_vocab_size,
     )
 
 

@@ -18,6 +18,7 @@ TOOLS = {  # tools/NAME.py -> the console script it runs
     "preprocess_data": "megatron-mile-preprocess",
     "eval_token_frequency": "megatron-mile-eval-frequency",
     "export_hf": "megatron-mile-export-hf",
+    "import_hf": "megatron-mile-import-hf",
     "estimate_memory": "megatron-mile-estimate-memory",
 }
 

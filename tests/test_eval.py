@@ -182,7 +182,8 @@ def _layouts(rank: int, world_size: int, ckpt: str) -> dict:
         tokens, labels = windows[:, :-1], windows[:, 1:]
         with torch.no_grad():
             logits = loaded.model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
-        logp = torch.log_softmax(logits.double(), dim=-1)
+        # The padded vocabulary rows count nowhere (as in training): the real rows only.
+        logp = torch.log_softmax(logits[..., :loaded.tokenizer_vocab_size].double(), dim=-1)
         ce = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         entropy = -(logp.exp() * logp).sum(-1)
         sums = np.zeros((3, 3))

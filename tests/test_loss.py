@@ -122,10 +122,10 @@ class _FreshForwardPerBackward(torch.autograd.Function):
     still computed by that Function's own backward."""
 
     @staticmethod
-    def forward(ctx, x, target, weighting, weight0):
+    def forward(ctx, x, target, weighting, weight0, valid_vocab_size=None):
         ctx.save_for_backward(x)
-        ctx.args = (target, weighting, weight0)
-        return _fixed_weight_ce(x.detach(), target, weighting, weight0)
+        ctx.args = (target, weighting, weight0, valid_vocab_size)
+        return _fixed_weight_ce(x.detach(), target, weighting, weight0, valid_vocab_size)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -134,15 +134,16 @@ class _FreshForwardPerBackward(torch.autograd.Function):
             leaf = x.detach().requires_grad_()
             out = _fixed_weight_ce(leaf, *ctx.args)
             (grad,) = torch.autograd.grad(out, leaf, grad_out)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
-def _fixed_weight_ce(x, target, weighting, weight0):
+def _fixed_weight_ce(x, target, weighting, weight0, valid_vocab_size=None):
     """``weight0 * CE(x)``: the weight is detached by definition, so finite differences must
     hold it at its value at the checked point. Computed as ``weighted_ce(x) * (w0 / w(x))``
     with the factor detached, which routes the gradient through the Function's backward."""
     out = vocab_parallel_weighted_cross_entropy(x.clone(), target, weighting=weighting,
-                                                gamma=1.5, sigma=0.5)
+                                                gamma=1.5, sigma=0.5,
+                                                valid_vocab_size=valid_vocab_size)
     factor = torch.where(out.weight > 0, weight0 / out.weight, torch.zeros_like(weight0))
     return out.weighted_ce * factor.detach()
 
@@ -317,3 +318,98 @@ def test_loss_mask_shape_mismatch():
 def test_loss_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LossConfig(**kwargs)
+
+
+# ---------------------------------------------------------------- padded vocabulary
+
+PAD_VALID = 53  # the real vocabulary; columns 53..60 of V = 61 are padding
+
+
+def _padded_inputs(seed, dtype=torch.float64):
+    """Logits whose padding columns are huge (they would dominate the softmax if counted) and
+    targets in the real vocabulary."""
+    logits, target = _inputs(seed, dtype=torch.float64)
+    logits[..., PAD_VALID:] = 50.0
+    target = target % PAD_VALID
+    target[2, 1] = IGNORE_INDEX
+    return logits.to(dtype), target
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighting", ["mile", "focal", "none"])
+def test_padded_columns_count_nowhere(weighting, dtype):
+    """A run with padding equals the same run with the padding removed analytically (the
+    float64 reference over the real columns): CE, entropy, weight, and the gradient, which is
+    zero on the padding."""
+    logits, target = _padded_inputs(7, dtype)
+    ref_type = "cross_entropy" if weighting == "none" else weighting
+    x_ref = logits[..., :PAD_VALID].double().requires_grad_()
+    wce_ref, w_ref = reference.token_losses(x_ref, target, loss_type=ref_type, gamma=1.5,
+                                            sigma=0.5)
+    wce_ref.sum().backward()
+    p = torch.softmax(x_ref.detach(), -1)
+    entropy_ref = -(p * p.log()).sum(-1)
+
+    leaf = logits.clone().requires_grad_()
+    out = vocab_parallel_weighted_cross_entropy(leaf.clone(), target, weighting=weighting,
+                                                gamma=1.5, sigma=0.5, valid_vocab_size=PAD_VALID)
+    out.weighted_ce.sum().backward()
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    _assert_close_rel(out.weighted_ce, wce_ref, rtol, "weighted_ce")
+    _assert_close_rel(out.weight, w_ref, rtol, "weight")
+    _assert_close_rel(out.entropy, entropy_ref, rtol, "entropy")
+    grad_rtol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2.0 ** -8}[dtype]
+    _assert_close_rel(leaf.grad[..., :PAD_VALID], x_ref.grad, grad_rtol, "gradient")
+    assert torch.count_nonzero(leaf.grad[..., PAD_VALID:]) == 0
+    assert leaf.grad.dtype == dtype
+
+
+def test_padded_fp32_logits_in_place_path():
+    """fp32 logits are worked on in place through a strided view of the real columns: the
+    gradient (the same buffer) still has zeros in the padding."""
+    logits, target = _padded_inputs(8, torch.float32)
+    leaf = logits.clone().requires_grad_()
+    buffer = leaf * 1.0  # a non-leaf the Function may overwrite
+    wce, _ = vocab_parallel_mile_loss(buffer, target, valid_vocab_size=PAD_VALID)
+    wce.sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+    assert torch.count_nonzero(leaf.grad[..., PAD_VALID:]) == 0
+    assert leaf.grad[..., :PAD_VALID].abs().sum() > 0
+
+
+@pytest.mark.parametrize("weighting", ["mile", "none"])
+def test_gradcheck_float64_with_padding(weighting):
+    logits, target = _inputs(4, s=3, b=2, v=11)
+    target = target % 8
+    weight0 = vocab_parallel_weighted_cross_entropy(
+        logits.clone(), target, weighting=weighting, gamma=1.5, sigma=0.5,
+        valid_vocab_size=8).weight
+    x = logits.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda inp: _FreshForwardPerBackward.apply(inp, target, weighting, weight0, 8), (x,),
+        eps=1e-6, atol=1e-8, rtol=1e-6,
+    )
+
+
+def test_target_in_the_padding_is_an_error():
+    logits, target = _padded_inputs(9, torch.float32)
+    target[0, 0] = PAD_VALID
+    with pytest.raises(ValueError, match=rf"target id {PAD_VALID} is outside the vocabulary "
+                                         rf"\[0, {PAD_VALID}\)"):
+        vocab_parallel_mile_loss(logits, target, valid_vocab_size=PAD_VALID)
+    with pytest.raises(ValueError, match="valid_vocab_size=62 must be in"):
+        vocab_parallel_mile_loss(logits, target % 5, valid_vocab_size=62)
+
+
+def test_token_losses_cross_entropy_ignores_padding():
+    """loss.type=cross_entropy with padding goes through the same Function (megatron's CE
+    would count the padding in its softmax)."""
+    from megatron_mile.loss import token_losses
+
+    logits, target = _padded_inputs(10, torch.float32)
+    ref, _ = reference.token_losses(logits[..., :PAD_VALID].double(), target,
+                                    loss_type="cross_entropy")
+    out = token_losses(logits.clone(), target, LossConfig(type="cross_entropy"),
+                       valid_vocab_size=PAD_VALID)
+    _assert_close_rel(out.ce, ref, 1e-5, "ce")
+    assert torch.equal(out.weight, torch.where(target == IGNORE_INDEX, 0.0, 1.0))

@@ -36,6 +36,7 @@ BF16_GRAD_RTOL = 2.0 ** -8
 MILE_CASES = [("mile", g, s) for g, s in itertools.product([0.0, 0.5, 1.0, 2.0], [0.0, 1.0])]
 FOCAL_CASES = [("focal", g, 1.0) for g in [0.0, 0.5, 1.0, 2.0]]
 BF16_CASES = [("mile", 1.0, 1.0), ("focal", 1.0, 1.0)]
+PADDED_VALID = (90, 40)  # real vocabulary sizes of V = 96 padded columns
 
 
 def _global_inputs(seed: int, s: int = S, b: int = B, v: int = V):
@@ -105,6 +106,31 @@ def _case_errors(tp_group, tp_rank, tp_size, case, dtype, seed):
         "grad": _rel(leaf.grad, _shard(x_ref.grad, tp_rank, tp_size)),
         "grad_dtype_ok": leaf.grad.dtype == dtype,
     }
+
+
+def _padding_errors(tp_group, tp_rank, tp_size, valid, dtype):
+    """The loss with padding columns [valid, V) (huge logits there) against the float64
+    reference over the real columns only; and the padding's gradient (must be 0)."""
+    logits, target, grad_out = _global_inputs(30 + valid)
+    logits[..., valid:] = 40.0
+    target = torch.where(target == IGNORE_INDEX, target, target % valid)
+    x_ref = logits[..., :valid].clone().requires_grad_()
+    wce_ref, w_ref = reference.token_losses(x_ref, target, loss_type="mile", gamma=1.0)
+    (wce_ref * grad_out).sum().backward()
+    p = torch.softmax(x_ref.detach(), -1)
+    entropy_ref = -(p * p.log()).sum(-1)
+    full_grad_ref = torch.nn.functional.pad(x_ref.grad, (0, V - valid))
+
+    leaf = _shard(logits, tp_rank, tp_size).to(dtype).contiguous().requires_grad_()
+    out = vocab_parallel_weighted_cross_entropy(leaf.clone(), target, weighting="mile",
+                                                tp_group=tp_group, valid_vocab_size=valid)
+    (out.weighted_ce * grad_out.to(out.weighted_ce.dtype)).sum().backward()
+    shard_ref = _shard(full_grad_ref, tp_rank, tp_size)
+    return {"weighted_ce": _rel(out.weighted_ce, wce_ref), "weight": _rel(out.weight, w_ref),
+            "entropy": _rel(out.entropy, entropy_ref),
+            "grad": _rel(leaf.grad, shard_ref) if shard_ref.abs().max() > 0
+            else float(leaf.grad.abs().max()),
+            "padding_grad_zero": bool((leaf.grad[shard_ref == 0] == 0).all())}
 
 
 def _count_collectives(tp_group, tp_rank, tp_size, validate):
@@ -251,6 +277,10 @@ def _body(rank: int, world_size: int) -> dict:
                 key = (tp_size, str(dtype).split(".")[-1]) + case
                 results["cases"][key] = _case_errors(tp_group, tp_rank, tp_size, case, dtype,
                                                      seed=10 + i)
+        # 90: padding inside the last shard; 40: at TP=4, shards 2 and 3 are all padding.
+        for valid, dtype in itertools.product(PADDED_VALID, (torch.float64, torch.float32)):
+            results.setdefault("padding", {})[(tp_size, valid, str(dtype))] = \
+                _padding_errors(tp_group, tp_rank, tp_size, valid, dtype)
         for validate in (True, False):
             results["collectives"][(tp_size, validate)] = _count_collectives(
                 tp_group, tp_rank, tp_size, validate)
@@ -295,6 +325,20 @@ def test_bf16_matches_dense_reference(results, key):
         assert err["weighted_ce"] <= FP32_RTOL and err["weight"] <= FP32_RTOL, (rank, err)
         assert err["grad"] <= BF16_GRAD_RTOL, (rank, err)
         assert err["grad_dtype_ok"], "the gradient must come back in the logits' dtype"
+
+
+@pytest.mark.parametrize("tp_size", [1, 2, 4])
+@pytest.mark.parametrize("valid", PADDED_VALID)
+@pytest.mark.parametrize("dtype", ["torch.float64", "torch.float32"])
+def test_padded_columns_count_nowhere_on_any_tp(results, tp_size, valid, dtype):
+    """The padded run equals the analytically unpadded float64 reference: CE, weight,
+    entropy and gradient; the padding columns' gradient is zero on every shard."""
+    rtol = 1e-12 if dtype == "torch.float64" else FP32_RTOL
+    for rank, res in enumerate(results):
+        err = res["padding"][(tp_size, valid, dtype)]
+        for what in ("weighted_ce", "weight", "entropy", "grad"):
+            assert err[what] <= rtol, f"rank {rank} tp{tp_size} valid {valid}: {what} {err}"
+        assert err["padding_grad_zero"], (rank, err)
 
 
 @pytest.mark.parametrize("tp_size", [2, 4])

@@ -7,6 +7,7 @@
 ``megatron-mile-preprocess``       text or JSONL -> Megatron indexed dataset (.bin/.idx)
 ``megatron-mile-eval-frequency``   validation loss by training-frequency bucket, comparisons
 ``megatron-mile-export-hf``        a checkpoint -> Hugging Face LlamaForCausalLM folder
+``megatron-mile-import-hf``        a Hugging Face LlamaForCausalLM folder -> a checkpoint
 ``megatron-mile-estimate-memory``  parameters and GPU memory per rank of a configuration
 =================================  ==========================================================
 

@@ -3,10 +3,12 @@
     megatron-mile-export-hf --load runs/mile --output hf/mile
     python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('hf/mile')"
 
-Writes config.json, model.safetensors, generation_config.json and the SentencePiece tokenizer
-(tokenizer.model + tokenizer_config.json) into --output. The vocabulary keeps the model's
-padded rows unless --trim-vocab (see megatron_mile/evaluation/hf_export.py for the name map
-and conventions, docs/evaluation.md for lm-evaluation-harness). Needs `safetensors`.
+Writes config.json, model.safetensors, generation_config.json and the tokenizer files (the
+SentencePiece tokenizer.model + tokenizer_config.json, or the Hugging Face tokenizer.json with
+its config) into --output. The vocabulary keeps the model's padded rows unless --trim-vocab
+(recommended: training leaves them out of the softmax); see
+megatron_mile/evaluation/hf_export.py for the name map and conventions, docs/evaluation.md for
+lm-evaluation-harness. Needs `safetensors`.
 Also ``python -m megatron_mile.cli.export_hf`` and ``python tools/export_hf.py``.
 """
 
@@ -30,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                         help="weights dtype (default: the training dtype)")
     parser.add_argument("--trim-vocab", action="store_true",
-                        help="cut the padded embedding/output rows to the tokenizer's size")
+                        help="cut the padded embedding/output rows to the real vocabulary (the "
+                             "faithful export: training leaves padded rows out of the softmax)")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="config overrides, e.g. data.tokenizer_model=/new/path/tok.model")
     args = parser.parse_args(argv)

@@ -3,7 +3,9 @@
     megatron-mile-preprocess --input data/train.jsonl --output-prefix data/train \
         --tokenizer-model data/tok.model --workers 4
 
-Each document gets the tokenizer's </s> appended as end-of-document. Bad records (invalid
+--tokenizer-model takes a SentencePiece .model, a Hugging Face tokenizer.json (e.g. LLaMA-3's
+byte-level BPE) or a folder holding one. Each document gets the tokenizer's EOS (</s>,
+<|end_of_text|>) appended as end-of-document. Bad records (invalid
 JSON, missing --json-key, non-UTF-8 bytes, empty text) are skipped, counted and the first few
 printed with file:line; --strict stops at the first. Prints a progress line every
 --log-interval seconds and a summary at the end. Output appears only when complete: an
@@ -30,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True,
                    help="text or JSONL files, processed in order; '-' reads stdin")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
+    p.add_argument("--tokenizer-model", required=True,
+                   help="SentencePiece .model, Hugging Face tokenizer.json, or a folder with one")
     add_text_input_arguments(p)
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     p.add_argument("--strict", action="store_true", help="fail on the first bad record")
@@ -64,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as err:
         print(f"error: bad input (--strict): {err}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: nothing written to {args.output_prefix}.idx", file=sys.stderr)
         return 1
-    import sentencepiece as spm
-    vocab = spm.SentencePieceProcessor(model_file=args.tokenizer_model).vocab_size()
+    from megatron_mile.data.tokenizer import load_tokenizer
+    vocab = load_tokenizer(args.tokenizer_model).vocab_size
     print(stats.summary(args.output_prefix, token_dtype(vocab).__name__))
     return 0
 

@@ -47,8 +47,11 @@ class DataConfig:
     ``data_path`` must be empty and ``vocab_size`` (or ``tokenizer_model``) set."""
 
     tokenizer_model: str | None = None
-    """SentencePiece ``.model`` file (from ``megatron-mile-train-tokenizer`` or e.g. LLaMA's);
-    must be the one the data was preprocessed with. Exclusive with ``vocab_size``."""
+    """SentencePiece ``.model`` file (from ``megatron-mile-train-tokenizer`` or e.g. LLaMA's),
+    Hugging Face ``tokenizer.json`` (e.g. LLaMA-3's byte-level BPE; needs ``tokenizers``), or
+    a Hugging Face model folder holding one (``tokenizer.json`` first, its
+    ``tokenizer_config.json`` naming BOS/EOS); must be the one the data was preprocessed
+    with. Exclusive with ``vocab_size``."""
 
     vocab_size: int | None = None
     """Vocabulary size for the null tokenizer (mock data or pre-tokenized ids), EOD included
@@ -115,12 +118,12 @@ class DataConfig:
                 f"{self.vocab_size!r}: set only one (the model defines its vocabulary size)")
         if self.tokenizer_model is None and self.vocab_size is None:
             raise ValueError("DataConfig.tokenizer_model=None and vocab_size=None: set "
-                             "tokenizer_model (a SentencePiece .model) or, for mock or "
-                             "pre-tokenized data, vocab_size")
+                             "tokenizer_model (a SentencePiece .model or tokenizer.json) or, "
+                             "for mock or pre-tokenized data, vocab_size")
         if self.tokenizer_model is not None and (not isinstance(self.tokenizer_model, str)
                                                  or not self.tokenizer_model):
             raise ValueError(f"DataConfig.tokenizer_model={self.tokenizer_model!r}: must be a "
-                             f"path to a SentencePiece .model file")
+                             f"path to a SentencePiece .model, a tokenizer.json or a folder")
         if self.vocab_size is not None and (
                 isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int)
                 or not 2 <= self.vocab_size < 2**31):

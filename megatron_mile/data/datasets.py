@@ -35,15 +35,16 @@ from torch.utils.data import DataLoader, Dataset
 from megatron_mile.cpu_compat import cuda_available
 from megatron_mile.data.config import DataConfig
 from megatron_mile.data.integrity import DataError, summarize_indexed_dataset
-from megatron_mile.data.tokenizer import NullTokenizer, SentencePieceTokenizer, Tokenizer
+from megatron_mile.data.tokenizer import NullTokenizer, Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
 def build_tokenizer(cfg: DataConfig) -> Tokenizer:
-    """The tokenizer ``cfg`` names: SentencePiece if ``tokenizer_model``, else null."""
+    """The tokenizer ``cfg`` names: ``tokenizer_model`` (SentencePiece .model, HF
+    tokenizer.json or a folder holding one, see ``load_tokenizer``), else null."""
     if cfg.tokenizer_model is not None:
-        return SentencePieceTokenizer(cfg.tokenizer_model)
+        return load_tokenizer(cfg.tokenizer_model)
     assert cfg.vocab_size is not None  # DataConfig guarantees one of the two
     return NullTokenizer(cfg.vocab_size)
 

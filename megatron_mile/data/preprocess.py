@@ -1,7 +1,8 @@
 """Text/JSONL -> Megatron indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``), in parallel.
 
-Every good document is tokenized with a SentencePiece model and written with its EOD token
-(``</s>``) appended, as one sequence, in input order whatever the number of workers. Bad
+Every good document is tokenized (a SentencePiece ``.model`` or a Hugging Face
+``tokenizer.json``, see ``tokenizer.load_tokenizer``) and written with its EOD token (the
+tokenizer's EOS) appended, as one sequence, in input order whatever the number of workers. Bad
 records (invalid JSON, missing key, non-UTF-8 bytes, empty text) are counted and the first few
 reported with ``file:line``; with ``strict=True`` the first one aborts the run.
 
@@ -26,12 +27,12 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence, TextIO
 
 import numpy as np
-import sentencepiece as spm
 
 from megatron_mile.data.text_input import (
     BAD_KINDS, STDIN, BadRecord, InputFormat, Record, check_inputs, decode_record,
     iter_records, resolve_format,
 )
+from megatron_mile.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 from megatron_mile.utils import fsync_path
 
 MB = 1e6
@@ -99,24 +100,24 @@ class _ChunkResult:
 
 
 # Worker state, set once per process by _init_worker.
-_SP: spm.SentencePieceProcessor | None = None
+_TOK: SentencePieceTokenizer | HFTokenizer | None = None
 _JSON_KEY = "text"
 _DTYPE: type = np.int32
 
 
-def _init_worker(model_proto: bytes, json_key: str, dtype_name: str,
-                 in_pool: bool = False) -> None:
-    global _SP, _JSON_KEY, _DTYPE
+def _init_worker(tokenizer: SentencePieceTokenizer | HFTokenizer, json_key: str,
+                 dtype_name: str, in_pool: bool = False) -> None:
+    global _TOK, _JSON_KEY, _DTYPE
     if in_pool:
         import signal
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C, stops us
-    _SP = spm.SentencePieceProcessor(model_proto=model_proto)
+    _TOK = tokenizer  # pickled to pool workers with its model bytes
     _JSON_KEY = json_key
     _DTYPE = np.dtype(dtype_name).type
 
 
 def _encode_chunk(fmt: InputFormat, records: list[Record]) -> _ChunkResult:
-    assert _SP is not None, "_init_worker was not called"
+    assert _TOK is not None, "_init_worker was not called"
     texts: list[str] = []
     bad: list[BadRecord] = []
     for rec in records:
@@ -125,9 +126,8 @@ def _encode_chunk(fmt: InputFormat, records: list[Record]) -> _ChunkResult:
             bad.append(text)
         else:
             texts.append(text)
-    eod = _SP.eos_id()
-    # One thread: parallelism is --workers (SentencePiece would otherwise use every core).
-    ids = _SP.encode(texts, num_threads=1) if texts else []
+    eod = _TOK.eod
+    ids = _encode(texts) if texts else []
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     tokens = np.empty(int(lengths.sum()), dtype=_DTYPE)
     pos = 0
@@ -137,6 +137,13 @@ def _encode_chunk(fmt: InputFormat, records: list[Record]) -> _ChunkResult:
         pos += len(doc) + 1
     # +1: the line terminator stripped from each record.
     return _ChunkResult(tokens, lengths, sum(len(r.raw) + 1 for r in records), bad)
+
+
+def _encode(texts: list[str]) -> list[list[int]]:
+    if isinstance(_TOK, SentencePieceTokenizer):
+        # One thread: parallelism is --workers (SentencePiece would otherwise use every core).
+        return _TOK._sp.encode(texts, num_threads=1)
+    return _TOK.tokenize_batch(texts)
 
 
 def _iter_chunks(inputs: Sequence[str], input_format: str, text_split: str,
@@ -183,7 +190,8 @@ def preprocess(
         inputs: text or JSONL files (``"-"`` reads standard input).
         output_prefix: written as ``output_prefix.bin`` and ``.idx``; the prefix is what
             ``DataConfig.data_path`` takes.
-        tokenizer_model: SentencePiece ``.model``; its ``</s>`` is the EOD token.
+        tokenizer_model: SentencePiece ``.model``, Hugging Face ``tokenizer.json`` or a folder
+            holding one; its EOS (``</s>``, LLaMA-3's ``<|end_of_text|>``) is the EOD token.
         input_format: ``"auto"`` (by suffix), ``"jsonl"`` or ``"text"``.
         json_key: JSONL key holding the text.
         text_split: plain text: ``"line"``, ``"paragraph"`` or ``"file"`` per document.
@@ -209,7 +217,7 @@ def preprocess(
         raise ValueError(f"workers={workers}: must be >= 1")
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes={chunk_bytes}: must be >= 1")
-    if not os.path.isfile(tokenizer_model):
+    if not os.path.exists(tokenizer_model):
         raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model}; train one with "
                                 f"megatron-mile-train-tokenizer")
     bin_path, idx_path = output_prefix + ".bin", output_prefix + ".idx"
@@ -217,12 +225,8 @@ def preprocess(
         if os.path.exists(p) and not overwrite:
             raise FileExistsError(f"{p} exists; pass --overwrite (overwrite=True) to replace "
                                   f"the dataset at {output_prefix}")
-    with open(tokenizer_model, "rb") as f:
-        model_proto = f.read()
-    sp = spm.SentencePieceProcessor(model_proto=model_proto)
-    if sp.eos_id() < 0:
-        raise ValueError(f"{tokenizer_model} has no </s> token to end documents with")
-    dtype = token_dtype(sp.vocab_size())
+    tokenizer = load_tokenizer(tokenizer_model)  # ValueError without an EOS to end documents
+    dtype = token_dtype(tokenizer.vocab_size)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
 
     stats = PreprocessStats(workers=workers)
@@ -235,10 +239,10 @@ def preprocess(
     try:
         chunks = _iter_chunks(inputs, input_format, text_split, chunk_bytes)
         if workers == 1:
-            _init_worker(model_proto, json_key, np.dtype(dtype).name)
+            _init_worker(tokenizer, json_key, np.dtype(dtype).name)
             results: Iterator[_ChunkResult] = (_encode_chunk(*c) for c in chunks)
         else:
-            pool, results = _start_pool(workers, model_proto, json_key, dtype, chunks)
+            pool, results = _start_pool(workers, tokenizer, json_key, dtype, chunks)
         for res in results:
             _write_chunk(builder, res, stats, strict, max_bad_examples)
             now = time.perf_counter()
@@ -276,7 +280,7 @@ def preprocess(
     return stats
 
 
-def _start_pool(workers: int, model_proto: bytes, json_key: str, dtype: type,
+def _start_pool(workers: int, tokenizer, json_key: str, dtype: type,
                 chunks: Iterator[tuple[InputFormat, list[Record]]]):
     """Start the pool; return it and an iterator over chunk results in input order."""
     import multiprocessing as mp
@@ -284,7 +288,7 @@ def _start_pool(workers: int, model_proto: bytes, json_key: str, dtype: type,
     # fork: workers start in milliseconds (no re-import of torch/megatron-core).
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     pool = ctx.Pool(workers, initializer=_init_worker,
-                    initargs=(model_proto, json_key, np.dtype(dtype).name, True))
+                    initargs=(tokenizer, json_key, np.dtype(dtype).name, True))
 
     def ordered() -> Iterator[_ChunkResult]:
         # Pool.imap would read the whole input ahead of the workers; keep a bounded window.

@@ -12,6 +12,10 @@ or an existing one such as LLaMA's ``tokenizer.model``) directly with ``sentence
 text rewriting, so ``detokenize(tokenize(text)) == text`` for models trained with our defaults.
 :class:`NullTokenizer` reuses megatron-core's null tokenizer for mock data and pre-tokenized
 ids; its ``vocab_size`` here is the full vocabulary, the last id being EOD.
+:class:`HFTokenizer` wraps a Hugging Face ``tokenizer.json`` (the ``tokenizers`` library, an
+optional dependency: ``pip install 'megatron-mile[hf]'``), e.g. LLaMA-3's byte-level BPE.
+:func:`load_tokenizer` picks the class from a path: a ``.model`` file, a ``tokenizer.json``,
+or a Hugging Face folder holding either (``tokenizer.json`` preferred).
 """
 
 from __future__ import annotations
@@ -142,6 +146,177 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
         return f"SentencePieceTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
+def _special_token(value: Any) -> str | None:
+    """A tokenizer_config.json special token: a string, or ``{"content": ...}``."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+# End-of-text tokens recognised when no tokenizer_config.json names the EOS.
+_EOS_CANDIDATES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>")
+_BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>")
+
+
+class HFTokenizer(MegatronTokenizerBase):
+    """A Hugging Face ``tokenizer.json`` behind the same interface as
+    :class:`SentencePieceTokenizer`: ``tokenize`` adds no BOS/EOS (preprocessing appends EOS
+    as end of document), ``detokenize`` drops special tokens.
+
+    BOS/EOS/PAD/UNK come from the ``tokenizer_config.json`` beside the file when present
+    (``bos_token``, ``eos_token`` ...), else from the usual names (``</s>``,
+    ``<|end_of_text|>``, ``<|endoftext|>``; ``<s>``, ``<|begin_of_text|>``).
+
+    Args:
+        path: the ``tokenizer.json`` file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ImportError: the ``tokenizers`` package is missing (the message says how to add it).
+        ValueError: not a tokenizer.json, or no end-of-text token to end documents with.
+    """
+
+    def __init__(self, path: str) -> None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        config: dict = {}
+        if os.path.isfile(config_path):
+            import json
+
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        super().__init__(path, {"library": "huggingface"})
+        self._load(path, text, config)
+
+    def _load(self, path: str, text: str, config: dict) -> None:
+        try:
+            from tokenizers import Tokenizer as _Tokenizer
+        except ImportError:
+            raise ImportError(f"{path} is a Hugging Face tokenizer.json, which needs the "
+                              "`tokenizers` package: pip install 'megatron-mile[hf]'") from None
+        self.path, self._text, self._config = path, text, config
+        try:
+            self._tok = _Tokenizer.from_str(text)
+        except Exception as err:  # the library raises its own exception type
+            raise ValueError(f"{path} is not a Hugging Face tokenizer.json: {err}") from None
+        self._ids = {name: self._find(name, candidates) for name, candidates in
+                     (("eos", _EOS_CANDIDATES), ("bos", _BOS_CANDIDATES), ("pad", ()),
+                      ("unk", ()))}
+        if self._ids["eos"] == NO_TOKEN:
+            raise ValueError(f"{path} has no end-of-text token (eos_token in "
+                             "tokenizer_config.json, or one of " + ", ".join(_EOS_CANDIDATES)
+                             + ") to end documents with")
+        self._sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def _find(self, name: str, candidates: Sequence[str]) -> int:
+        token = _special_token(self._config.get(f"{name}_token"))
+        for t in ([token] if token else list(candidates)):
+            i = self._tok.token_to_id(t)
+            if i is not None:
+                return i
+        return NO_TOKEN
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "text": self._text, "config": self._config}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.library = "huggingface"
+        self._load(state["path"], state["text"], state["config"])
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no BOS/EOS added)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text (no BOS/EOS added)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``; special tokens decode to nothing."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        """Not supported: pretraining only."""
+        raise NotImplementedError("HFTokenizer has no chat template")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added (special) tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        """Token -> id."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        """Id -> token."""
+        return {i: t for t, i in self.vocab.items()}
+
+    @property
+    def eod(self) -> int:
+        """End-of-document id: the EOS, appended to every document by preprocessing."""
+        return self._ids["eos"]
+
+    @property
+    def eos(self) -> int:
+        """EOS id."""
+        return self._ids["eos"]
+
+    @property
+    def bos(self) -> int:
+        """BOS id, or -1."""
+        return self._ids["bos"]
+
+    @property
+    def pad(self) -> int:
+        """PAD id, or -1."""
+        return self._ids["pad"]
+
+    @property
+    def unk(self) -> int:
+        """UNK id, or -1 (byte-level BPE has none)."""
+        return self._ids["unk"]
+
+    def token(self, i: int) -> str:
+        """The token string of id ``i``."""
+        return self._tok.id_to_token(i)
+
+    @property
+    def unique_identifiers(self) -> OrderedDict:
+        """Cache key material: the tokenizer.json's content hash and the special ids."""
+        return OrderedDict([("class", type(self).__name__), ("json_sha256", self._sha256),
+                            ("eos", self.eos)])
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def resolve_tokenizer_path(path: str) -> str:
+    """The file :func:`load_tokenizer` reads for ``path``: the file itself, or a folder's
+    ``tokenizer.json`` (preferred) or ``tokenizer.model``."""
+    if os.path.isdir(path):
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise FileNotFoundError(f"{path} holds neither tokenizer.json nor tokenizer.model")
+    return path
+
+
+def load_tokenizer(path: str) -> "SentencePieceTokenizer | HFTokenizer":
+    """The tokenizer at ``path``: a SentencePiece ``.model``, a Hugging Face
+    ``tokenizer.json``, or a folder holding one of them (``tokenizer.json`` first, with its
+    ``tokenizer_config.json`` for the special tokens). Both have the same interface."""
+    file = resolve_tokenizer_path(path)
+    if file.endswith(".json"):
+        return HFTokenizer(file)
+    return SentencePieceTokenizer(file)
+
+
 class NullTokenizer(_CoreNullTokenizer):
     """Ids as text (``"5 17 3"``), for mock data or already-tokenized corpora.
 
@@ -189,4 +364,4 @@ class NullTokenizer(_CoreNullTokenizer):
         return f"NullTokenizer(vocab_size={self.vocab_size})"
 
 
-Tokenizer = SentencePieceTokenizer | NullTokenizer
+Tokenizer = SentencePieceTokenizer | HFTokenizer | NullTokenizer

@@ -30,12 +30,12 @@ Conventions checked by tests/test_export_hf.py (logits equal to 1e-4 in fp32):
   (loaded at TP=1, i.e. the TP shards' halves already regrouped by megatron's sharded state
   dict): gate = first half, up = second half.
 * RMSNorm ``x * rsqrt(mean(x^2) + eps) * w`` with the model's ``norm_epsilon``; no biases.
-* Vocabulary: the embedding and output layer keep their PADDED rows by default
-  (``vocab_size`` in config.json = padded size >= tokenizer size). The logits then equal
-  megatron's exactly, and softmax normalises over the same rows the model was trained (and is
-  evaluated) with; the padding ids are never produced by the tokenizer. ``trim_vocab=True``
-  cuts both matrices to the tokenizer's size (a normaliser over fewer rows: log-likelihoods
-  change slightly, by the probability mass the model puts on padding rows).
+* Vocabulary: training and evaluation leave the rows padded for TP out of the softmax
+  (``valid_vocab_size``), so ``trim_vocab=True``, which cuts both matrices to the real
+  vocabulary, is the faithful export (and round-trips an imported HF model bit-exactly). By
+  default the PADDED rows are kept (``vocab_size`` in config.json = padded size): the logits
+  of the real rows equal megatron's exactly, but HF's softmax then also counts the padded
+  rows, at their initial values (they get no gradient).
 """
 
 from __future__ import annotations
@@ -54,42 +54,28 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 def llama_state_dict(state: dict[str, torch.Tensor], cfg: TrainConfig,
                      rows: Optional[int] = None) -> dict[str, torch.Tensor]:
-    """Rename/split a TP=1, PP=1 megatron-mile state dict into HF Llama's names.
+    """Rename/split a TP=1, PP=1 megatron-mile state dict into HF Llama's names, through the
+    tensor table the import uses too (``megatron_mile.checkpoint_hf``).
 
     Args:
         state: the model's ``state_dict()`` (``_extra_state`` entries are ignored).
         rows: keep the first ``rows`` vocabulary rows (None: all, i.e. padded).
     """
-    m = cfg.model
-    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
-    hn = m.hidden_size // heads
-    q_per_group = heads // groups
-    ffn = m.ffn_size
-    out = {
-        "model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:rows],
-        "model.norm.weight": state["decoder.final_layernorm.weight"],
-        "lm_head.weight": state["output_layer.weight"][:rows],
-    }
-    for i in range(m.num_layers):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        qkv = state[src + "self_attention.linear_qkv.weight"]
-        # [ng * (q_per_group + 2) * hn, h] -> [ng, q_per_group + 2, hn, h]
-        qkv = qkv.reshape(groups, q_per_group + 2, hn, m.hidden_size)
-        fc1 = state[src + "mlp.linear_fc1.weight"]
-        if fc1.shape[0] != 2 * ffn:
-            raise ValueError(f"{src}mlp.linear_fc1.weight has {fc1.shape[0]} rows, expected "
-                             f"2 x ffn = {2 * ffn} (gate; up)")
-        out.update({
-            dst + "input_layernorm.weight": state[src + "input_layernorm.weight"],
-            dst + "self_attn.q_proj.weight": qkv[:, :q_per_group].reshape(heads * hn, -1),
-            dst + "self_attn.k_proj.weight": qkv[:, q_per_group].reshape(groups * hn, -1),
-            dst + "self_attn.v_proj.weight": qkv[:, q_per_group + 1].reshape(groups * hn, -1),
-            dst + "self_attn.o_proj.weight": state[src + "self_attention.linear_proj.weight"],
-            dst + "post_attention_layernorm.weight": state[src + "pre_mlp_layernorm.weight"],
-            dst + "mlp.gate_proj.weight": fc1[:ffn],
-            dst + "mlp.up_proj.weight": fc1[ffn:],
-            dst + "mlp.down_proj.weight": state[src + "mlp.linear_fc2.weight"],
-        })
+    from megatron_mile.checkpoint_hf import (
+        HF_EMBEDDING, HF_FINAL_NORM, HF_LAYER_TENSORS, HF_OUTPUT, Shapes, split_full,
+    )
+
+    shapes = Shapes.of(cfg.model)
+    globals_ = [HF_EMBEDDING, HF_FINAL_NORM] + ([HF_OUTPUT] if cfg.model.untie_embeddings
+                                                else [])  # tied: lm_head is the embedding
+    out = {}
+    for entry in globals_:
+        out.update(split_full(entry, state[entry.megatron], shapes, rows))
+    for i in range(cfg.model.num_layers):
+        for entry in HF_LAYER_TENSORS:
+            full = state[f"decoder.layers.{i}.{entry.megatron}"]
+            for name, tensor in split_full(entry, full, shapes).items():
+                out[f"model.layers.{i}.{name}"] = tensor
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
@@ -97,8 +83,6 @@ def llama_config(cfg: TrainConfig, vocab_size: int, dtype: torch.dtype,
                  special: dict[str, Optional[int]]) -> dict:
     """config.json of the equivalent ``LlamaForCausalLM``."""
     m = cfg.model
-    if not m.untie_embeddings:
-        raise ValueError("tied embeddings: export with tie_word_embeddings is not implemented")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -117,7 +101,7 @@ def llama_config(cfg: TrainConfig, vocab_size: int, dtype: torch.dtype,
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": 0.0,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": not m.untie_embeddings,
         "initializer_range": m.init_method_std,
         "bos_token_id": special.get("bos"),
         "eos_token_id": special.get("eos"),
@@ -130,29 +114,49 @@ def llama_config(cfg: TrainConfig, vocab_size: int, dtype: torch.dtype,
 def _special_ids(tokenizer_model: Optional[str]) -> dict[str, Optional[int]]:
     if tokenizer_model is None:
         return {}
-    import sentencepiece as spm
+    from megatron_mile.data.tokenizer import load_tokenizer
 
-    sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
-    ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id()}
+    tok = load_tokenizer(tokenizer_model)
+    ids = {"bos": tok.bos, "eos": tok.eos, "unk": tok.unk, "pad": tok.pad}
     return {k: (v if v >= 0 else None) for k, v in ids.items()}
 
 
 def write_tokenizer(tokenizer_model: str, out_dir: str) -> None:
-    """Copy the SentencePiece model and describe it as HF's ``LlamaTokenizer``.
+    """Write the training tokenizer's files into the HF folder.
 
-    No BOS/EOS is added when encoding: the model was trained on documents without a BOS
+    A Hugging Face ``tokenizer.json`` is copied with the ``tokenizer_config.json`` and
+    ``special_tokens_map.json`` beside it (or, without them, a ``PreTrainedTokenizerFast``
+    config naming its BOS/EOS/PAD/UNK), so the folder loads with the same tokenizer.
+    A SentencePiece model is copied and described as HF's ``LlamaTokenizer``; no BOS/EOS is
+    added when encoding: the model was trained on documents without a BOS
     (``megatron-mile-preprocess`` appends only ``</s>``).
     """
-    import sentencepiece as spm
+    from megatron_mile.data.tokenizer import HFTokenizer, load_tokenizer
 
-    shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
-    sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
-    tokens = {name: sp.id_to_piece(i) for name, i in
-              (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
-               ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id())) if i >= 0}
-    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False,
-              "add_eos_token": False, "clean_up_tokenization_spaces": False,
-              "model_max_length": None, **tokens}
+    tok = load_tokenizer(tokenizer_model)
+    if isinstance(tok, HFTokenizer):
+        src = os.path.dirname(tok.path)
+        shutil.copyfile(tok.path, os.path.join(out_dir, "tokenizer.json"))
+        copied = [name for name in ("tokenizer_config.json", "special_tokens_map.json")
+                  if os.path.isfile(os.path.join(src, name))]
+        for name in copied:
+            shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
+        if "tokenizer_config.json" in copied:
+            return
+        tokens = {f"{name}_token": tok.token(i) for name, i in
+                  (("bos", tok.bos), ("eos", tok.eos), ("unk", tok.unk), ("pad", tok.pad))
+                  if i >= 0}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                  "clean_up_tokenization_spaces": False, "model_max_length": None, **tokens}
+    else:
+        shutil.copyfile(tok.path, os.path.join(out_dir, "tokenizer.model"))
+        sp = tok._sp
+        tokens = {name: sp.id_to_piece(i) for name, i in
+                  (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
+                   ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id())) if i >= 0}
+        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False,
+                  "add_eos_token": False, "clean_up_tokenization_spaces": False,
+                  "model_max_length": None, **tokens}
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:

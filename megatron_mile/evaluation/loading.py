@@ -125,7 +125,8 @@ def load_inference_model(load_dir: str, tp: int = 1, pp: int = 1, dtype: Optiona
         raise ValueError(f"the trained padded vocabulary ({vocab_size}) is not divisible by "
                          f"tp={tp}; pick a TP size that divides it")
     device = initialize_parallel(cfg)
-    (model,) = build_model(cfg, vocab_size, device, for_training=False)
+    (model,) = build_model(cfg, vocab_size, device, for_training=False,
+                           valid_vocab_size=tokenizer_vocab)
     load_checkpoint(load_dir, [model], None, None, iteration=iteration)
     model.eval()
     return InferenceModel(cfg=cfg, model=model, vocab_size=vocab_size,

@@ -177,8 +177,10 @@ def _forward_step(tp_group, bucket_of, num_buckets, data_iterator, model):
         # [b, s, v/tp] -> [s, b, v/tp]; contiguous() copies, so the fp32 overwrite is harmless.
         logits_sbv = logits_bsv.transpose(0, 1).float().contiguous()
         labels_sb = batch["labels"].transpose(0, 1).contiguous()
+        # The padded vocabulary rows count nowhere in the CE and entropy, as in training.
         out = vocab_parallel_weighted_cross_entropy(logits_sbv, labels_sb, weighting="none",
-                                                    tp_group=tp_group)
+                                                    tp_group=tp_group,
+                                                    valid_vocab_size=model.valid_vocab_size)
         sums = bucket_sums(out.ce, out.entropy, labels_sb, batch["loss_mask"].transpose(0, 1),
                            bucket_of, num_buckets)
         return logits_bsv.new_zeros(()), {"sums": sums}

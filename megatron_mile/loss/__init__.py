@@ -42,13 +42,20 @@ def token_losses(
     target: torch.Tensor,
     cfg: LossConfig,
     tp_group: Optional[dist.ProcessGroup] = None,
+    valid_vocab_size: Optional[int] = None,
 ) -> WeightedCrossEntropy:
     """Per-token losses of the configured objective; ``[s, b, v/tp]`` logits, ``[s, b]`` target.
 
+    ``valid_vocab_size``: the real (unpadded) vocabulary size; columns at global index >= it
+    (padding, at the end of the last TP shard) count nowhere: not in the softmax, CE or
+    entropy, and get zero gradient; targets >= it are an error. None: every column is real.
+
+    ``focal`` and ``mile`` use the fused Function of ``vocab_parallel.py`` (2 all-reduces).
     ``cross_entropy`` goes through megatron-core's ``vocab_parallel_cross_entropy`` (3
-    all-reduces on megatron's TP group, so ``tp_group`` must be that group or None); its
-    weight is 1 and its entropy is not computed (NaN). ``focal`` and ``mile`` use the fused
-    Function of ``vocab_parallel.py`` (2 all-reduces).
+    all-reduces on megatron's TP group, so ``tp_group`` must be that group or None; weight 1,
+    entropy not computed: NaN) when the vocabulary has no padding; megatron's CE would count
+    padding columns in its softmax, so with padding it runs through the same Function with
+    ``weighting="none"`` (weight 1, CE identical up to rounding, entropy computed).
     """
     if cfg.type == "cross_entropy":
         from megatron.core import parallel_state, tensor_parallel
@@ -56,13 +63,31 @@ def token_losses(
         if (tp_group is not None and parallel_state.model_parallel_is_initialized()
                 and tp_group is not parallel_state.get_tensor_model_parallel_group()):
             raise ValueError("loss.type=cross_entropy runs on megatron-core's TP group only")
-        ce = tensor_parallel.vocab_parallel_cross_entropy(vocab_parallel_logits, target)
-        ones = torch.ones_like(ce, dtype=torch.float32).detach()
-        nan = torch.full_like(ones, float("nan"))
-        return WeightedCrossEntropy(weighted_ce=ce.float(), weight=ones,
-                                    ce=ce.detach().float(), entropy=nan)
-    weighting = "mile" if cfg.type == "mile" else "focal"
+        tp_size = _tp_size(tp_group)
+        padded = valid_vocab_size is not None and \
+            valid_vocab_size < vocab_parallel_logits.shape[-1] * tp_size
+        if not padded:
+            ce = tensor_parallel.vocab_parallel_cross_entropy(vocab_parallel_logits, target)
+            ones = torch.ones_like(ce, dtype=torch.float32).detach()
+            nan = torch.full_like(ones, float("nan"))
+            return WeightedCrossEntropy(weighted_ce=ce.float(), weight=ones,
+                                        ce=ce.detach().float(), entropy=nan)
+        weighting = "none"
+    else:
+        weighting = "mile" if cfg.type == "mile" else "focal"
     return vocab_parallel_weighted_cross_entropy(
         vocab_parallel_logits, target, weighting=weighting, gamma=cfg.gamma, sigma=cfg.sigma,
-        tp_group=tp_group, validate=cfg.validate_targets,
+        tp_group=tp_group, validate=cfg.validate_targets, valid_vocab_size=valid_vocab_size,
     )
+
+
+def _tp_size(tp_group: Optional[dist.ProcessGroup]) -> int:
+    """Size of ``tp_group`` (None: megatron-core's TP group, or 1 without a process group)."""
+    if tp_group is not None:
+        return dist.get_world_size(tp_group)
+    from megatron.core import parallel_state
+
+    if dist.is_available() and dist.is_initialized() and \
+            parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_world_size()
+    return 1

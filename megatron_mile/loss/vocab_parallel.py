@@ -18,6 +18,12 @@ ranks, ``m`` is a MAX all-reduce and ``(S, T, z_target - m)`` are additive once 
 uses the same global ``m``: one SUM all-reduce of a concatenated ``[3, n]`` buffer. That is
 two collectives in forward (Megatron's unfused CE issues three) and none in backward, since
 ``dCE/dz = softmax - onehot`` is local to each shard once ``S`` is known.
+
+Padded vocabulary: megatron pads the embedding/output rows to a multiple of the TP padding
+unit; with ``valid_vocab_size`` the padding columns (global ids >= it, at the end of the last
+shard) are sliced off each shard before any arithmetic, so they count nowhere (not in m, S, T
+or the CE) and get zero gradient. Slicing, not masking with -inf: ``e (z - m)`` would be
+``0 * -inf = NaN`` there.
 """
 
 from __future__ import annotations
@@ -127,6 +133,12 @@ def _target_error(target: torch.Tensor, bad: torch.Tensor, vocab_size: int) -> s
     )
 
 
+def _valid_columns(vp: int, tp_rank: int, valid_vocab_size: int) -> int:
+    """How many of the ``vp`` columns of TP rank ``tp_rank`` are real vocabulary: all but the
+    padding at the end of the last shard(s), which sits at global ids >= valid_vocab_size."""
+    return min(vp, max(0, valid_vocab_size - tp_rank * vp))
+
+
 class _TPGroup(NamedTuple):
     """The group the vocabulary is split over and this rank's place in it."""
 
@@ -159,9 +171,11 @@ def _max_all_reduce_with_verdict(
     bad_target_sb: Optional[torch.Tensor],
     vp: int,
     tp: _TPGroup,
+    vocab_size: int,
 ) -> tuple[torch.Tensor, Optional[str]]:
     """Collective 1 when validating: MAX all-reduce of ``[3 + n]`` =
-    ``[error flag, v/tp, -v/tp] + rowmax_n`` (skipped at TP=1).
+    ``[error flag, v/tp, -v/tp] + rowmax_n`` (skipped at TP=1). ``vocab_size``: the valid
+    vocabulary the target ids must fall in.
 
     Returns the global row max ``[n]`` and the error every rank raises (None when the input is
     valid on all of them). Reading the header is the call's one host sync; the target ids are
@@ -177,7 +191,7 @@ def _max_all_reduce_with_verdict(
     any_error, vp_max, vp_min = max_buf[:_HEADER].tolist()
     if error is None and any_error:
         if bad_target_sb is not None and bool(bad_target_sb.any()):
-            error = _target_error(target_sb, bad_target_sb, vp * tp.size)
+            error = _target_error(target_sb, bad_target_sb, vocab_size)
         else:
             error = "another tensor-parallel rank reported invalid input (see its error)"
     if vp_max != -vp_min:  # the root cause of any vocabulary-range error too
@@ -202,9 +216,15 @@ class VocabParallelWeightedCE:
 
     @staticmethod
     def global_row_max(
-        logits_sbvp: torch.Tensor, target_sb: torch.Tensor, tp: _TPGroup, validate: bool
+        logits_sbvp: torch.Tensor, target_sb: torch.Tensor, tp: _TPGroup, validate: bool,
+        valid_vocab_size: Optional[int] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate the input and all-reduce the row maxima: ``(exp_nvp, rowmax_n)``.
+
+        With ``valid_vocab_size``, ``exp_nvp`` holds only this shard's valid columns
+        ``[n, valid]`` (:func:`_valid_columns`; a strided view of the logits when they are
+        fp32): padding columns are never read, so they count nowhere. A shard without valid
+        columns contributes ``-inf`` to the max and nothing to the sums.
 
         ``exp_nvp`` ``[n, v/tp]`` is the one working buffer, still holding the logits: the
         caller's tensor when it already has the compute dtype (fp32 logits are overwritten
@@ -219,20 +239,29 @@ class VocabParallelWeightedCE:
         """
         vp = logits_sbvp.shape[-1] if logits_sbvp.dim() > 0 else 0
         error = _local_tensor_error(logits_sbvp, target_sb)
+        if error is None and valid_vocab_size is not None \
+                and not 0 < valid_vocab_size <= vp * tp.size:
+            error = (f"valid_vocab_size={valid_vocab_size} must be in (0, {vp * tp.size}] "
+                     f"(the padded vocabulary, {tp.size} x {vp} columns)")
+        vocab = vp * tp.size if valid_vocab_size is None else valid_vocab_size
         n = target_sb.numel() if error is None else logits_sbvp.numel() // max(vp, 1)
         # The target-range verdict stays on the device until the header is read.
-        bad_target_sb = (_out_of_vocab(target_sb, vp * tp.size)
+        bad_target_sb = (_out_of_vocab(target_sb, vocab)
                          if validate and error is None and n > 0 else None)
         # fp32 arithmetic for fp32/bf16/fp16 logits; fp64 only for fp64 (gradcheck).
         cdtype = torch.float64 if logits_sbvp.dtype == torch.float64 else torch.float32
-        exp_nvp = logits_sbvp.reshape(n, vp).to(cdtype) if error is None else None
-        if exp_nvp is not None and vp > 0:
+        valid = _valid_columns(vp, tp.rank, vocab)
+        exp_nvp = (logits_sbvp.reshape(n, vp)[:, :valid].to(cdtype) if error is None
+                   else None)
+        if exp_nvp is not None and valid > 0:
             rowmax_n = exp_nvp.amax(dim=-1)
+        elif exp_nvp is not None and vp > 0:  # only padding here: no say in the max
+            rowmax_n = torch.full((n,), -math.inf, dtype=cdtype, device=logits_sbvp.device)
         else:  # still joins the collective, so no rank is left waiting
             rowmax_n = torch.zeros(n, dtype=cdtype, device=logits_sbvp.device)
         if validate:
             rowmax_n, error = _max_all_reduce_with_verdict(rowmax_n, error, target_sb,
-                                                           bad_target_sb, vp, tp)
+                                                           bad_target_sb, vp, tp, vocab)
         elif tp.size > 1:
             dist.all_reduce(rowmax_n, op=dist.ReduceOp.MAX, group=tp.group)
         if error is not None:
@@ -257,6 +286,9 @@ class VocabParallelWeightedCE:
         local_t_n = target_n - vocab_start
         owned_n = (local_t_n >= 0) & (local_t_n < vp)
         local_t_n = torch.where(owned_n, local_t_n, torch.zeros_like(local_t_n))
+        if vp == 0:  # a shard of padding only: nothing to add (and no column to gather)
+            return (torch.zeros(3, n, dtype=exp_nvp.dtype, device=exp_nvp.device), local_t_n,
+                    owned_n)
         sums_3n = torch.empty(3, n, dtype=exp_nvp.dtype, device=exp_nvp.device)
         sum_exp_n, sum_exp_z_n = sums_3n[0], sums_3n[1]
         # Gather the target logit before the buffer is overwritten with exponentials.
@@ -316,6 +348,8 @@ class VocabParallelWeightedCE:
         collective (``S`` is already global). Turned out of ``exp_nvp`` in place, which it
         returns. ``counted_n``: this shard holds the target and it is not IGNORE_INDEX."""
         grad_n = grad_wce_n.to(weight_n.dtype) * weight_n
+        if exp_nvp.shape[1] == 0:  # a shard of padding only
+            return exp_nvp
         exp_nvp.mul_((grad_n / sum_exp_n).unsqueeze(1))  # softmax * grad
         rows_n = torch.arange(exp_nvp.shape[0], device=exp_nvp.device)
         exp_nvp[rows_n, local_t_n] -= torch.where(counted_n, grad_n, torch.zeros_like(grad_n))
@@ -335,13 +369,16 @@ class _VocabParallelWeightedCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits_sbvp, target_sb, weighting, gamma, sigma, tp_group, validate):
+    def forward(ctx, logits_sbvp, target_sb, weighting, gamma, sigma, tp_group, validate,
+                valid_vocab_size):
         steps = VocabParallelWeightedCE
         tp = _tp_info(tp_group)
-        exp_nvp, rowmax_n = steps.global_row_max(logits_sbvp, target_sb, tp, validate)
+        exp_nvp, rowmax_n = steps.global_row_max(logits_sbvp, target_sb, tp, validate,
+                                                 valid_vocab_size)
+        vp = logits_sbvp.shape[-1]  # exp_nvp may hold fewer: this shard's valid columns
         target_n = target_sb.reshape(-1).long()
         sums_3n, local_t_n, owned_n = steps.local_sums(exp_nvp, rowmax_n, target_n,
-                                                       tp.rank * exp_nvp.shape[1])
+                                                       tp.rank * vp)
         if tp.size > 1:
             # Collective 2: (S, T, z_target - m) are additive now that every rank uses the
             # same global m.
@@ -356,6 +393,7 @@ class _VocabParallelWeightedCE(torch.autograd.Function):
         saved_exp = logits_sbvp if aliases_input else exp_nvp
         ctx.save_for_backward(saved_exp, sums_3n[0], weight_n, local_t_n, owned_n & ~ignored_n)
         ctx.logits_shape = logits_sbvp.shape
+        ctx.valid_columns = exp_nvp.shape[1]
         shape = target_sb.shape
         outputs = tuple(t.view(shape) for t in (weighted_ce_n, weight_n, ce_n, entropy_n))
         ctx.mark_non_differentiable(*outputs[1:])
@@ -364,10 +402,18 @@ class _VocabParallelWeightedCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_wce_sb, *_grads_of_detached_outputs):
         exp_saved, sum_exp_n, weight_n, local_t_n, counted_n = ctx.saved_tensors
-        grad_nvp = VocabParallelWeightedCE.gradient(
-            exp_saved.view(-1, exp_saved.shape[-1]), sum_exp_n, weight_n, local_t_n, counted_n,
+        vp, valid = ctx.logits_shape[-1], ctx.valid_columns
+        n = grad_wce_sb.numel()
+        buffer_nv = exp_saved.view(n, exp_saved.shape[-1])  # [n, v/tp] or [n, valid]
+        VocabParallelWeightedCE.gradient(
+            buffer_nv[:, :valid], sum_exp_n, weight_n, local_t_n, counted_n,
             grad_wce_sb.reshape(-1))
-        return grad_nvp.view(ctx.logits_shape), None, None, None, None, None, None
+        if valid < vp:  # padding columns get zero gradient
+            if buffer_nv.shape[1] == vp:  # the caller's logits: zero their padding in place
+                buffer_nv[:, valid:] = 0
+            else:  # a compact [n, valid] buffer (bf16/fp16 logits)
+                buffer_nv = torch.nn.functional.pad(buffer_nv, (0, vp - valid))
+        return buffer_nv.view(ctx.logits_shape), None, None, None, None, None, None, None
 
 
 def vocab_parallel_weighted_cross_entropy(
@@ -379,6 +425,7 @@ def vocab_parallel_weighted_cross_entropy(
     sigma: float = 1.0,
     tp_group: Optional[dist.ProcessGroup] = None,
     validate: bool = True,
+    valid_vocab_size: Optional[int] = None,
 ) -> WeightedCrossEntropy:
     """Weighted CE with every per-token statistic; see :func:`vocab_parallel_mile_loss`.
 
@@ -387,13 +434,18 @@ def vocab_parallel_weighted_cross_entropy(
         validate: check target ids, shapes and shard sizes collectively (the check rides on
             the MAX all-reduce; on GPU it costs one host sync per call). Set False only
             for benchmarking trusted inputs.
+        valid_vocab_size: the real (unpadded) vocabulary size; columns at global index
+            >= valid_vocab_size (padding, at the end of the last TP shard) count nowhere: not
+            in the softmax, CE or entropy, and get zero gradient. Targets >= it are an error
+            (validated like any out-of-vocabulary id). None: every column is real.
 
     Returns:
         The four ``[s, b]`` fp32 statistics of :class:`WeightedCrossEntropy`.
     """
     check_weight_params(weighting, float(gamma), float(sigma))
     weighted_ce, weight, ce, entropy = _VocabParallelWeightedCE.apply(
-        vocab_parallel_logits, target, weighting, float(gamma), float(sigma), tp_group, validate
+        vocab_parallel_logits, target, weighting, float(gamma), float(sigma), tp_group, validate,
+        None if valid_vocab_size is None else int(valid_vocab_size),
     )
     return WeightedCrossEntropy(weighted_ce=weighted_ce, weight=weight, ce=ce, entropy=entropy)
 
@@ -405,6 +457,7 @@ def vocab_parallel_mile_loss(
     gamma: float = 1.0,
     sigma: float = 1.0,
     tp_group: Optional[dist.ProcessGroup] = None,
+    valid_vocab_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MiLe loss per token over vocabulary-parallel logits.
 
@@ -420,6 +473,8 @@ def vocab_parallel_mile_loss(
         tp_group: the tensor-parallel group the vocabulary is split over; ``None`` means
             megatron-core's tensor-parallel group (or a single process when
             torch.distributed is not initialised).
+        valid_vocab_size: the real (unpadded) vocabulary size; the padding columns behind it
+            count nowhere (see :func:`vocab_parallel_weighted_cross_entropy`).
 
     Returns:
         ``(weighted_ce, weight)``, both ``[s, b]`` fp32: ``weight = (sigma + H) ** gamma`` with
@@ -440,7 +495,7 @@ def vocab_parallel_mile_loss(
     """
     out = vocab_parallel_weighted_cross_entropy(
         vocab_parallel_logits, target, weighting="mile", gamma=gamma, sigma=sigma,
-        tp_group=tp_group,
+        tp_group=tp_group, valid_vocab_size=valid_vocab_size,
     )
     return out.weighted_ce, out.weight
 
@@ -451,6 +506,7 @@ def vocab_parallel_focal_loss(
     *,
     gamma: float = 1.0,
     tp_group: Optional[dist.ProcessGroup] = None,
+    valid_vocab_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Focal loss per token (the paper's baseline): ``weight = (1 - p_target) ** gamma``.
 
@@ -458,5 +514,6 @@ def vocab_parallel_focal_loss(
     """
     out = vocab_parallel_weighted_cross_entropy(
         vocab_parallel_logits, target, weighting="focal", gamma=gamma, tp_group=tp_group,
+        valid_vocab_size=valid_vocab_size,
     )
     return out.weighted_ce, out.weight

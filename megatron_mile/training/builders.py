@@ -11,6 +11,7 @@ and the tests build them.
 from __future__ import annotations
 
 import random
+from typing import Optional
 
 import numpy as np
 import torch
@@ -64,8 +65,13 @@ def initialize_parallel(cfg: TrainConfig) -> torch.device:
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, *,
-                for_training: bool = True) -> list[torch.nn.Module]:
+                for_training: bool = True,
+                valid_vocab_size: Optional[int] = None) -> list[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage) of ``MileGPTModel``.
+
+    ``vocab_size`` is the padded row count (:func:`~megatron_mile.model.padded_vocab_size`),
+    ``valid_vocab_size`` the real vocabulary before padding: the loss ignores the padded
+    columns (None: no padding to ignore).
 
     With ``for_training``: in ``Float16Module`` for bf16/fp16 (as Megatron-LM), in megatron's
     ``DistributedDataParallel`` (fp32 gradient buffers, the configured overlap and distributed
@@ -87,7 +93,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, *,
                                                                 vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                                vp_stage=stage),
-            vp_stage=stage,
+            vp_stage=stage, valid_vocab_size=valid_vocab_size,
         )
         chunks.append(chunk.to(device))
     if not for_training:

@@ -105,7 +105,10 @@ class Trainer:
                 f"vocabulary ({self.tokenizer.vocab_size}, {cfg.data.tokenizer_model or 'data.vocab_size'}"
                 "): its ids would index past the embedding. Set model.vocab_size to at least "
                 f"{self.tokenizer.vocab_size}, or leave it unset (null) to take the tokenizer's")
-        self.vocab_size = padded_vocab_size(cfg.model.vocab_size or self.tokenizer.vocab_size, cfg)
+        # The real vocabulary (the padded rows behind it count nowhere in the loss) and the
+        # embedding's rows, padded to the TP padding unit.
+        self.valid_vocab_size = cfg.model.vocab_size or self.tokenizer.vocab_size
+        self.vocab_size = padded_vocab_size(self.valid_vocab_size, cfg)
         self._build_datasets()  # before the model: a missing data path fails fast
         # From here on every phase is bounded: a hung peer ends this rank (datasets are built
         # before, on rank 0 first, for as long as a large corpus needs).
@@ -115,7 +118,13 @@ class Trainer:
         self.watchdog = Watchdog(p.distributed_timeout_minutes * 60, self.rank).start()
         try:
             self.watchdog.beat(0, "building the model")
-            self.model = build_model(cfg, self.vocab_size, self.device)
+            self.model = build_model(cfg, self.vocab_size, self.device,
+                                     valid_vocab_size=self.valid_vocab_size)
+            load_dir = self._resume_dir()
+            if load_dir is None and cfg.checkpoint.init_from_hf:
+                # Before the optimizer: its fp32 master weights copy the parameters.
+                self.watchdog.beat(0, "importing the Hugging Face checkpoint")
+                self._import_hf()
             self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
             model_config = get_model_config(self.model[0])
             model_config.grad_scale_func = self.optimizer.scale_loss
@@ -123,7 +132,7 @@ class Trainer:
             no_sync = [c.no_sync for c in self.model]
             model_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
             self.watchdog.beat(0, "loading the checkpoint")
-            self._resume()
+            self._resume(load_dir)
             self.train_iterator = self._iterators(self.train_dataset, self.consumed_samples,
                                                   cfg.data.num_workers)
         except BaseException:
@@ -174,14 +183,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _resume(self) -> None:
+    def _resume_dir(self) -> Optional[str]:
+        """The checkpoint this run resumes from: checkpoint.load, or (auto_resume) the save
+        directory when it holds a complete checkpoint; None for a fresh start."""
         ck = self.cfg.checkpoint
-        load_dir = ck.load
-        if load_dir is None and ck.auto_resume and ck.save:
+        if ck.load is not None:
+            return ck.load
+        if ck.auto_resume and ck.save:
             if checkpointing.find_latest_checkpoint(ck.save) is not None:
-                load_dir = ck.save
-            else:
-                self.logger.info(f"no checkpoint in {ck.save}: starting from scratch")
+                return ck.save
+            self.logger.info(f"no checkpoint in {ck.save}: starting from scratch"
+                             + (f" (weights of {ck.init_from_hf})" if ck.init_from_hf else ""))
+        return None
+
+    def _import_hf(self) -> None:
+        """Load checkpoint.init_from_hf's weights into this rank's slices of the model."""
+        from megatron_mile.checkpoint_hf import import_hf_weights
+
+        folder = self.cfg.checkpoint.init_from_hf
+        start = time.time()
+        count = import_hf_weights(folder, self.model, self.cfg, self.valid_vocab_size)
+        self.logger.info(f"imported {count} tensors of {folder} into this layout in "
+                         f"{time.time() - start:.1f} s (fresh optimizer, configured schedule)")
+
+    def _resume(self, load_dir: Optional[str]) -> None:
+        ck = self.cfg.checkpoint
         if load_dir is None:
             return
         with_optimizer = ck.load_optimizer

@@ -1,0 +1,178 @@
+"""Tiny Hugging Face LlamaForCausalLM folders built locally (no downloads), and the worker
+bodies of tests/test_hf_import.py (importable by spawned workers, unlike a test module)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import torch
+
+VOCAB = 1000  # not a multiple of the padding unit (64 x TP in the tiny config)
+SEQ = 16
+MICRO = 2
+
+# name -> LlamaConfig fields; shapes fit the shipped tiny config (hidden 64, 4 heads,
+# ffn 176), layers divisible by PP=2 x VPP=2.
+MODELS = {
+    "untied_gqa": dict(num_hidden_layers=4, num_key_value_heads=2, tie_word_embeddings=False,
+                       rope_theta=50000.0, rms_norm_eps=1e-6),
+    "tied": dict(num_hidden_layers=2, num_key_value_heads=4, tie_word_embeddings=True,
+                 rope_theta=10000.0, rms_norm_eps=1e-5),
+}
+
+
+def make_hf_model(folder: str, name: str, *, sharded: bool = False):
+    """Save a random LlamaForCausalLM (fp32) into ``folder``; norm weights are randomised too,
+    so a swapped norm changes the logits."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=176,
+                                      num_attention_heads=4, max_position_embeddings=256,
+                                      **MODELS[name])
+    torch.manual_seed(len(name))
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(folder, max_shard_size="200KB" if sharded else "10GB")
+    return model
+
+
+def hf_logits(folder: str, tokens: list) -> torch.Tensor:
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits
+
+
+# ---------------------------------------------------------------- worker bodies
+
+LAYOUTS = {
+    "tp1-dp2-distopt": ["parallel.use_distributed_optimizer=true"],
+    "tp2-sp": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+    "pp2": ["parallel.pipeline_model_parallel_size=2"],
+    "pp2-vpp2": ["parallel.pipeline_model_parallel_size=2",
+                 "parallel.virtual_pipeline_model_parallel_size=2"],
+}
+
+
+def _overrides(folder: str, layout: str) -> list[str]:
+    return [f"checkpoint.init_from_hf={folder}", f"data.vocab_size={VOCAB}",
+            f"model.seq_length={SEQ}", f"training.micro_batch_size={MICRO}",
+            "training.global_batch_size=4", "training.train_iters=2",
+            "training.eval_interval=0", "optimizer.lr_warmup_iters=0", "optimizer.lr=1e-3",
+            "loss.type=mile", *LAYOUTS[layout]]
+
+
+def _batch(tokens_bs: torch.Tensor) -> dict:
+    return {"tokens": tokens_bs[:, :-1].contiguous(), "labels": tokens_bs[:, 1:].contiguous(),
+            "loss_mask": torch.ones(tokens_bs.shape[0], tokens_bs.shape[1] - 1),
+            "position_ids": torch.arange(tokens_bs.shape[1] - 1).expand(tokens_bs.shape[0], -1)
+            .contiguous()}
+
+
+def _pipeline_outputs(trainer, batch: dict, with_labels: bool) -> list:
+    """The last stage's model outputs for one micro-batch through megatron's schedule (so
+    PP and VPP work): logits ``[b, s, v/tp]`` or, with labels, the loss statistics, once
+    per micro-batch (the same batch twice)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    outputs = []
+
+    def forward_step(data_iterator, model):
+        b = next(data_iterator)
+        out = model(b["tokens"], b["position_ids"], None,
+                    labels=b["labels"] if with_labels else None)
+
+        def loss_func(output):
+            outputs.append(output)
+            return torch.zeros(()), {}
+
+        return out, loss_func
+
+    iterators = [iter([batch, batch]) for _ in trainer.model]  # 2: interleaving needs >= PP
+    for chunk in trainer.model:
+        chunk.eval()
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=trainer.model, num_microbatches=2, seq_length=SEQ, micro_batch_size=MICRO,
+        forward_only=True)
+    for chunk in trainer.model:
+        chunk.train()
+    return outputs
+
+
+def layout_body(rank: int, world_size: int, folders: dict, tokens: list, tmp: str) -> dict:
+    """For each (model, layout): full-vocabulary logits and per-token CE of the imported
+    model on ``tokens`` (last stage, TP-gathered), then three training steps on repeated
+    data. Then the round trip (:func:`round_trip_body`) in the same launch."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_mile.config import load_config
+    from megatron_mile.training.trainer import Trainer
+
+    tokens_bs = torch.tensor(tokens)
+    batch = _batch(tokens_bs)
+    results = {}
+    cases = [("untied_gqa", layout) for layout in LAYOUTS] + [("tied", "pp2")]
+    for name, layout in cases:
+        cfg = load_config("tiny", _overrides(folders[name], layout), world_size=world_size)
+        trainer = Trainer(cfg)
+        trainer.setup()
+        try:
+            res = {}
+            # Every stage joins both schedules; only the last one gets outputs.
+            logits = _pipeline_outputs(trainer, {k: v.clone() for k, v in batch.items()},
+                                       False)
+            stats = _pipeline_outputs(trainer, {k: v.clone() for k, v in batch.items()}, True)
+            if logits:  # last stage: gather the vocabulary shards
+                logits_bsv = logits[0].detach().contiguous()
+                tp_group = parallel_state.get_tensor_model_parallel_group()
+                shards = [torch.empty_like(logits_bsv)
+                          for _ in range(dist.get_world_size(tp_group))]
+                dist.all_gather(shards, logits_bsv, group=tp_group)
+                res["logits"] = torch.cat(shards, dim=-1).tolist()
+                res["ce"] = stats[0].ce.tolist()
+                res["entropy"] = stats[0].entropy.tolist()
+            trainer.train_iterator = ([itertools.repeat(batch) for _ in trainer.model]
+                                      if len(trainer.model) > 1 else itertools.repeat(batch))
+            res["train_lm_loss"] = [trainer.train_step().get("lm_loss") for _ in range(3)]
+            results[(name, layout)] = res
+        finally:
+            trainer.shutdown()
+    return {"layouts": results, "round_trip": round_trip_body(rank, world_size, folders, tmp)}
+
+
+def round_trip_body(rank: int, world_size: int, folders: dict, tmp: str) -> dict:
+    """import_to_checkpoint then export_checkpoint(trim_vocab) for each model (TP=1, the
+    ranks are data-parallel)."""
+    from megatron_mile.checkpoint_hf import import_to_checkpoint
+    from megatron_mile.evaluation.hf_export import export_checkpoint
+
+    out = {}
+    for name, folder in folders.items():
+        ckpt = os.path.join(tmp, f"ckpt_{name}")
+        import_to_checkpoint(folder, ckpt, dtype="fp32")  # the default config
+        out[name] = export_checkpoint(ckpt, os.path.join(tmp, f"export_{name}"),
+                                      trim_vocab=True)
+    return out
+
+
+def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    files = (sorted(set(json.load(open(index))["weight_map"].values()))
+             if os.path.isfile(index) else ["model.safetensors"])
+    out = {}
+    for f in files:
+        out.update(load_file(os.path.join(folder, f)))
+    return out
