@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             trainer.setup()
-        except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
+        except (ConfigError, CheckpointError, DataError, FileNotFoundError, ImportError) as e:
             # Bad input found while setting up (layout vs world size, a missing, corrupt or
-            # unsafe checkpoint, bad data): every rank reaches the same verdict.
+            # unsafe checkpoint, bad data, an optional package the input needs, e.g.
+            # `tokenizers` for a tokenizer.json): every rank reaches the same verdict.
             print(f"megatron-mile-train: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
         try:

@@ -62,8 +62,8 @@ def _train_and_record(rank: int, world_size: int, tmp: str, tokenizer: str, toke
 def _export(rank: int, world_size: int, tmp: str) -> list:
     from megatron_mile.evaluation.hf_export import export_checkpoint
 
-    return [export_checkpoint(f"{tmp}/ckpt", f"{tmp}/hf"),
-            export_checkpoint(f"{tmp}/ckpt", f"{tmp}/hf_trim", trim_vocab=True)]
+    return [export_checkpoint(f"{tmp}/ckpt", f"{tmp}/hf", trim_vocab=False),
+            export_checkpoint(f"{tmp}/ckpt", f"{tmp}/hf_trim")]  # trimmed: the default
 
 
 @pytest.fixture(scope="module")

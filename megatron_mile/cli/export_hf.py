@@ -5,8 +5,8 @@
 
 Writes config.json, model.safetensors, generation_config.json and the tokenizer files (the
 SentencePiece tokenizer.model + tokenizer_config.json, or the Hugging Face tokenizer.json with
-its config) into --output. The vocabulary keeps the model's padded rows unless --trim-vocab
-(recommended: training leaves them out of the softmax); see
+its config) into --output. The vocabulary is cut to the real one (training leaves the rows
+padded for TP out of the softmax); --no-trim-vocab keeps the padded rows. See
 megatron_mile/evaluation/hf_export.py for the name map and conventions, docs/evaluation.md for
 lm-evaluation-harness. Needs `safetensors`.
 Also ``python -m megatron_mile.cli.export_hf`` and ``python tools/export_hf.py``.
@@ -31,9 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iteration", type=int, default=None, help="default: the latest")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                         help="weights dtype (default: the training dtype)")
-    parser.add_argument("--trim-vocab", action="store_true",
+    parser.add_argument("--trim-vocab", action=argparse.BooleanOptionalAction, default=True,
                         help="cut the padded embedding/output rows to the real vocabulary (the "
-                             "faithful export: training leaves padded rows out of the softmax)")
+                             "default, the faithful export: training leaves padded rows out of "
+                             "the softmax); --no-trim-vocab keeps them")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="config overrides, e.g. data.tokenizer_model=/new/path/tok.model")
     args = parser.parse_args(argv)

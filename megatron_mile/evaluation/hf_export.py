@@ -31,11 +31,12 @@ Conventions checked by tests/test_export_hf.py (logits equal to 1e-4 in fp32):
   dict): gate = first half, up = second half.
 * RMSNorm ``x * rsqrt(mean(x^2) + eps) * w`` with the model's ``norm_epsilon``; no biases.
 * Vocabulary: training and evaluation leave the rows padded for TP out of the softmax
-  (``valid_vocab_size``), so ``trim_vocab=True``, which cuts both matrices to the real
-  vocabulary, is the faithful export (and round-trips an imported HF model bit-exactly). By
-  default the PADDED rows are kept (``vocab_size`` in config.json = padded size): the logits
-  of the real rows equal megatron's exactly, but HF's softmax then also counts the padded
-  rows, at their initial values (they get no gradient).
+  (``valid_vocab_size``), so the export cuts both matrices to the real vocabulary
+  (``trim_vocab=True``, the default): exactly the trained distribution, and a bit-exact round
+  trip of an imported HF model. ``trim_vocab=False`` keeps the PADDED rows (``vocab_size`` in
+  config.json = padded size, e.g. for tools that want a multiple of 128): the logits of the
+  real rows equal megatron's exactly, but HF's softmax then also counts the padded rows, at
+  their initial values (they get no gradient).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def write_tokenizer(tokenizer_model: str, out_dir: str) -> None:
 
 
 def export_checkpoint(load_dir: str, out_dir: str, *, dtype: Optional[str] = None,
-                      trim_vocab: bool = False, iteration: Optional[int] = None,
+                      trim_vocab: bool = True, iteration: Optional[int] = None,
                       overrides: Optional[list[str]] = None) -> dict:
     """Write ``config.json``, ``model.safetensors`` and the tokenizer files into ``out_dir``.
 
