@@ -2,7 +2,8 @@
 
 ``vocab_parallel.py`` holds the autograd Function, ``reference.py`` the dense float64
 specification, ``reduction.py`` the normalisation into a micro-batch loss, ``config.py`` the
-typed configuration, and :func:`token_losses` the one dispatch the model calls.
+typed configuration, ``fused_linear.py`` the output layer and loss in one chunked Function,
+and :func:`token_losses` the one dispatch the model calls.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mile.loss.config import LOSS_TYPES, LossConfig
+from megatron_mile.loss.fused_linear import DeferredLogits, linear_weighted_cross_entropy
 from megatron_mile.loss.reduction import (
     NORMALIZATIONS,
     LossNormalizer,
@@ -30,8 +32,8 @@ from megatron_mile.loss.vocab_parallel import (
 )
 
 __all__ = [
-    "IGNORE_INDEX", "LOSS_TYPES", "NORMALIZATIONS", "LossConfig", "LossNormalizer", "ReducedLoss",
-    "WeightedCrossEntropy", "reduce_global", "reduce_paper", "reduce_token_losses",
+    "DeferredLogits", "IGNORE_INDEX", "LOSS_TYPES", "NORMALIZATIONS", "LossConfig", "LossNormalizer", "ReducedLoss",
+    "WeightedCrossEntropy", "linear_weighted_cross_entropy", "reduce_global", "reduce_paper", "reduce_token_losses",
     "token_losses", "vocab_parallel_focal_loss", "vocab_parallel_mile_loss",
     "vocab_parallel_weighted_cross_entropy",
 ]
