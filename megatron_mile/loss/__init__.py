@@ -34,7 +34,7 @@ from megatron_mile.loss.vocab_parallel import (
 __all__ = [
     "DeferredLogits", "IGNORE_INDEX", "LOSS_TYPES", "NORMALIZATIONS", "LossConfig", "LossNormalizer", "ReducedLoss",
     "WeightedCrossEntropy", "linear_weighted_cross_entropy", "reduce_global", "reduce_paper", "reduce_token_losses",
-    "token_losses", "vocab_parallel_focal_loss", "vocab_parallel_mile_loss",
+    "fused_token_losses", "token_losses", "vocab_parallel_focal_loss", "vocab_parallel_mile_loss",
     "vocab_parallel_weighted_cross_entropy",
 ]
 
@@ -67,4 +67,26 @@ def token_losses(
     return vocab_parallel_weighted_cross_entropy(
         vocab_parallel_logits, target, weighting=weighting, gamma=cfg.gamma, sigma=cfg.sigma,
         tp_group=tp_group, validate=cfg.validate_targets,
+    )
+
+
+def fused_token_losses(
+    deferred: DeferredLogits,
+    target: torch.Tensor,
+    cfg: LossConfig,
+    valid_vocab_size: Optional[int] = None,
+) -> WeightedCrossEntropy:
+    """Per-token losses of the configured objective computed from the output layer's inputs
+    (:class:`DeferredLogits`) by :func:`linear_weighted_cross_entropy`, with the layer's own
+    TP group, sequence parallelism and gradient-accumulation fusion; ``[s, b]`` target.
+
+    ``cross_entropy`` is weight-1 CE there (its entropy is computed, not NaN). Collectives:
+    those of :func:`linear_weighted_cross_entropy`.
+    """
+    return linear_weighted_cross_entropy(
+        deferred.hidden, deferred.weight, target, weighting=cfg.weighting, gamma=cfg.gamma,
+        sigma=cfg.sigma, tp_group=deferred.tp_group,
+        sequence_parallel=deferred.sequence_parallel, valid_vocab_size=valid_vocab_size,
+        validate=cfg.validate_targets,
+        gradient_accumulation_fusion=deferred.gradient_accumulation_fusion,
     )

@@ -35,6 +35,21 @@ class LossConfig:
     """Check that every target id is inside the vocabulary (one host sync per micro-batch on
     GPU). Turn off only for benchmarking trusted data."""
 
+    fused_output_layer: bool = False
+    """Compute the output layer and the loss together, a chunk of tokens at a time
+    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
+    never exist: peak memory of a step with a large vocabulary drops (tiny with a 128000
+    vocabulary: see docs/benchmarks.md), the values and gradients are the same within fp32
+    rounding. Costs one extra GEMM of the output layer's size (the logits are recomputed in
+    backward). Off by default: on CPU the end-to-end training throughput is lower than the
+    unfused path's (docs/benchmarks.md); turn it on where memory is the limit.
+    ``cross_entropy`` then runs as weight-1 CE in the same kernel (not megatron-core's CE)."""
+
+    @property
+    def weighting(self) -> str:
+        """The ``weighting`` argument of the loss functions for this ``type``."""
+        return {"cross_entropy": "none", "focal": "focal", "mile": "mile"}[self.type]
+
     def __post_init__(self) -> None:
         if self.type not in LOSS_TYPES:
             raise ValueError(f"loss.type={self.type!r} is not one of {LOSS_TYPES}")
