@@ -229,9 +229,17 @@ def test_never_more_than_one_chunk_of_logits():
     assert unfused.largest == 256 * 512  # the measure does see the logits where they exist
 
 
+def test_non_finite_hidden_gives_nan_not_a_finite_loss():
+    hidden, weight, target, _ = _inputs(9)
+    hidden[2, 1, 0] = float("nan")
+    out = linear_weighted_cross_entropy(hidden.float(), weight.float(), target, chunk_size=5)
+    assert torch.isnan(out.weighted_ce[2, 1])
+    assert torch.isfinite(out.weighted_ce[3]).all()  # other tokens are unaffected
+
+
 def test_default_chunk_size():
-    assert default_chunk_size(128000, torch.device("cpu")) == (1 << 22) // 128000
-    assert default_chunk_size(1 << 30, torch.device("cpu")) == 1
+    assert default_chunk_size(128000, torch.device("cpu")) == (1 << 26) // 128000 == 524
+    assert default_chunk_size(1 << 30, torch.device("cpu")) == 256  # GEMMs stay efficient
 
 
 def test_bad_input_errors():
@@ -373,6 +381,15 @@ def _errors_on_one_rank(tp_group, tp_rank) -> dict:
     return messages
 
 
+def _non_finite_on_one_rank(tp_group, tp_rank) -> bool:
+    """A NaN in rank 1's weight shard: every token's loss must be NaN on every rank."""
+    hidden, weight, target, _ = _inputs(4, s=8)
+    weight[V - 1, 0] = float("nan")  # the last row: rank 1's shard at TP=2
+    x, w = _local(hidden.float(), weight.float(), tp_rank, 2, False)
+    out = linear_weighted_cross_entropy(x, w, target, tp_group=tp_group, chunk_size=5)
+    return bool(torch.isnan(out.weighted_ce[target != IGNORE_INDEX]).all())
+
+
 def _body(rank: int, world_size: int) -> dict:
     from megatron.core import parallel_state
 
@@ -395,6 +412,7 @@ def _body(rank: int, world_size: int) -> dict:
             results["padded"] = _padded_case(tp_group, tp_rank, tp_size)
         if tp_size == 2:
             results["errors"] = _errors_on_one_rank(tp_group, tp_rank)
+            results["nan"] = _non_finite_on_one_rank(tp_group, tp_rank)
     return results
 
 
@@ -455,3 +473,8 @@ def test_bad_input_on_one_rank_raises_on_every_rank(results):
         results[1]["errors"]["shape_sp"]
     assert "another tensor-parallel rank reported invalid input" in \
         results[0]["errors"]["shape_sp"]
+
+
+@pytest.mark.slow
+def test_non_finite_logits_on_one_rank_give_nan_everywhere(results):
+    assert all(res["nan"] for res in results)

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mile.loss.vocab_parallel import (
+    _CHUNK_ELEMENTS as _CACHE_BLOCK_ELEMENTS,
     IGNORE_INDEX,
     VocabParallelWeightedCE,
     WeightedCrossEntropy,
@@ -46,17 +47,21 @@ from megatron_mile.loss.vocab_parallel import (
 
 __all__ = ["linear_weighted_cross_entropy", "default_chunk_size", "DeferredLogits"]
 
-# Elements of one [c, v/tp] fp32 logits chunk when chunk_size is None. Measured with
-# tools/bench_loss.py --fused (docs/benchmarks.md): on CPU 2^22 (16 MiB, 32 tokens at
-# v/tp = 128000) is as fast as larger chunks, the GEMMs being long enough; on GPU a chunk
-# must fill the device, so it is larger (not yet measured on a GPU: a guess, 1 GiB).
-_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
+# Elements of one [c, v/tp] fp32 logits chunk when chunk_size is None, and the fewest tokens a
+# chunk may have. Each chunk's GEMMs stream the whole [v/tp, h] weight from memory, so short
+# chunks are slow: on the 2-core CPU of docs/benchmarks.md (v = 32000, h = 256, n = 8192,
+# forward + backward) 16 tokens took 43 s, 64 tokens 10-13 s, 256-1024 tokens 4-8 s, as fast
+# as the unfused path (8-9 s). 2^26 elements (256 MiB) is 524 tokens at v/tp = 128000. On GPU
+# a chunk must also fill the device: 2^28 (1 GiB), not yet measured on one.
+_LOGITS_CHUNK_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 28}
+_MIN_CHUNK_TOKENS = 256
 
 
 def default_chunk_size(vp: int, device: torch.device) -> int:
     """Tokens per chunk when ``chunk_size`` is None: a ``[c, v/tp]`` fp32 chunk of
-    ``_CHUNK_ELEMENTS`` elements (at least 1 token)."""
-    return max(1, _CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"] // max(vp, 1))
+    ``_LOGITS_CHUNK_ELEMENTS`` elements, but at least ``_MIN_CHUNK_TOKENS`` tokens."""
+    elements = _LOGITS_CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
+    return max(_MIN_CHUNK_TOKENS, elements // max(vp, 1))
 
 
 @dataclass(frozen=True)
@@ -127,11 +132,42 @@ def _global_row_max(local_max_n: torch.Tensor, error: Optional[str], target_n: t
     return rowmax_n
 
 
-def _chunk_logits(hidden_ch: torch.Tensor, weight_vvh: torch.Tensor) -> torch.Tensor:
-    """``[c, h] x [vv, h]^T`` -> fp32 (fp64 for fp64) ``[c, vv]`` logits of one chunk. bf16/fp16
-    logits are rounded to their dtype first, exactly as the unfused output layer's are."""
-    logits_cvv = hidden_ch @ weight_vvh.t()
-    return logits_cvv if logits_cvv.dtype == torch.float64 else logits_cvv.float()
+class _ChunkBuffer:
+    """The one ``[c, vv]`` logits buffer, allocated once per forward or backward and reused by
+    every chunk (a fresh allocation per chunk would pay the page faults of zero-filling it
+    each time), plus its bf16/fp16 twin when the inputs have that dtype."""
+
+    def __init__(self, rows: int, vv: int, dtype: torch.dtype, device: torch.device):
+        self.cdtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.z = torch.empty(rows, vv, dtype=self.cdtype, device=device)
+        self.low = (torch.empty(rows, vv, dtype=dtype, device=device)
+                    if dtype != self.cdtype else None)
+
+    def logits(self, hidden_ch: torch.Tensor, weight_vvh: torch.Tensor) -> torch.Tensor:
+        """``[c, h] x [vv, h]^T`` -> the chunk's ``[c, vv]`` logits in fp32 (fp64 for fp64).
+        bf16/fp16 logits are rounded to their dtype first, as the unfused layer's are."""
+        rows = hidden_ch.shape[0]
+        if self.low is None:
+            return torch.mm(hidden_ch, weight_vvh.t(), out=self.z[:rows])
+        torch.mm(hidden_ch, weight_vvh.t(), out=self.low[:rows])
+        return self.z[:rows].copy_(self.low[:rows])
+
+    def in_input_dtype(self, grad_cvv: torch.Tensor) -> torch.Tensor:
+        """The chunk's gradient in the inputs' dtype, as the unfused layer receives it."""
+        return grad_cvv if self.low is None else self.low[:grad_cvv.shape[0]].copy_(grad_cvv)
+
+
+def _scaled_softmax_(z_cvv: torch.Tensor, rowmax_c: torch.Tensor,
+                     scale_c: torch.Tensor) -> torch.Tensor:
+    """``z <- exp(z - m) * scale`` in place, in row blocks small enough to stay in cache (the
+    buffer is read and written once from memory instead of three times)."""
+    c, vv = z_cvv.shape
+    rows = max(1, _CACHE_BLOCK_ELEMENTS["cuda" if z_cvv.is_cuda else "cpu"] // max(vv, 1))
+    for r0 in range(0, c, rows):
+        r1 = min(c, r0 + rows)
+        block = z_cvv[r0:r1]
+        block.sub_(rowmax_c[r0:r1, None]).exp_().mul_(scale_c[r0:r1, None])
+    return z_cvv
 
 
 class _LinearWeightedCE(torch.autograd.Function):
@@ -171,38 +207,39 @@ class _LinearWeightedCE(torch.autograd.Function):
         cdtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         # This rank's rows below valid_vocab_size: padding rows take part in nothing.
         vv = min(vp, max(0, vocab - tp.rank * vp))
-        stats_4n = torch.zeros(4, n, dtype=cdtype, device=target_sb.device)
-        rowmax_n, sum_exp_n, sum_exp_z_n, z_target_n = stats_4n.unbind(0)
-        rowmax_n.fill_(-torch.inf)
+        rowmax_n = torch.full((n,), -torch.inf, dtype=cdtype, device=target_sb.device)
+        sums_3n = torch.zeros(3, n, dtype=cdtype, device=target_sb.device)
         vocab_start = tp.rank * vp
-        local_t_n = target_n - vocab_start
-        owned_n = (local_t_n >= 0) & (local_t_n < vv)
-        local_t_n = torch.where(owned_n, local_t_n, torch.zeros_like(local_t_n))
         if error is None and vv > 0 and n > 0:
             hidden_nh = hidden.reshape(n, -1)
             weight_vvh = weight[:vv]
             c = chunk_size or default_chunk_size(vp, hidden.device)
+            buf = _ChunkBuffer(min(c, n), vv, hidden.dtype, hidden.device)
             for r0 in range(0, n, c):
                 r1 = min(n, r0 + c)
-                z_cvv = _chunk_logits(hidden_nh[r0:r1], weight_vvh)  # the one [c, vv] buffer
-                m_c = z_cvv.amax(dim=-1)
-                rowmax_n[r0:r1] = m_c
-                z_target_n[r0:r1] = z_cvv.gather(1, local_t_n[r0:r1, None]).squeeze(1) - m_c
-                z_cvv.sub_(m_c[:, None])
-                e_cvv = torch.exp(z_cvv)  # second [c, vv] buffer
-                torch.sum(e_cvv, dim=-1, out=sum_exp_n[r0:r1])
-                torch.sum(z_cvv.mul_(e_cvv), dim=-1, out=sum_exp_z_n[r0:r1])
-                del z_cvv, e_cvv
+                z_cvv = buf.logits(hidden_nh[r0:r1], weight_vvh)
+                rowmax_n[r0:r1] = z_cvv.amax(dim=-1)
+                # This rank's (S, T, z_target) against its own row max (z_target 0 where the
+                # target is not in its valid rows); overwrites the buffer, which is reused.
+                sums_3n[:, r0:r1] = VocabParallelWeightedCE.local_sums(
+                    z_cvv, rowmax_n[r0:r1], target_n[r0:r1], vocab_start)[0]
+            del buf
+        local_t_n = target_n - vocab_start
+        owned_n = (local_t_n >= 0) & (local_t_n < vv)
+        local_t_n = torch.where(owned_n, local_t_n, torch.zeros_like(local_t_n))
         # Collective 1: the global row max, with the verdict of every rank in its header.
         local_max_n = rowmax_n.clone()
         rowmax_n = _global_row_max(local_max_n, error, target_n, bad_target_n, vp, vocab, tp,
                                    validate)
         # Rescale this rank's sums from its own row max to the global one. A rank without
-        # valid rows (all padding) has S = T = 0 and max -inf: its factor must be 0, not NaN.
-        shift_n = local_max_n - rowmax_n
-        has_rows = torch.isfinite(local_max_n)
-        shift_n = torch.where(has_rows, shift_n, torch.zeros_like(shift_n))
-        f_n = torch.where(has_rows, torch.exp(shift_n), torch.zeros_like(shift_n))
+        # valid rows (all padding) has S = T = 0 and max -inf: its factor is 0, not NaN.
+        # (Non-finite logits elsewhere stay NaN: never a finite loss from them.)
+        if vv > 0:
+            shift_n = local_max_n - rowmax_n
+            f_n = torch.exp(shift_n)
+        else:
+            shift_n = f_n = torch.zeros_like(local_max_n)
+        sum_exp_n, sum_exp_z_n, z_target_n = sums_3n.unbind(0)
         sums_3n = torch.stack([sum_exp_n * f_n, (sum_exp_z_n + sum_exp_n * shift_n) * f_n,
                                torch.where(owned_n, z_target_n + shift_n,
                                            torch.zeros_like(shift_n))])
@@ -241,20 +278,21 @@ class _LinearWeightedCE(torch.autograd.Function):
             grad_weight_acc = torch.zeros(weight.shape, dtype=rowmax_n.dtype,
                                           device=weight.device)
         weight_vvh = weight[:vv]
+        if vv > 0 and n > 0:
+            buf = _ChunkBuffer(min(c, n), vv, hidden.dtype, hidden.device)
         for r0 in range(0, n if vv > 0 else 0, c):
             r1 = min(n, r0 + c)
             hidden_ch = hidden_nh[r0:r1]
-            grad_cvv = _chunk_logits(hidden_ch, weight_vvh)
-            grad_cvv.sub_(rowmax_n[r0:r1, None]).exp_().mul_(scale_n[r0:r1, None])
+            grad_cvv = _scaled_softmax_(buf.logits(hidden_ch, weight_vvh), rowmax_n[r0:r1],
+                                        scale_n[r0:r1])
             rows_c = torch.arange(r1 - r0, device=grad_cvv.device)
             grad_cvv[rows_c, local_t_n[r0:r1]] -= onehot_n[r0:r1]
-            grad_low = grad_cvv.to(hidden.dtype)  # as the unfused layer sees its grad_output
+            grad_low = buf.in_input_dtype(grad_cvv)
             torch.mm(grad_low, weight_vvh, out=grad_hidden_nh[r0:r1])
             if grad_low.dtype == grad_weight_acc.dtype:
                 grad_weight_acc[:vv].addmm_(grad_low.t(), hidden_ch)
             else:  # bf16/fp16 GEMM, accumulated over chunks in the fp32 buffer
                 grad_weight_acc[:vv].add_(grad_low.t() @ hidden_ch)
-            del grad_cvv, grad_low
         grad_hidden = grad_hidden_nh.view(hidden.shape)
         if ctx.sequence_parallel:
             # Collective 3 (SP): reduce-scatter along s, as the gather's backward.
