@@ -238,7 +238,7 @@ def test_non_finite_hidden_gives_nan_not_a_finite_loss():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(128000, torch.device("cpu")) == (1 << 26) // 128000 == 524
+    assert default_chunk_size(128000, torch.device("cpu")) == (1 << 25) // 128000 == 262
     assert default_chunk_size(1 << 30, torch.device("cpu")) == 256  # GEMMs stay efficient
 
 

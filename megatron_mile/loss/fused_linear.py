@@ -19,8 +19,8 @@ number of chunks. The per-token results then come from the same
 Backward recomputes each chunk's logits (one extra ``c x vp x h`` GEMM per chunk) and turns
 them into ``g w (softmax - onehot)`` in place, from which the chunk's rows of the input
 gradient and its contribution to the weight gradient follow. Nothing of size ``n x vp``
-exists at any time: peak memory beyond the inputs, the weight and their gradients is one
-or two ``[c, vp]`` fp32 chunks.
+exists at any time: beyond the inputs, the weight and their gradients, each pass holds one
+``[c, vp]`` fp32 buffer, reused by every chunk (and its bf16/fp16 twin for such inputs).
 """
 
 from __future__ import annotations
@@ -50,10 +50,12 @@ __all__ = ["linear_weighted_cross_entropy", "default_chunk_size", "DeferredLogit
 # Elements of one [c, v/tp] fp32 logits chunk when chunk_size is None, and the fewest tokens a
 # chunk may have. Each chunk's GEMMs stream the whole [v/tp, h] weight from memory, so short
 # chunks are slow: on the 2-core CPU of docs/benchmarks.md (v = 32000, h = 256, n = 8192,
-# forward + backward) 16 tokens took 43 s, 64 tokens 10-13 s, 256-1024 tokens 4-8 s, as fast
-# as the unfused path (8-9 s). 2^26 elements (256 MiB) is 524 tokens at v/tp = 128000. On GPU
-# a chunk must also fill the device: 2^28 (1 GiB), not yet measured on one.
-_LOGITS_CHUNK_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 28}
+# forward + backward) 16 tokens took 43 s, 64 tokens 10-13 s, 256-1024 tokens 4-8 s with no
+# clear order between them (the machine was shared; the unfused path took 8-9 s in the same
+# run). 2^25 elements (128 MiB) is 262 tokens at v/tp = 128000: the smallest buffer in that
+# range, which keeps a training step's peak at half the unfused one (docs/benchmarks.md). On
+# GPU a chunk must also fill the device: 2^28 (1 GiB), not yet measured on one.
+_LOGITS_CHUNK_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 28}
 _MIN_CHUNK_TOKENS = 256
 
 
@@ -371,10 +373,10 @@ def linear_weighted_cross_entropy(
         backward: one all-reduce of the input gradient ``[s, b, h]``, or with
         sequence_parallel one reduce-scatter of it to ``[s/tp, b, h]``: the output layer's own.
 
-    Memory: the logits exist one ``[chunk_size, v/tp]`` fp32 chunk at a time (two such
-    buffers in forward, one in backward, plus its bf16/fp16 copy for low-precision inputs);
-    backward adds the fp32 weight-gradient accumulator ``[v/tp, h]`` unless it goes to
-    ``main_grad``.
+    Memory: the logits exist one ``[chunk_size, v/tp]`` fp32 chunk at a time, in one buffer
+    reused by every chunk (plus its bf16/fp16 twin for such inputs) and cache-sized
+    temporaries; backward adds the fp32 weight-gradient accumulator ``[v/tp, h]`` (the
+    gradient itself for fp32) unless it goes to ``main_grad``.
 
     Raises:
         ValueError: the errors of :func:`vocab_parallel_weighted_cross_entropy` (agreed across
