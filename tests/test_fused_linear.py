@@ -247,7 +247,8 @@ def test_bad_input_errors():
     h32, w32 = hidden.float(), weight.float()
     bad = target.clone()
     bad[1, 2] = V + 3
-    with pytest.raises(ValueError, match=rf"target id {V + 3} is outside the vocabulary \[0, {V}\)"):
+    with pytest.raises(ValueError,
+                       match=rf"target id {V + 3} is outside the vocabulary \[0, {V}\)"):
         linear_weighted_cross_entropy(h32, w32, bad)
     with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 50\)"):
         linear_weighted_cross_entropy(h32, w32, target.clamp(max=60), valid_vocab_size=50)

@@ -16,10 +16,10 @@ losses, and prints the ratios to CE.
 
 Peak memory is the peak of the whole forward+backward, the logits and their gradient
 included (what a training step holds). With ``--fused`` it is also given above the memory
-held when the call starts (the inputs and the weight): what the call itself adds. On GPU: ``torch.cuda.max_memory_allocated``. On CPU:
-the process's peak resident set (VmHWM, reset through /proc/self/clear_refs before each
-variant); tensors this large are mmap-backed, so RSS follows live tensor memory.
-TP=2 runs two processes over gloo (CPU) or NCCL (GPU); rank 0 reports.
+held when the call starts (the inputs and the weight): what the call itself adds.
+On GPU: ``torch.cuda.max_memory_allocated``. On CPU: the process's peak resident set (VmHWM,
+reset through /proc/self/clear_refs before each variant); tensors this large are
+mmap-backed, so RSS follows live tensor memory. TP=2 runs two processes over gloo (CPU) or NCCL (GPU); rank 0 reports.
 """
 
 from __future__ import annotations

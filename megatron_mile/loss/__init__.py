@@ -32,9 +32,10 @@ from megatron_mile.loss.vocab_parallel import (
 )
 
 __all__ = [
-    "DeferredLogits", "IGNORE_INDEX", "LOSS_TYPES", "NORMALIZATIONS", "LossConfig", "LossNormalizer", "ReducedLoss",
-    "WeightedCrossEntropy", "linear_weighted_cross_entropy", "reduce_global", "reduce_paper", "reduce_token_losses",
-    "fused_token_losses", "token_losses", "vocab_parallel_focal_loss", "vocab_parallel_mile_loss",
+    "DeferredLogits", "IGNORE_INDEX", "LOSS_TYPES", "NORMALIZATIONS", "LossConfig",
+    "LossNormalizer", "ReducedLoss", "WeightedCrossEntropy", "fused_token_losses",
+    "linear_weighted_cross_entropy", "reduce_global", "reduce_paper", "reduce_token_losses",
+    "token_losses", "vocab_parallel_focal_loss", "vocab_parallel_mile_loss",
     "vocab_parallel_weighted_cross_entropy",
 ]
 

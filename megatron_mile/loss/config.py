@@ -38,12 +38,13 @@ class LossConfig:
     fused_output_layer: bool = False
     """Compute the output layer and the loss together, a chunk of tokens at a time
     (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist: peak memory of a step with a large vocabulary drops (tiny with a 128000
-    vocabulary: see docs/benchmarks.md), the values and gradients are the same within fp32
-    rounding. Costs one extra GEMM of the output layer's size (the logits are recomputed in
-    backward). Off by default: on CPU the end-to-end training throughput is lower than the
-    unfused path's (docs/benchmarks.md); turn it on where memory is the limit.
-    ``cross_entropy`` then runs as weight-1 CE in the same kernel (not megatron-core's CE)."""
+    never exist; values and gradients equal the unfused path's within fp32 rounding, for
+    every parallel layout. Costs one extra GEMM of the output layer's size (the logits are
+    recomputed in backward). Off by default because it measured slower end to end on CPU:
+    tiny with a 128000 vocabulary ran at 0.55 times the unfused tokens/s for 0.53 times its
+    peak memory, on a heavily shared 2-core machine (docs/benchmarks.md); not yet measured on
+    a GPU. Turn it on where the logits' memory is the limit. ``cross_entropy`` then runs as
+    weight-1 CE in the same kernel, not megatron-core's CE."""
 
     @property
     def weighting(self) -> str:
