@@ -19,7 +19,8 @@ included (what a training step holds). With ``--fused`` it is also given above t
 held when the call starts (the inputs and the weight): what the call itself adds.
 On GPU: ``torch.cuda.max_memory_allocated``. On CPU: the process's peak resident set (VmHWM,
 reset through /proc/self/clear_refs before each variant); tensors this large are
-mmap-backed, so RSS follows live tensor memory. TP=2 runs two processes over gloo (CPU) or NCCL (GPU); rank 0 reports.
+mmap-backed, so RSS follows live tensor memory.
+TP=2 runs two processes over gloo (CPU) or NCCL (GPU); rank 0 reports.
 """
 
 from __future__ import annotations
