@@ -54,7 +54,7 @@ def _fused_vs_unfused(rank: int, world_size: int) -> dict:
         return fused(*args, **kwargs)
 
     model_module.fused_token_losses = counting
-    out: dict = {}
+    out: dict = {"no_labels": _forward_without_labels(world_size)}
     for name, layout in LAYOUTS.items():
         for on in (False, True):
             calls["n"] = 0
@@ -63,6 +63,34 @@ def _fused_vs_unfused(rank: int, world_size: int) -> dict:
             out[(name, on)] = {"loss": curve(run), "grad_norm": curve(run, "grad_norm"),
                                "fused_calls": calls["n"]}
     return out
+
+
+def _forward_without_labels(world_size: int) -> dict:
+    """With the fused loss on, a forward without labels (evaluation, generation) still gets
+    the logits ``[b, s, v/tp]``; with labels, the per-token statistics."""
+    import torch
+
+    from megatron_mile.config import load_config
+    from megatron_mile.loss import WeightedCrossEntropy
+    from megatron_mile.training.trainer import Trainer
+
+    cfg = load_config("tiny", BASE + LAYOUTS["tp2_sp"] + ["loss.fused_output_layer=true"],
+                      world_size=world_size)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    try:
+        (model,) = trainer.model
+        tokens_bs = torch.randint(0, 500, (2, cfg.model.seq_length))
+        position_ids_bs = torch.arange(cfg.model.seq_length).expand(2, -1)
+        with torch.no_grad():
+            logits = model(tokens_bs, position_ids_bs, None)
+            stats = model(tokens_bs, position_ids_bs, None, labels=tokens_bs)
+    finally:
+        trainer.shutdown()
+    return {"logits_shape": tuple(logits.shape) if isinstance(logits, torch.Tensor) else None,
+            "stats": isinstance(stats, WeightedCrossEntropy),
+            "output_layer_restored": "forward" not in vars(model.module.output_layer)
+            if hasattr(model, "module") else "forward" not in vars(model.output_layer)}
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +109,9 @@ def test_fused_output_layer_trains_like_the_unfused_one(runs, layout):
         for step, (a, e) in enumerate(zip(on[key], off[key])):
             assert abs(a - e) <= rtol * abs(e), f"{layout} {key} step {step + 1}: {a!r} vs {e!r}"
     assert on["loss"][-1] < on["loss"][0], on["loss"]  # it did train
+
+
+def test_forward_without_labels_still_returns_logits(runs):
+    out = runs["no_labels"]
+    assert out["logits_shape"] == (2, 64, 256), out  # [b, s, v/tp]: 512 / TP=2
+    assert out["stats"] and out["output_layer_restored"], out
