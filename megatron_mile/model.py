@@ -10,10 +10,15 @@ the loss function. On the last pipeline stage megatron-core's schedules hand the
 output to ``loss_func`` untouched (``forward_step_calc_loss`` in
 megatron/core/pipeline_parallel/schedules.py), so it need not be a tensor there; the bf16
 wrapper ``Float16Module`` passes it through too, being no tuple (see ``WeightedCrossEntropy``).
+
+With ``loss.fused_output_layer`` the output layer and the loss run as one chunked Function
+(:func:`~megatron_mile.loss.linear_weighted_cross_entropy`); see :class:`MileGPTModel` for how
+it is hooked in without copying megatron-core's ``_postprocess``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Optional
 
@@ -34,7 +39,14 @@ from megatron.core.transformer.transformer_layer import (
 
 from megatron_mile.config import ConfigError, TrainConfig
 from megatron_mile.fusions import Kernels, fusion_settings, resolve_transformer_impl
-from megatron_mile.loss import LossConfig, LossNormalizer, WeightedCrossEntropy, token_losses
+from megatron_mile.loss import (
+    DeferredLogits,
+    LossConfig,
+    LossNormalizer,
+    WeightedCrossEntropy,
+    fused_token_losses,
+    token_losses,
+)
 
 
 def padded_vocab_size(vocab_size: int, cfg: TrainConfig) -> int:
@@ -190,7 +202,21 @@ def layer_spec(cfg: TrainConfig, config: TransformerConfig, vp_stage: Optional[i
 
 class MileGPTModel(GPTModel):
     """GPTModel whose loss is the configured objective (CE, focal or MiLe) over the
-    vocabulary-parallel logits, reduced over megatron-core's tensor-parallel group."""
+    vocabulary-parallel logits, reduced over megatron-core's tensor-parallel group.
+
+    ``loss.fused_output_layer``: when a forward has labels, the output layer's forward is
+    replaced, for that call only, by one that returns :class:`DeferredLogits` (its input and
+    weight) instead of logits, and :meth:`compute_language_model_loss` runs the fused output
+    layer + loss on them. Everything else in megatron-core's ``GPTModel._postprocess``
+    (tied-weight selection, MTP, the inference paths) stays megatron's own: this relies only
+    on three public facts of its API -- ``forward`` takes ``labels``, the output layer is
+    called as ``output_layer(hidden, weight=..., runtime_gather_output=...)`` and its result
+    goes, untouched, to ``compute_language_model_loss`` when labels are given -- instead of a
+    copy of ``_postprocess`` that would drift between releases. Calls without labels
+    (evaluation, generation) get real logits.
+    """
+
+    _FORWARD_SIGNATURE = inspect.signature(GPTModel.forward)
 
     def __init__(self, *args, loss_config: LossConfig, valid_vocab_size: Optional[int] = None,
                  **kwargs):
@@ -202,23 +228,62 @@ class MileGPTModel(GPTModel):
             raise ConfigError("multi-token prediction is not supported with MileGPTModel")
         self.loss_config = loss_config
         self.valid_vocab_size = valid_vocab_size
+        if loss_config.fused_output_layer and self.post_process:
+            if self.output_layer.bias is not None or self.config.defer_embedding_wgrad_compute:
+                raise ConfigError("loss.fused_output_layer needs an output layer without bias "
+                                  "and defer_embedding_wgrad_compute off")
+
+    def forward(self, *args, **kwargs):  # type: ignore[override]
+        """megatron-core's forward; with the fused loss and labels, the output layer defers
+        its matmul to the loss (see the class docstring)."""
+        if not (self.loss_config.fused_output_layer and self.post_process):
+            return super().forward(*args, **kwargs)
+        call = self._FORWARD_SIGNATURE.bind(self, *args, **kwargs).arguments
+        if call.get("labels") is None or call.get("runtime_gather_output"):
+            return super().forward(*args, **kwargs)
+        layer = self.output_layer
+        layer.forward = _deferred_output_layer.__get__(layer)  # this call only
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            del layer.forward
 
     def compute_language_model_loss(  # type: ignore[override]
-        self, labels: torch.Tensor, logits: torch.Tensor
+        self, labels: torch.Tensor, logits: torch.Tensor | DeferredLogits
     ) -> WeightedCrossEntropy:
-        """labels ``[b, s]``, logits ``[s, b, v/tp]`` -> per-token statistics, each ``[b, s]``
-        fp32; only ``weighted_ce`` carries a gradient. (megatron-core's GPTModel returns one
-        ``[b, s]`` loss tensor here; the module docstring says why a structure can pass.)
+        """labels ``[b, s]``, logits ``[s, b, v/tp]`` (or the fused path's
+        :class:`DeferredLogits`) -> per-token statistics, each ``[b, s]`` fp32; only
+        ``weighted_ce`` carries a gradient. (megatron-core's GPTModel returns one ``[b, s]``
+        loss tensor here; the module docstring says why a structure can pass.)
 
         Collectives: those of :func:`megatron_mile.loss.token_losses` on the TP group (2
-        all-reduces for focal/MiLe, 3 for megatron's CE); none in backward.
+        all-reduces for focal/MiLe, 3 for megatron's CE; none in backward), or of
+        :func:`megatron_mile.loss.linear_weighted_cross_entropy` (2 all-reduces, plus the
+        output layer's own SP all-gather and input-gradient all-reduce / reduce-scatter).
         """
         labels_sb = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b], as the logits
-        stats_sb = token_losses(logits, labels_sb, self.loss_config,
-                                tp_group=parallel_state.get_tensor_model_parallel_group(),
-                                valid_vocab_size=self.valid_vocab_size)
+        if isinstance(logits, DeferredLogits):
+            stats_sb = fused_token_losses(logits, labels_sb, self.loss_config,
+                                          valid_vocab_size=self.valid_vocab_size)
+        else:
+            stats_sb = token_losses(logits, labels_sb, self.loss_config,
+                                    tp_group=parallel_state.get_tensor_model_parallel_group(),
+                                    valid_vocab_size=self.valid_vocab_size)
         # [s, b] -> [b, s] as megatron's labels and loss mask; views, the loss only reduces them.
         return stats_sb.map(lambda t_sb: t_sb.transpose(0, 1))
+
+
+def _deferred_output_layer(layer, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                           runtime_gather_output: Optional[bool] = None):
+    """Stands in for ``ColumnParallelLinear.forward`` (same signature and ``(output, bias)``
+    result) when the loss is fused: returns the layer's input and weight, no logits. The
+    tied-embedding weight arrives as ``weight=``, as megatron passes it."""
+    del runtime_gather_output  # None here: MileGPTModel.forward does not defer otherwise
+    deferred = DeferredLogits(
+        hidden=input_, weight=layer.weight if weight is None else weight,
+        sequence_parallel=layer.sequence_parallel, tp_group=layer.tp_group,
+        gradient_accumulation_fusion=layer.gradient_accumulation_fusion)
+    return deferred, None
 
 
 def build_model_chunk(cfg: TrainConfig, config: TransformerConfig, vocab_size: int,

@@ -10,10 +10,16 @@ losses, and prints the ratios to CE.
     python tools/bench_loss.py --tokens 2048 --vocab 32000 --tp 1 --dtype bf16 --reps 3
     torchrun --nproc-per-node 2 tools/bench_loss.py      # GPU: TP = the number of processes
 
+    # Output layer + loss, fused (linear_weighted_cross_entropy) vs unfused (megatron's
+    # output-layer linear + vocab_parallel_weighted_cross_entropy), hidden size 256:
+    python tools/bench_loss.py --fused --hidden 256 --dtype fp32 --reps 3
+
 Peak memory is the peak of the whole forward+backward, the logits and their gradient
-included (what a training step holds). On GPU: ``torch.cuda.max_memory_allocated``. On CPU:
-the process's peak resident set (VmHWM, reset through /proc/self/clear_refs before each
-variant); tensors this large are mmap-backed, so RSS follows live tensor memory.
+included (what a training step holds). With ``--fused`` it is also given above the memory
+held when the call starts (the inputs and the weight): what the call itself adds.
+On GPU: ``torch.cuda.max_memory_allocated``. On CPU: the process's peak resident set (VmHWM,
+reset through /proc/self/clear_refs before each variant); tensors this large are
+mmap-backed, so RSS follows live tensor memory.
 TP=2 runs two processes over gloo (CPU) or NCCL (GPU); rank 0 reports.
 """
 
@@ -84,6 +90,85 @@ def _variants(tp_group):
     return {"megatron_ce": ce, "megatron_fused_ce": fused, "mile": mile, "focal": focal}
 
 
+def _fused_variants(tp_group, sequence_parallel: bool = False):
+    """Output layer + MiLe, each ``fn(hidden, weight, target) -> weighted_ce``."""
+    from megatron.core.tensor_parallel.layers import (
+        linear_with_grad_accumulation_and_async_allreduce,
+    )
+
+    from megatron_mile.loss import (
+        linear_weighted_cross_entropy,
+        vocab_parallel_weighted_cross_entropy,
+    )
+
+    tp = tp_group.size() if tp_group is not None else 1
+
+    def unfused(hidden, weight, target):
+        # megatron's ColumnParallelLinear without SP: the input gradient is all-reduced.
+        logits = linear_with_grad_accumulation_and_async_allreduce(
+            hidden, weight, None, gradient_accumulation_fusion=False,
+            allreduce_dgrad=tp > 1 and not sequence_parallel,
+            sequence_parallel=sequence_parallel, tp_group=tp_group)
+        return vocab_parallel_weighted_cross_entropy(logits, target,
+                                                     tp_group=tp_group).weighted_ce
+
+    def fused(hidden, weight, target):
+        return linear_weighted_cross_entropy(hidden, weight, target, tp_group=tp_group,
+                                             sequence_parallel=sequence_parallel).weighted_ce
+
+    return {"unfused": unfused, "fused": fused}
+
+
+def _measure_fused_one(fn, hidden_base, weight_base, target, device):
+    """One forward+backward of output layer + loss from fresh leaves; returns (seconds, peak
+    bytes, peak bytes above the memory held at the start: inputs and weight excluded)."""
+    hidden = hidden_base.clone().requires_grad_()
+    weight = weight_base.clone().requires_grad_()
+    _sync(device)
+    before = _reset_peak(device)
+    t0 = time.perf_counter()
+    loss = fn(hidden, weight, target)
+    grads = torch.autograd.grad(loss.sum(), (hidden, weight))
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    peak = _peak(device)
+    del loss, grads, hidden, weight
+    return elapsed, peak, peak - before
+
+
+def bench_fused_case(tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype, reps: int,
+                     tp_group, tp_rank: int, tp_size: int, device) -> dict:
+    """Fused vs unfused output layer + MiLe, interleaved rep by rep (order rotated)."""
+    s, b = tokens // 4, 4
+    vp = vocab // tp_size
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(s, b, hidden_size, generator=g).to(dtype).to(device)
+    weight_full = torch.randn(vocab, hidden_size, generator=g) * (2.0 / hidden_size ** 0.5)
+    weight = weight_full[tp_rank * vp:(tp_rank + 1) * vp].to(dtype).to(device)
+    del weight_full
+    target = torch.randint(0, vocab, (s, b), generator=g).to(device)
+    variants = _fused_variants(tp_group)
+    rows = {k: {"time": [], "peak": [], "added": []} for k in variants}
+    names = list(variants)
+    for rep in range(reps + 1):  # rep 0 warms up
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            elapsed, peak, added = _measure_fused_one(variants[name], hidden, weight, target,
+                                                      device)
+            if rep > 0:
+                for key, val in (("time", elapsed), ("peak", peak), ("added", added)):
+                    rows[name][key].append(val)
+    out = {"tokens": tokens, "vocab": vocab, "hidden": hidden_size, "tp": tp_size,
+           "dtype": str(dtype).split(".")[-1], "device": str(device), "results": {},
+           "failed": {}}
+    for name, r in rows.items():
+        out["results"][name] = {"time_s": statistics.median(r["time"]),
+                                "peak_gib": max(r["peak"]) / 2**30,
+                                "added_gib": max(r["added"]) / 2**30,
+                                "all_time_s": r["time"]}
+    return out
+
+
 def _measure_one(fn, base, target, device):
     """One forward+backward from a fresh leaf; returns (seconds, peak bytes)."""
     leaf = base.clone().requires_grad_()
@@ -151,12 +236,36 @@ def _worker(rank: int, world_size: int, args) -> list[dict]:
     rows = []
     for vocab in args.vocab:
         for dtype in args.dtype:
+            if args.fused:
+                rows.append(bench_fused_case(
+                    args.tokens, vocab, args.hidden, _DTYPES[dtype], args.reps, group,
+                    parallel_state.get_tensor_model_parallel_rank(), world_size, device))
+                continue
             rows.append(bench_case(args.tokens, vocab, getattr(torch, {"fp32": "float32",
                                    "bf16": "bfloat16"}[dtype]), args.reps, group,
                                    parallel_state.get_tensor_model_parallel_rank(), world_size,
                                    device))
     parallel_state.destroy_model_parallel()
     return rows
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _fused_table(rows: list[dict]) -> str:
+    lines = ["| vocab | TP | h | dtype | unfused ms | fused ms | **time fused / unfused** | "
+             "unfused peak GiB | fused peak GiB | unfused added GiB | fused added GiB | "
+             "**added fused / unfused** | peak fused / unfused |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        u, f = row["results"]["unfused"], row["results"]["fused"]
+        lines.append(
+            f"| {row['vocab']} | {row['tp']} | {row['hidden']} | {row['dtype']} | "
+            f"{u['time_s'] * 1e3:.0f} | {f['time_s'] * 1e3:.0f} | "
+            f"**{f['time_s'] / u['time_s']:.3f}** | {u['peak_gib']:.3f} | {f['peak_gib']:.3f} | "
+            f"{u['added_gib']:.3f} | {f['added_gib']:.3f} | "
+            f"**{f['added_gib'] / u['added_gib']:.3f}** | {f['peak_gib'] / u['peak_gib']:.3f} |")
+    return "\n".join(lines)
 
 
 def _table(rows: list[dict]) -> str:
@@ -183,6 +292,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--fused", action="store_true",
+                        help="output layer + MiLe: fused (linear_weighted_cross_entropy) vs "
+                             "unfused (megatron's linear + vocab_parallel_weighted_cross_entropy)")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size h (--fused)")
     args = parser.parse_args(argv)
     if args.tokens % 4:
         parser.error(f"--tokens={args.tokens} must be a multiple of 4")
@@ -203,7 +316,7 @@ def main(argv=None) -> int:
         rows = []
         for tp in args.tp:
             rows += run_distributed(_worker, tp, args=(args,), timeout_s=3600)[0]
-    print(_table(rows))
+    print(_fused_table(rows) if args.fused else _table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

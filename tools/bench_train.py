@@ -8,11 +8,18 @@ ratios to the first loss.
 
     python tools/bench_train.py                                   # docs/benchmarks.md, CPU
     torchrun --nproc-per-node 1 tools/bench_train.py --config bench_125m --dtype bf16   # GPU
+    # loss.fused_output_layer off vs on, MiLe, a 128000 vocabulary:
+    python tools/bench_train.py --config tiny --losses mile --compare-fused \
+        data.vocab_size=128000 model.seq_length=1024
 
-Mock data (vocabulary 4096, as the quickstart tokenizer), so the data path costs the same
-for every loss. On a GPU it also reports model TFLOP/s per GPU (``megatron_mile.model.
-flops_per_token``: 6 x matmul parameters + attention) and MFU against the device's dense BF16
-peak (``--peak-tflops``; known for A100, H100 and H200).
+Peak memory per round: the peak over the timed steps (after the warm-up), the process's peak
+resident set on CPU (VmHWM, reset through /proc/self/clear_refs after the warm-up), the
+allocator's peak on GPU; the median over rounds is printed.
+
+Mock data (vocabulary 4096, as the quickstart tokenizer, unless ``data.vocab_size=`` says
+otherwise), so the data path costs the same for every loss. It also reports model TFLOP/s per
+device (``megatron_mile.model.flops_per_token``: 6 x matmul parameters + attention) and, on a
+GPU, MFU against the device's dense BF16 peak (``--peak-tflops``; known for A100, H100, H200).
 """
 
 from __future__ import annotations
@@ -27,15 +34,38 @@ import time
 _PEAK_TFLOPS = {"H200": 989.5, "H100": 989.5, "A100": 312.0}
 
 
-def _round(config: str, loss: str, overrides: list[str], warmup: int, iters: int,
-           world_size: int) -> tuple[float, float]:
-    """(tokens/s, model FLOPs per token) of one fresh trainer."""
-    from megatron_mile.model import flops_per_token
+def _reset_peak(device) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def _peak_bytes(device) -> float:
+    if device.type == "cuda":
+        import torch
+
+        return float(torch.cuda.max_memory_allocated())
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) * 1024.0
+    raise RuntimeError("VmHWM not in /proc/self/status")
+
+
+def _round(config: str, loss_overrides: list[str], overrides: list[str], warmup: int,
+           iters: int, world_size: int) -> tuple[float, float, float]:
+    """(tokens/s, peak bytes, model FLOPs per token) of one fresh trainer."""
     from megatron_mile.config import load_config
+    from megatron_mile.model import flops_per_token
     from megatron_mile.training.trainer import Trainer
 
     total = warmup + iters
-    cfg = load_config(config, [f"loss.type={loss}", "data.mock=true", "data.vocab_size=4096",
+    cfg = load_config(config, [*loss_overrides, "data.mock=true", "data.vocab_size=4096",
                                f"training.train_iters={total}",
                                "training.eval_interval=0", f"training.log_interval={total}",
                                *overrides], world_size=world_size)
@@ -48,6 +78,7 @@ def _round(config: str, loss: str, overrides: list[str], warmup: int, iters: int
             import torch
 
             torch.cuda.synchronize()
+        _reset_peak(trainer.device)
         t0 = time.perf_counter()
         for _ in range(iters):
             trainer.train_step()
@@ -56,30 +87,44 @@ def _round(config: str, loss: str, overrides: list[str], warmup: int, iters: int
 
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
+        peak = _peak_bytes(trainer.device)
     finally:
         trainer.shutdown()
-    tokens_per_s = iters * cfg.training.global_batch_size * cfg.model.seq_length / elapsed
-    return tokens_per_s, flops_per_token(cfg, trainer.vocab_size)
+    tokens_s = iters * cfg.training.global_batch_size * cfg.model.seq_length / elapsed
+    return tokens_s, peak, flops_per_token(cfg, trainer.vocab_size)
+
+
+def _variants(args) -> list[tuple[str, list[str]]]:
+    """(label, extra overrides) per variant: each loss, and with --compare-fused each loss
+    with loss.fused_output_layer off and on."""
+    out = []
+    for loss in args.losses:
+        if args.compare_fused:
+            out.append((loss, [f"loss.type={loss}", "loss.fused_output_layer=false"]))
+            out.append((f"{loss} fused", [f"loss.type={loss}", "loss.fused_output_layer=true"]))
+        else:
+            out.append((loss, [f"loss.type={loss}"]))
+    return out
 
 
 def _worker(rank: int, world_size: int, args) -> dict:
-    results: dict[str, list[float]] = {loss: [] for loss in args.losses}
+    variants = _variants(args)
+    results: dict[str, dict[str, list[float]]] = {
+        label: {"tokens_s": [], "peak": []} for label, _ in variants}
     flops = 0.0
     for r in range(args.rounds):
-        # Rotate the order each round, so no loss always runs first (or after another).
-        k = r % len(args.losses)
-        for loss in args.losses[k:] + args.losses[:k]:
-            tokens_per_s, flops = _round(args.config, loss, args.overrides, args.warmup,
-                                         args.iters, world_size)
-            results[loss].append(tokens_per_s)
-    return {"tokens_per_s": results, "flops_per_token": flops, "world_size": world_size,
-            "device": _device_name()}
-
-
-def _device_name() -> str:
+        # Rotate the order each round, so no variant always runs first (or after another).
+        k = r % len(variants)
+        for label, extra in variants[k:] + variants[:k]:
+            tokens_s, peak, flops = _round(args.config, extra, args.overrides, args.warmup,
+                                           args.iters, world_size)
+            results[label]["tokens_s"].append(tokens_s)
+            results[label]["peak"].append(peak)
     import torch
 
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"variants": results, "flops_per_token": flops, "world_size": world_size,
+            "device": device}
 
 
 def main(argv=None) -> int:
@@ -90,6 +135,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--compare-fused", action="store_true",
+                        help="run each loss with loss.fused_output_layer off and on")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="dense BF16 peak per device for MFU (default: known GPUs)")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
@@ -107,22 +154,31 @@ def main(argv=None) -> int:
         from megatron_mile.testing import run_distributed
 
         results = run_distributed(_worker, args.nproc, args=(args,), timeout_s=3600)[0]
-    per_loss = results["tokens_per_s"]
-    base = per_loss[args.losses[0]]
+    variants = results["variants"]
+    first = next(iter(variants))
+    base = variants[first]["tokens_s"]
+    base_peak = variants[first]["peak"]
     device = results["device"]
-    peak = args.peak_tflops or next((v for k, v in _PEAK_TFLOPS.items() if k in device), None)
+    peak_tflops = args.peak_tflops or next(
+        (v for k, v in _PEAK_TFLOPS.items() if k in device), None)
     print(f"{device}; config {args.config} {' '.join(args.overrides)}; {args.rounds} rounds x "
-          f"{args.iters} steps; ratio = median over rounds of (tokens/s / {args.losses[0]}'s "
+          f"{args.iters} steps; ratio = median over rounds of (tokens/s / {first}'s "
           "tokens/s in the same round), robust to drift of the machine's speed"
-          + (f"; MFU against {peak:g} TFLOP/s" if peak else ""))
-    print("| loss | tokens/s (median) | all rounds | ratio | model TFLOP/s per device | MFU |")
-    print("|---|---|---|---|---|---|")
-    for loss, vals in per_loss.items():
+          + (f"; MFU against {peak_tflops:g} TFLOP/s" if peak_tflops else ""))
+    print("| variant | tokens/s (median) | all rounds | ratio | peak GiB (median) | "
+          "peak ratio | model TFLOP/s per device | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, r in variants.items():
+        vals, peaks = r["tokens_s"], r["peak"]
         ratio = statistics.median(v / b for v, b in zip(vals, base))
-        tflops = statistics.median(vals) * results["flops_per_token"] / results["world_size"] / 1e12
-        mfu = f"{tflops / peak:.1%}" if peak else "n/a"
-        print(f"| {loss} | {statistics.median(vals):,.0f} | "
-              f"{', '.join(f'{v:,.0f}' for v in vals)} | {ratio:.3f} | {tflops:.2f} | {mfu} |")
+        peak_ratio = statistics.median(p / b for p, b in zip(peaks, base_peak))
+        tflops = (statistics.median(vals) * results["flops_per_token"]
+                  / results["world_size"] / 1e12)
+        mfu = f"{tflops / peak_tflops:.1%}" if peak_tflops else "n/a"
+        print(f"| {label} | {statistics.median(vals):,.0f} | "
+              f"{', '.join(f'{v:,.0f}' for v in vals)} | {ratio:.3f} | "
+              f"{statistics.median(peaks) / 2**30:.3f} | {peak_ratio:.3f} | {tflops:.3f} | "
+              f"{mfu} |")
     return 0
 
 

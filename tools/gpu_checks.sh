@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one command, for a machine with one CUDA GPU and no
 # network (e.g. a lent H100/H200: Python 3.12, its own torch with CUDA and Triton, no
-# Transformer Engine). About 6 minutes; each step has its own time limit, so a hang costs
+# Transformer Engine). At most 8 minutes: each step has its own time limit (480 s in all), so a hang costs
 # that step only. Results go to $OUT (default runs/gpu_checks), one file per step.
 #
 #   bash tools/fetch_gpu_wheels.sh     # beforehand, with network: wheels into .wheels/
@@ -10,8 +10,11 @@
 # Steps: the GPU test tier (tests/test_gpu.py: the loss on the device against float64, BF16
 # training with each available layer implementation), a short training run whose log must
 # hold no third-party warnings (and the one-line kernel notice where TE/apex are missing),
-# the loss benchmark (tools/bench_loss.py), and MiLe vs cross-entropy training throughput and
-# MFU of a 125M-parameter BF16 model (tools/bench_train.py). Exits 1 if any step failed.
+# the loss benchmark (tools/bench_loss.py), MiLe vs cross-entropy training throughput and MFU
+# of a 125M-parameter BF16 model (tools/bench_train.py), and the fused output layer + loss
+# (loss.fused_output_layer) against the unfused one, as a kernel at a LLaMA-size hidden and end
+# to end with a 128000 vocabulary: the figures that decide its GPU default. Exits 1 if any
+# step failed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-runs/gpu_checks}
@@ -40,14 +43,18 @@ step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/NA
 }
 run1=(python -m torch.distributed.run --standalone --nproc-per-node 1)
 
-step gpu_tests 150 python -m pytest -q -m gpu tests/test_gpu.py
-step quiet_log 90 "${run1[@]}" -m megatron_mile.train --config tiny data.mock=true \
+step gpu_tests 120 python -m pytest -q -m gpu tests/test_gpu.py
+step quiet_log 60 "${run1[@]}" -m megatron_mile.train --config tiny data.mock=true \
     precision.dtype=bf16 training.train_iters=10 training.log_interval=5
 if grep -nE "Warning|warnings\.warn|Traceback" "$OUT/quiet_log.txt"; then
     echo "== quiet_log FAILED: third-party warnings in the training log"
     status=1
 fi
-step bench_loss 90 "${run1[@]}" tools/bench_loss.py --reps 10 --json "$OUT/bench_loss.json"
-step bench_train 180 "${run1[@]}" tools/bench_train.py --config bench_125m --rounds 2 \
+step bench_loss 60 "${run1[@]}" tools/bench_loss.py --reps 10 --json "$OUT/bench_loss.json"
+step bench_train 90 "${run1[@]}" tools/bench_train.py --config bench_125m --rounds 2 \
     --iters 20 --warmup 5 --losses cross_entropy mile precision.dtype=bf16 data.vocab_size=32000
+step bench_fused 60 "${run1[@]}" tools/bench_loss.py --fused --tp 1 --hidden 4096 \
+    --vocab 32000 128000 --dtype bf16 fp32 --reps 10 --json "$OUT/bench_fused.json"
+step bench_train_fused 90 "${run1[@]}" tools/bench_train.py --config bench_125m --losses mile \
+    --compare-fused --rounds 2 --iters 20 --warmup 5 data.vocab_size=128000
 exit "$status"

@@ -2,7 +2,8 @@
 
 ``vocab_parallel.py`` holds the autograd Function, ``reference.py`` the dense float64
 specification, ``reduction.py`` the normalisation into a micro-batch loss, ``config.py`` the
-typed configuration, and :func:`token_losses` the one dispatch the model calls.
+typed configuration, ``fused_linear.py`` the output layer and loss in one chunked Function,
+and :func:`token_losses` the one dispatch the model calls.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mile.loss.config import LOSS_TYPES, LossConfig
+from megatron_mile.loss.fused_linear import DeferredLogits, linear_weighted_cross_entropy
 from megatron_mile.loss.reduction import (
     NORMALIZATIONS,
     LossNormalizer,
@@ -30,8 +32,9 @@ from megatron_mile.loss.vocab_parallel import (
 )
 
 __all__ = [
-    "IGNORE_INDEX", "LOSS_TYPES", "NORMALIZATIONS", "LossConfig", "LossNormalizer", "ReducedLoss",
-    "WeightedCrossEntropy", "reduce_global", "reduce_paper", "reduce_token_losses",
+    "DeferredLogits", "IGNORE_INDEX", "LOSS_TYPES", "NORMALIZATIONS", "LossConfig",
+    "LossNormalizer", "ReducedLoss", "WeightedCrossEntropy", "fused_token_losses",
+    "linear_weighted_cross_entropy", "reduce_global", "reduce_paper", "reduce_token_losses",
     "token_losses", "vocab_parallel_focal_loss", "vocab_parallel_mile_loss",
     "vocab_parallel_weighted_cross_entropy",
 ]
@@ -91,3 +94,25 @@ def _tp_size(tp_group: Optional[dist.ProcessGroup]) -> int:
             parallel_state.model_parallel_is_initialized():
         return parallel_state.get_tensor_model_parallel_world_size()
     return 1
+
+
+def fused_token_losses(
+    deferred: DeferredLogits,
+    target: torch.Tensor,
+    cfg: LossConfig,
+    valid_vocab_size: Optional[int] = None,
+) -> WeightedCrossEntropy:
+    """Per-token losses of the configured objective computed from the output layer's inputs
+    (:class:`DeferredLogits`) by :func:`linear_weighted_cross_entropy`, with the layer's own
+    TP group, sequence parallelism and gradient-accumulation fusion; ``[s, b]`` target.
+
+    ``cross_entropy`` is weight-1 CE there (its entropy is computed, not NaN). Collectives:
+    those of :func:`linear_weighted_cross_entropy`.
+    """
+    return linear_weighted_cross_entropy(
+        deferred.hidden, deferred.weight, target, weighting=cfg.weighting, gamma=cfg.gamma,
+        sigma=cfg.sigma, tp_group=deferred.tp_group,
+        sequence_parallel=deferred.sequence_parallel, valid_vocab_size=valid_vocab_size,
+        validate=cfg.validate_targets,
+        gradient_accumulation_fusion=deferred.gradient_accumulation_fusion,
+    )

@@ -35,6 +35,22 @@ class LossConfig:
     """Check that every target id is inside the vocabulary (one host sync per micro-batch on
     GPU). Turn off only for benchmarking trusted data."""
 
+    fused_output_layer: bool = False
+    """Compute the output layer and the loss together, a chunk of tokens at a time
+    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
+    never exist; values and gradients equal the unfused path's within fp32 rounding, for
+    every parallel layout. Costs one extra GEMM of the output layer's size (the logits are
+    recomputed in backward). Off by default because it measured slower end to end on CPU:
+    tiny with a 128000 vocabulary ran at 0.55 times the unfused tokens/s for 0.53 times its
+    peak memory, on a heavily shared 2-core machine (docs/benchmarks.md); not yet measured on
+    a GPU. Turn it on where the logits' memory is the limit. ``cross_entropy`` then runs as
+    weight-1 CE in the same kernel, not megatron-core's CE."""
+
+    @property
+    def weighting(self) -> str:
+        """The ``weighting`` argument of the loss functions for this ``type``."""
+        return {"cross_entropy": "none", "focal": "focal", "mile": "mile"}[self.type]
+
     def __post_init__(self) -> None:
         if self.type not in LOSS_TYPES:
             raise ValueError(f"loss.type={self.type!r} is not one of {LOSS_TYPES}")
