@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one command, for a machine with one CUDA GPU and no
 # network (e.g. a lent H100/H200: Python 3.12, its own torch with CUDA and Triton, no
-# Transformer Engine). At most 8 minutes: each step has its own time limit (480 s in all), so a hang costs
-# that step only. Results go to $OUT (default runs/gpu_checks), one file per step.
+# Transformer Engine). At most 8 minutes: each step has its own time limit (480 s in all),
+# so a hang costs that step only. Results go to $OUT (default runs/gpu_checks), one file per step.
 #
 #   bash tools/fetch_gpu_wheels.sh     # beforehand, with network: wheels into .wheels/
 #   bash tools/gpu_checks.sh           # on the GPU machine, from the checkout

@@ -75,11 +75,8 @@ def token_losses(
             nan = torch.full_like(ones, float("nan"))
             return WeightedCrossEntropy(weighted_ce=ce.float(), weight=ones,
                                         ce=ce.detach().float(), entropy=nan)
-        weighting = "none"
-    else:
-        weighting = "mile" if cfg.type == "mile" else "focal"
     return vocab_parallel_weighted_cross_entropy(
-        vocab_parallel_logits, target, weighting=weighting, gamma=cfg.gamma, sigma=cfg.sigma,
+        vocab_parallel_logits, target, weighting=cfg.weighting, gamma=cfg.gamma, sigma=cfg.sigma,
         tp_group=tp_group, validate=cfg.validate_targets, valid_vocab_size=valid_vocab_size,
     )
 

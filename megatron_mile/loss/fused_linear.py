@@ -39,7 +39,6 @@ from megatron_mile.loss.vocab_parallel import (
     _LOGITS_DTYPES,
     _max_all_reduce_with_verdict,
     _out_of_vocab,
-    _target_error,
     _tp_info,
     _TPGroup,
     check_weight_params,
@@ -122,9 +121,7 @@ def _global_row_max(local_max_n: torch.Tensor, error: Optional[str], target_n: t
     error. ``vocab``: the bound targets must respect (``valid_vocab_size`` when given)."""
     if validate:
         rowmax_n, error = _max_all_reduce_with_verdict(local_max_n, error, target_n,
-                                                       bad_target_n, vp, tp)
-        if vocab != vp * tp.size and bad_target_n is not None and bool(bad_target_n.any()):
-            error = _target_error(target_n, bad_target_n, vocab)  # the real vocabulary's bound
+                                                       bad_target_n, vp, tp, vocab)
     else:
         rowmax_n = local_max_n.clone()
         if tp.size > 1:
