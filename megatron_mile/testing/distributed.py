@@ -30,6 +30,8 @@ from typing import Any, Callable, Sequence
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_mile.log_filters import install_warning_filters
+
 
 class DistributedTestError(RuntimeError):
     """A rank raised, crashed or hung; the message carries the rank and its traceback."""
@@ -49,6 +51,9 @@ def _worker(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
     )
+    # A spawned process starts without the parent's warning filters: the same quiet log as
+    # the entry points (megatron_mile/log_filters.py), on CPU processes.
+    install_warning_filters(cuda=False)
     try:
         dist.init_process_group(
             backend="gloo", init_method=f"file://{init_file}", rank=rank,
