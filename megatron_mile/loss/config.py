@@ -41,9 +41,9 @@ class LossConfig:
     never exist; values and gradients equal the unfused path's within fp32 rounding, for
     every parallel layout. Costs one extra GEMM of the output layer's size (the logits are
     recomputed in backward). Off by default because it measured slower end to end on CPU:
-    tiny with a 128000 vocabulary ran at 0.55 times the unfused tokens/s for 0.53 times its
-    peak memory, on a heavily shared 2-core machine (docs/benchmarks.md); not yet measured on
-    a GPU. Turn it on where the logits' memory is the limit. ``cross_entropy`` then runs as
+    tiny with a 128000 vocabulary ran at 0.82 times the unfused tokens/s for 0.56 times its
+    peak memory on a quiet 2-core machine (0.55 times when it was oversubscribed;
+    docs/benchmarks.md); not yet measured on a GPU, where tools/gpu_checks.sh measures it. Turn it on where the logits' memory is the limit. ``cross_entropy`` then runs as
     weight-1 CE in the same kernel, not megatron-core's CE."""
 
     @property
