@@ -26,7 +26,7 @@ from megatron_mile.loss import (
     vocab_parallel_weighted_cross_entropy,
 )
 from megatron_mile.loss.fused_linear import default_chunk_size
-from megatron_mile.testing import run_distributed
+from megatron_mile.testing import CollectiveCounter, run_distributed
 
 S, B, H, V = 6, 4, 16, 96
 N = S * B
@@ -273,32 +273,6 @@ TP_CASES = [(tp, sp) for tp in (1, 2, 4) for sp in (False, True) if tp > 1 or no
 CHUNKS = [5, None]  # 5 does not divide n = 24
 
 
-class _CollectiveCounter:
-    """Counts torch.distributed collective calls made while active."""
-
-    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-             "reduce_scatter_tensor", "broadcast", "send", "recv", "barrier")
-
-    def __init__(self):
-        self.calls: list[str] = []
-        self._orig: dict = {}
-
-    def __enter__(self):
-        for name in self.NAMES:
-            orig = self._orig[name] = getattr(dist, name)
-
-            def wrapped(*args, _name=name, _orig=orig, **kwargs):
-                self.calls.append(_name)
-                return _orig(*args, **kwargs)
-
-            setattr(dist, name, wrapped)
-        return self
-
-    def __exit__(self, *exc):
-        for name, orig in self._orig.items():
-            setattr(dist, name, orig)
-
-
 def _local(hidden, weight, tp_rank, tp_size, sp):
     """This rank's inputs: its vocabulary rows of the weight, its sequence slice if SP."""
     vp = weight.shape[0] // tp_size
@@ -337,10 +311,10 @@ def _tp_case(tp_group, tp_rank, tp_size, sp, seed) -> dict:
     x, w = _local(hidden.float(), weight.float(), tp_rank, tp_size, sp)
     x.requires_grad_()
     w.requires_grad_()
-    with _CollectiveCounter() as fwd:
+    with CollectiveCounter() as fwd:
         res = linear_weighted_cross_entropy(x, w, target, tp_group=tp_group,
                                             sequence_parallel=sp, chunk_size=3)
-    with _CollectiveCounter() as bwd:
+    with CollectiveCounter() as bwd:
         res.weighted_ce.sum().backward()
     out["collectives"] = (fwd.calls, bwd.calls)
     return out

@@ -24,7 +24,7 @@ from megatron_mile.loss import (
     vocab_parallel_weighted_cross_entropy,
 )
 from megatron_mile.loss import reference
-from megatron_mile.testing import run_distributed
+from megatron_mile.testing import CollectiveCounter, run_distributed
 
 pytestmark = pytest.mark.slow  # the loss over 4 gloo processes
 
@@ -51,34 +51,6 @@ def _global_inputs(seed: int, s: int = S, b: int = B, v: int = V):
 def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
-
-
-class _CollectiveCounter:
-    """Counts torch.distributed collective calls made while active."""
-
-    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-             "reduce_scatter_tensor", "broadcast", "all_to_all", "all_to_all_single",
-             "send", "recv", "isend", "irecv", "barrier")
-
-    def __init__(self):
-        self.calls: list[str] = []
-        self._orig = {}
-
-    def __enter__(self):
-        for name in self.NAMES:
-            orig = getattr(dist, name)
-            self._orig[name] = orig
-
-            def wrapped(*args, _name=name, _orig=orig, **kwargs):
-                self.calls.append(_name)
-                return _orig(*args, **kwargs)
-
-            setattr(dist, name, wrapped)
-        return self
-
-    def __exit__(self, *exc):
-        for name, orig in self._orig.items():
-            setattr(dist, name, orig)
 
 
 def _shard(full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
@@ -136,10 +108,10 @@ def _padding_errors(tp_group, tp_rank, tp_size, valid, dtype):
 def _count_collectives(tp_group, tp_rank, tp_size, validate):
     logits, target, _ = _global_inputs(99)
     leaf = _shard(logits, tp_rank, tp_size).float().contiguous().requires_grad_()
-    with _CollectiveCounter() as fwd:
+    with CollectiveCounter() as fwd:
         out = vocab_parallel_weighted_cross_entropy(leaf.clone(), target, tp_group=tp_group,
                                                     validate=validate)
-    with _CollectiveCounter() as bwd:
+    with CollectiveCounter() as bwd:
         out.weighted_ce.sum().backward()
     return fwd.calls, bwd.calls
 
@@ -151,7 +123,7 @@ def _megatron_comparison(tp_rank, tp_size):
     target[0, 1] = 5  # megatron's CE has no ignore index
     shard = _shard(logits, tp_rank, tp_size).float().contiguous()
     a = shard.clone().requires_grad_()
-    with _CollectiveCounter() as mcount:
+    with CollectiveCounter() as mcount:
         ce = tensor_parallel.vocab_parallel_cross_entropy(a.clone(), target)
     (ce * grad_out.float()).sum().backward()
     b = shard.clone().requires_grad_()

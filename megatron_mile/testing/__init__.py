@@ -1,5 +1,9 @@
 """Helpers for multi-process tests on CPU (gloo): used by tests/ and by users debugging layouts."""
 
-from megatron_mile.testing.distributed import DistributedTestError, run_distributed
+from megatron_mile.testing.distributed import (
+    CollectiveCounter,
+    DistributedTestError,
+    run_distributed,
+)
 
-__all__ = ["DistributedTestError", "run_distributed"]
+__all__ = ["CollectiveCounter", "DistributedTestError", "run_distributed"]

@@ -147,3 +147,32 @@ def run_distributed(
                     p.terminate()
                     p.join(timeout=5)
     return [outputs[r] for r in range(world_size)]
+
+
+class CollectiveCounter:
+    """Counts the ``torch.distributed`` collectives called while active (a context manager),
+    by name in call order in ``calls``: how the tests hold a function to the collectives its
+    docstring lists. Wraps the module attributes, so it sees calls made as ``dist.NAME``."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+             "reduce_scatter_tensor", "broadcast", "all_to_all", "all_to_all_single",
+             "send", "recv", "isend", "irecv", "barrier")
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._orig: dict[str, Callable[..., Any]] = {}
+
+    def __enter__(self) -> "CollectiveCounter":
+        for name in self.NAMES:
+            orig = self._orig[name] = getattr(dist, name)
+
+            def wrapped(*args, _name=name, _orig=orig, **kwargs):
+                self.calls.append(_name)
+                return _orig(*args, **kwargs)
+
+            setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, orig in self._orig.items():
+            setattr(dist, name, orig)
