@@ -14,7 +14,9 @@ ratios to the first loss.
 
 Peak memory per round: the peak over the timed steps (after the warm-up), the process's peak
 resident set on CPU (VmHWM, reset through /proc/self/clear_refs after the warm-up), the
-allocator's peak on GPU; the median over rounds is printed.
+allocator's peak on GPU; "added" is that peak minus the memory held when the timed steps
+start (resident set / allocated bytes): what the steps themselves need beyond the model, its
+optimizer state and the process. Medians over rounds are printed.
 
 Mock data (vocabulary 4096, as the quickstart tokenizer, unless ``data.vocab_size=`` says
 otherwise), so the data path costs the same for every loss. It also reports model TFLOP/s per
@@ -45,21 +47,34 @@ def _reset_peak(device) -> None:
             f.write("5")
 
 
+def _status_bytes(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return float(line.split()[1]) * 1024.0
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _peak_bytes(device) -> float:
     if device.type == "cuda":
         import torch
 
         return float(torch.cuda.max_memory_allocated())
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1]) * 1024.0
-    raise RuntimeError("VmHWM not in /proc/self/status")
+    return _status_bytes("VmHWM")
+
+
+def _current_bytes(device) -> float:
+    if device.type == "cuda":
+        import torch
+
+        return float(torch.cuda.memory_allocated())
+    return _status_bytes("VmRSS")
 
 
 def _round(config: str, loss_overrides: list[str], overrides: list[str], warmup: int,
-           iters: int, world_size: int) -> tuple[float, float, float]:
-    """(tokens/s, peak bytes, model FLOPs per token) of one fresh trainer."""
+           iters: int, world_size: int) -> tuple[float, float, float, float]:
+    """(tokens/s, peak bytes, peak bytes above the start of the timed steps, model FLOPs per
+    token) of one fresh trainer."""
     from megatron_mile.config import load_config
     from megatron_mile.model import flops_per_token
     from megatron_mile.training.trainer import Trainer
@@ -79,6 +94,7 @@ def _round(config: str, loss_overrides: list[str], overrides: list[str], warmup:
 
             torch.cuda.synchronize()
         _reset_peak(trainer.device)
+        base = _current_bytes(trainer.device)
         t0 = time.perf_counter()
         for _ in range(iters):
             trainer.train_step()
@@ -91,7 +107,7 @@ def _round(config: str, loss_overrides: list[str], overrides: list[str], warmup:
     finally:
         trainer.shutdown()
     tokens_s = iters * cfg.training.global_batch_size * cfg.model.seq_length / elapsed
-    return tokens_s, peak, flops_per_token(cfg, trainer.vocab_size)
+    return tokens_s, peak, peak - base, flops_per_token(cfg, trainer.vocab_size)
 
 
 def _variants(args) -> list[tuple[str, list[str]]]:
@@ -110,16 +126,17 @@ def _variants(args) -> list[tuple[str, list[str]]]:
 def _worker(rank: int, world_size: int, args) -> dict:
     variants = _variants(args)
     results: dict[str, dict[str, list[float]]] = {
-        label: {"tokens_s": [], "peak": []} for label, _ in variants}
+        label: {"tokens_s": [], "peak": [], "added": []} for label, _ in variants}
     flops = 0.0
     for r in range(args.rounds):
         # Rotate the order each round, so no variant always runs first (or after another).
         k = r % len(variants)
         for label, extra in variants[k:] + variants[:k]:
-            tokens_s, peak, flops = _round(args.config, extra, args.overrides, args.warmup,
-                                           args.iters, world_size)
+            tokens_s, peak, added, flops = _round(args.config, extra, args.overrides,
+                                                  args.warmup, args.iters, world_size)
             results[label]["tokens_s"].append(tokens_s)
             results[label]["peak"].append(peak)
+            results[label]["added"].append(added)
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -158,6 +175,7 @@ def main(argv=None) -> int:
     first = next(iter(variants))
     base = variants[first]["tokens_s"]
     base_peak = variants[first]["peak"]
+    base_added = variants[first]["added"]
     device = results["device"]
     peak_tflops = args.peak_tflops or next(
         (v for k, v in _PEAK_TFLOPS.items() if k in device), None)
@@ -166,18 +184,21 @@ def main(argv=None) -> int:
           "tokens/s in the same round), robust to drift of the machine's speed"
           + (f"; MFU against {peak_tflops:g} TFLOP/s" if peak_tflops else ""))
     print("| variant | tokens/s (median) | all rounds | ratio | peak GiB (median) | "
-          "peak ratio | model TFLOP/s per device | MFU |")
-    print("|---|---|---|---|---|---|---|---|")
+          "peak ratio | added GiB (median) | added ratio | model TFLOP/s per device | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, r in variants.items():
         vals, peaks = r["tokens_s"], r["peak"]
         ratio = statistics.median(v / b for v, b in zip(vals, base))
         peak_ratio = statistics.median(p / b for p, b in zip(peaks, base_peak))
+        added = r["added"]
+        added_ratio = statistics.median(a / max(b, 1.0) for a, b in zip(added, base_added))
         tflops = (statistics.median(vals) * results["flops_per_token"]
                   / results["world_size"] / 1e12)
         mfu = f"{tflops / peak_tflops:.1%}" if peak_tflops else "n/a"
         print(f"| {label} | {statistics.median(vals):,.0f} | "
               f"{', '.join(f'{v:,.0f}' for v in vals)} | {ratio:.3f} | "
-              f"{statistics.median(peaks) / 2**30:.3f} | {peak_ratio:.3f} | {tflops:.3f} | "
+              f"{statistics.median(peaks) / 2**30:.3f} | {peak_ratio:.3f} | "
+              f"{statistics.median(added) / 2**30:.3f} | {added_ratio:.3f} | {tflops:.3f} | "
               f"{mfu} |")
     return 0
 
