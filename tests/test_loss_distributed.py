@@ -24,7 +24,7 @@ from megatron_mile.loss import (
     vocab_parallel_weighted_cross_entropy,
 )
 from megatron_mile.loss import reference
-from megatron_mile.testing import CollectiveCounter, run_distributed
+from megatron_mile.testing import CollectiveCounter, run_distributed, tp_groups
 
 pytestmark = pytest.mark.slow  # the loss over 4 gloo processes
 
@@ -237,12 +237,7 @@ def _body(rank: int, world_size: int) -> dict:
 
     results: dict = {"cases": {}, "collectives": {}}
     for tp_size in (1, 2, 4):
-        tp_group = None
-        for start in range(0, world_size, tp_size):
-            ranks = list(range(start, start + tp_size))
-            g = dist.new_group(ranks)  # every rank creates every group, in the same order
-            if rank in ranks:
-                tp_group, tp_rank = g, rank - start
+        tp_group, tp_rank = tp_groups(rank, world_size, tp_size)
         for dtype, cases in ((torch.float32, MILE_CASES + FOCAL_CASES),
                              (torch.bfloat16, BF16_CASES)):
             for i, case in enumerate(cases):

@@ -40,6 +40,8 @@ from megatron_mile.loss.vocab_parallel import (
     _max_all_reduce_with_verdict,
     _out_of_vocab,
     _tp_info,
+    _valid_columns,
+    _valid_vocab_error,
     _TPGroup,
     check_weight_params,
 )
@@ -190,9 +192,7 @@ class _LinearWeightedCE(torch.autograd.Function):
         vp = weight.shape[0] if weight.dim() == 2 else 0
         vocab = tp.size * vp if valid_vocab_size is None else valid_vocab_size
         n = target_sb.numel()
-        if error is None and valid_vocab_size is not None and not 0 < vocab <= tp.size * vp:
-            error = (f"valid_vocab_size={vocab} must be in [1, {tp.size * vp}] "
-                     f"(the padded vocabulary, {tp.size} x {vp})")
+        error = error or _valid_vocab_error(valid_vocab_size, vp, tp.size)
         if sequence_parallel:
             # The gather cannot wait for the verdict: a rank with bad tensors sends zeros of
             # the shape its target implies, so the collective still matches its peers'.
@@ -205,7 +205,7 @@ class _LinearWeightedCE(torch.autograd.Function):
                         if validate and error is None and n > 0 else None)
         cdtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         # This rank's rows below valid_vocab_size: padding rows take part in nothing.
-        vv = min(vp, max(0, vocab - tp.rank * vp))
+        vv = _valid_columns(vp, tp.rank, vocab)
         rowmax_n = torch.full((n,), -torch.inf, dtype=cdtype, device=target_sb.device)
         sums_3n = torch.zeros(3, n, dtype=cdtype, device=target_sb.device)
         vocab_start = tp.rank * vp

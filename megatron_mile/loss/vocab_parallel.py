@@ -133,6 +133,14 @@ def _target_error(target: torch.Tensor, bad: torch.Tensor, vocab_size: int) -> s
     )
 
 
+def _valid_vocab_error(valid_vocab_size: Optional[int], vp: int, tp_size: int) -> Optional[str]:
+    """The error for a ``valid_vocab_size`` outside the padded vocabulary ``vp x tp_size``."""
+    if valid_vocab_size is None or 0 < valid_vocab_size <= vp * tp_size:
+        return None
+    return (f"valid_vocab_size={valid_vocab_size} must be in (0, {vp * tp_size}] "
+            f"(the padded vocabulary, {tp_size} x {vp} columns)")
+
+
 def _valid_columns(vp: int, tp_rank: int, valid_vocab_size: int) -> int:
     """How many of the ``vp`` columns of TP rank ``tp_rank`` are real vocabulary: all but the
     padding at the end of the last shard(s), which sits at global ids >= valid_vocab_size."""
@@ -238,11 +246,8 @@ class VocabParallelWeightedCE:
         one rank makes every rank raise instead of leaving the others blocked.
         """
         vp = logits_sbvp.shape[-1] if logits_sbvp.dim() > 0 else 0
-        error = _local_tensor_error(logits_sbvp, target_sb)
-        if error is None and valid_vocab_size is not None \
-                and not 0 < valid_vocab_size <= vp * tp.size:
-            error = (f"valid_vocab_size={valid_vocab_size} must be in (0, {vp * tp.size}] "
-                     f"(the padded vocabulary, {tp.size} x {vp} columns)")
+        error = (_local_tensor_error(logits_sbvp, target_sb)
+                 or _valid_vocab_error(valid_vocab_size, vp, tp.size))
         vocab = vp * tp.size if valid_vocab_size is None else valid_vocab_size
         n = target_sb.numel() if error is None else logits_sbvp.numel() // max(vp, 1)
         # The target-range verdict stays on the device until the header is read.

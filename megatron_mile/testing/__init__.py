@@ -4,6 +4,7 @@ from megatron_mile.testing.distributed import (
     CollectiveCounter,
     DistributedTestError,
     run_distributed,
+    tp_groups,
 )
 
-__all__ = ["CollectiveCounter", "DistributedTestError", "run_distributed"]
+__all__ = ["CollectiveCounter", "DistributedTestError", "run_distributed", "tp_groups"]

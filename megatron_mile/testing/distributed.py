@@ -176,3 +176,17 @@ class CollectiveCounter:
     def __exit__(self, *exc) -> None:
         for name, orig in self._orig.items():
             setattr(dist, name, orig)
+
+
+def tp_groups(rank: int, world_size: int, tp_size: int) -> tuple[dist.ProcessGroup, int]:
+    """Split the world into consecutive groups of ``tp_size`` ranks; return this rank's group
+    and its rank in it. Collective: every rank creates every group, in the same order (as
+    ``torch.distributed.new_group`` requires)."""
+    mine = None
+    for start in range(0, world_size, tp_size):
+        ranks = list(range(start, start + tp_size))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = (group, rank - start)
+    assert mine is not None, f"rank {rank} is not in a world of {world_size}"
+    return mine
