@@ -272,9 +272,23 @@ class TrainingConfig:
     """Save a checkpoint and exit 0 at the first iteration of this run that is a multiple of
     this (Megatron-LM's --exit-interval), e.g. to train a long schedule in slices of jobs.
     None: off."""
+    on_non_finite: str = "stop"
+    """An iteration whose gradient norm or loss is NaN/inf: its update is never applied (the
+    norm is checked before the optimizer step, as Megatron-LM's --check-for-nan-in-loss-and-grad
+    does), and no checkpoint is ever written from non-finite parameters. "stop": exit 1 naming
+    the iteration; the last published checkpoint is intact. "skip": count the iteration as
+    skipped in the log and go on, stopping after max_consecutive_skips in a row. (fp16's loss
+    scaler skips its overflow steps in either mode, lowering the scale, as megatron does.)"""
+    max_consecutive_skips: int = 10
+    """With on_non_finite="skip": this many non-finite iterations in a row stop the run (the
+    data or the learning rate is at fault, not a rare spike)."""
 
     def __post_init__(self) -> None:
+        if self.on_non_finite not in ("stop", "skip"):
+            raise ConfigError(f"training.on_non_finite={self.on_non_finite!r} must be 'stop' or "
+                              "'skip'")
         _positive("training", micro_batch_size=self.micro_batch_size,
+                  max_consecutive_skips=self.max_consecutive_skips,
                   exit_duration_in_mins=self.exit_duration_in_mins,
                   exit_interval=self.exit_interval,
                   global_batch_size=self.global_batch_size, train_iters=self.train_iters,

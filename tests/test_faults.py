@@ -31,17 +31,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
+from fault_runs import TINY, kill as _kill, launch as _launch, one_line as _one_line
+from fault_runs import wait_for_training as _wait_for_training
 from megatron_mile.testing import run_distributed
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--config", "tiny", "training.eval_interval=0", "training.log_interval=1",
-        "optimizer.lr_warmup_iters=2", "optimizer.lr_decay_iters=40"]
 
 
 class _Payload:
@@ -147,12 +146,6 @@ def publish(tmp_path_factory):
     finally:
         if tmpfs is not None:
             subprocess.run(["umount", tmpfs])
-
-
-def _one_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    return lines[0]
 
 
 def test_failed_publish_leaves_the_previous_checkpoint_and_a_retry_succeeds(publish):
@@ -444,44 +437,6 @@ def test_schedule_override_and_keep(bad):
 
 
 # --------------------------------------------------------------------------- hung peers
-
-
-def _launch(tmp, name: str, overrides: list[str]) -> list[subprocess.Popen]:
-    """Two real trainer processes (TP=2) joined over gloo on a free port."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "megatron_mile.train", *TINY, "training.train_iters=100000",
-             "parallel.tensor_model_parallel_size=2", *overrides],
-            env=env, stdout=open(tmp / f"{name}{rank}.out", "w"),
-            stderr=open(tmp / f"{name}{rank}.err", "w")))
-    return procs
-
-
-def _wait_for_training(tmp, name: str, procs, timeout_s: float = 180) -> None:
-    """Until the logging rank (the last) has reported iteration 3."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if "iteration 3/" in (tmp / f"{name}1.out").read_text():
-            return
-        assert all(p.poll() is None for p in procs), (tmp / f"{name}1.err").read_text()
-        time.sleep(0.2)
-    raise AssertionError("training did not start")
-
-
-def _kill(procs) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
 
 
 def test_a_stopped_peer_ends_the_other_rank_within_the_timeout(tmp_path):

@@ -66,6 +66,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -78,24 +79,33 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.core import CONFIG_FNAME
 from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper,
 )
 from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreLoadPlanner,
     MCoreSavePlanner,
+    TorchDistLoadShardedStrategy,
     TorchDistSaveShardedStrategy,
+    _replace_sharded_keys_with_state_dict_keys,
     _replace_state_dict_keys_with_sharded_keys,
+    _restore_dict_types,
+    _unwrap_pyt_sharded_tensor,
     mcore_to_pyt_state_dict,
 )
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.optimizer import DistributedOptimizer
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import unwrap_model
 
+from megatron_mile.training.watchdog import report_progress, wait_for_peers
 from megatron_mile.utils import (
     CHECKSUM_ALGORITHM,
     atomic_write_text,
@@ -168,7 +178,7 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
             sharded_state_dict, self.keep_only_main_replica
         )
         pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
-        writer = dcp.FileSystemWriter(
+        writer = _ProgressWriter(
             str(checkpoint_dir), single_file_per_rank=True, sync_files=True,
             thread_count=self.thread_count,
         )
@@ -177,6 +187,118 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
             can_run_decentralized_global_plan=False,
         )
         dcp.save(pyt_state_dict, storage_writer=writer, planner=planner)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+_IO_BLOCK = 1 << 20
+"""Bytes a checkpoint stream reads or writes between two watchdog heartbeats."""
+
+
+class _ProgressStream:
+    """A file object whose reads and writes go in :data:`_IO_BLOCK` pieces, each reported to
+    the watchdog (``report_progress``): a GB written to a loaded filesystem is many heartbeats,
+    not one silent call. Everything else (seek, tell, fileno, close) is the file's own."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), _IO_BLOCK):
+            self._raw.write(view[start:start + _IO_BLOCK])
+            report_progress()
+        return len(view)
+
+    def readinto(self, buffer: Any) -> int:
+        view, done = memoryview(buffer).cast("B"), 0
+        while done < len(view):
+            n = self._raw.readinto(view[done:done + _IO_BLOCK])
+            if not n:
+                break
+            done += n
+            report_progress()
+        return done
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        parts = []
+        left = math.inf if size is None or size < 0 else size
+        while left > 0:
+            chunk = self._raw.read(int(min(left, _IO_BLOCK)))
+            if not chunk:
+                break
+            parts.append(chunk)
+            left -= len(chunk)
+            report_progress()
+        return b"".join(parts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
+class _ProgressFileSystem(FileSystem):
+    """torch DCP's local filesystem whose streams report progress (:class:`_ProgressStream`)."""
+
+    @contextlib.contextmanager
+    def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
+        with super().create_stream(path, mode) as stream:
+            yield _ProgressStream(stream)
+
+
+class _ProgressWriter(dcp.FileSystemWriter):
+    """Writes with progress, then waits for the slower ranks' files (``wait_for_peers``)
+    before torch DCP's results gather, whose process-group timeout would otherwise end a rank
+    whose peer is still writing to a slow filesystem."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fs = _ProgressFileSystem()
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        future = super().write_data(plan, planner)
+        future.wait()
+        wait_for_peers("writing the checkpoint files")
+        return future
+
+
+class _ProgressReader(dcp.FileSystemReader):
+    """Reads with progress, then waits for the slower ranks' reads (as :class:`_ProgressWriter`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fs = _ProgressFileSystem()
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        future = super().read_data(plan, planner)
+        future.wait()
+        wait_for_peers("reading the checkpoint files")
+        return future
+
+
+class ProgressTorchDistLoadStrategy(TorchDistLoadShardedStrategy):
+    """megatron's stock ``torch_dist`` load, read through :class:`_ProgressReader`: the same
+    key translation and ``MCoreLoadPlanner`` as ``TorchDistLoadShardedStrategy.load``, whose
+    reader cannot be chosen. Collectives: those of ``torch.distributed.checkpoint.load``
+    (plan gather/scatter, a read-results gather), after a store wait for every rank's reads."""
+
+    def load(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Any) -> dict:
+        tensors = [t for t in nested_values(sharded_state_dict) if isinstance(t, ShardedTensor)]
+        original = sharded_state_dict
+        sharded_state_dict, flat_mapping, rename_mapping = (
+            _replace_state_dict_keys_with_sharded_keys(sharded_state_dict))
+        pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, True)
+        dcp.load_state_dict(
+            pyt_state_dict, _ProgressReader(checkpoint_dir),
+            planner=MCoreLoadPlanner(
+                shapes_validation_sharded_tensors=[
+                    t for t in tensors if not t.allow_shape_mismatch],
+                allow_shape_mismatch_sharded_tensors={
+                    t.key: t for t in tensors if t.allow_shape_mismatch}))
+        state = {k: _unwrap_pyt_sharded_tensor(v) for k, v in pyt_state_dict.items()}
+        state = _replace_sharded_keys_with_state_dict_keys(state, flat_mapping, rename_mapping)
+        _restore_dict_types(state, original)
+        return state
 
 
 def _save_strategy(thread_count: int) -> Any:
@@ -194,7 +316,10 @@ def _save_strategy(thread_count: int) -> Any:
 
 
 def _gather(local_error: str | None, value: Any = None) -> list[tuple[str | None, Any]]:
-    """Every rank's ``(error, value)``. Collectives: one ``all_gather_object``, default group."""
+    """Every rank's ``(error, value)``. Collectives: one ``all_gather_object``, default group,
+    after a store wait for every rank (``wait_for_peers``: a slow peer's file operations before
+    this point do not time the gather out)."""
+    wait_for_peers("its checkpoint files")
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (local_error, value))
     return gathered
@@ -367,7 +492,7 @@ def _hash_share(path: str, names: Sequence[str]) -> dict[str, list]:
     """``{name: [size, digest]}`` for this rank's share ``names[rank::world]``."""
     rank, world = dist.get_rank(), dist.get_world_size()
     return {name: [os.path.getsize(os.path.join(path, name)),
-                   file_checksum(os.path.join(path, name))]
+                   file_checksum(os.path.join(path, name), progress=report_progress)]
             for name in names[rank::world]}
 
 
@@ -904,7 +1029,8 @@ def load_checkpoint(
                                       distopt_sharding=meta["distopt_sharding"],
                                       rng_keys=meta.get("rng_keys"))
         with _weights_only_loads():
-            state = dist_checkpointing.load(request, path)
+            state = dist_checkpointing.load(request, path,
+                                            sharded_strategy=ProgressTorchDistLoadStrategy())
         for key, chunk in zip(_model_keys(model), unwrap_model(list(model))):
             chunk.load_state_dict(state[key], strict=True)
         if optimizer is not None:

@@ -65,13 +65,14 @@ class MetricsLogger:
             self.writer.add_scalar("train/consumed_samples", consumed_samples, iteration)
             self.writer.flush()
 
-    def log_valid(self, iteration: int, lm_loss: float) -> None:
+    def log_valid(self, iteration: int, lm_loss: float, seconds: float) -> None:
         if not self.enabled:
             return
         import math
 
         ppl = math.exp(min(lm_loss, 50.0))
-        log.info(f"validation at iteration {iteration} | lm_loss {lm_loss:.4f} | ppl {ppl:.2f}")
+        log.info(f"validation at iteration {iteration} | lm_loss {lm_loss:.4f} | ppl {ppl:.2f}"
+                 f" | {seconds:.1f} s")
         if self.writer is not None:
             self.writer.add_scalar("valid/lm_loss", lm_loss, iteration)
             self.writer.add_scalar("valid/ppl", ppl, iteration)

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
@@ -38,7 +39,7 @@ from megatron_mile.model import flops_per_token, num_parameters, padded_vocab_si
 from megatron_mile.training import checkpointing
 from megatron_mile.training.builders import build_model, build_optimizer, initialize_parallel
 from megatron_mile.training.logger import MetricsLogger
-from megatron_mile.training.watchdog import Watchdog
+from megatron_mile.training.watchdog import Watchdog, report_progress
 
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # Report keys that are (numerator, denominator) pairs summed over micro-batches and DP ranks.
@@ -46,7 +47,7 @@ _PAIR_KEYS = ("lm_loss", "objective", "entropy", "weight", "alpha")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or inf."""
+    """The loss, the gradient norm or the parameters became NaN or inf."""
 
 
 class _WorldFlags(NamedTuple):
@@ -55,7 +56,7 @@ class _WorldFlags(NamedTuple):
     signal: bool
     """Some rank received SIGTERM/SIGUSR1/SIGINT."""
     non_finite: bool
-    """Some rank's loss is NaN or inf."""
+    """Some rank's loss or gradient norm is NaN or inf."""
     elapsed_minutes: float
     """Minutes since the job started (the largest over ranks)."""
 
@@ -73,6 +74,8 @@ class Trainer:
         self.rank = 0  # global rank, set by setup()
         self.iteration = 0
         self.consumed_samples = 0
+        self.skipped_iterations = 0  # non-finite iterations skipped (training.on_non_finite)
+        self.consecutive_skips = 0
         self._signal_received = False
         self.watchdog: Optional[Watchdog] = None
         self._previous_handlers: dict = {}
@@ -115,7 +118,8 @@ class Trainer:
         if cfg.training.exit_on_signal:
             self._previous_handlers = {sig: signal.signal(sig, self._on_signal)
                                        for sig in _SIGNALS}
-        self.watchdog = Watchdog(p.distributed_timeout_minutes * 60, self.rank).start()
+        self.watchdog = Watchdog(p.distributed_timeout_minutes * 60, self.rank,
+                                 world_size).start()
         try:
             self.watchdog.beat(0, "building the model")
             self.model = build_model(cfg, self.vocab_size, self.device,
@@ -211,6 +215,7 @@ class Trainer:
         if load_dir is None:
             return
         with_optimizer = ck.load_optimizer
+        start = time.time()
         state = checkpointing.load_checkpoint(
             load_dir, self.model, self.optimizer if with_optimizer else None,
             self.scheduler if with_optimizer else None, verify_checksums=ck.verify_checksums,
@@ -219,7 +224,8 @@ class Trainer:
         self.consumed_samples = int(state["consumed_samples"])
         if not with_optimizer:
             self.scheduler.step(increment=self.iteration)  # the lr schedule resumes in place
-        self.logger.info(f"resumed from checkpoint at iteration {self.iteration} ({load_dir})"
+        self.logger.info(f"resumed from checkpoint at iteration {self.iteration} ({load_dir}, "
+                         f"{time.time() - start:.1f} s)"
                          + ("" if with_optimizer else "; weights only, fresh optimizer state"))
 
     # Scheduler state key -> the config field(s) that set it (see builders.build_optimizer).
@@ -256,11 +262,17 @@ class Trainer:
         ck = self.cfg.checkpoint
         if not ck.save:
             return
+        if not self._parameters_finite():
+            raise NonFiniteLossError(
+                f"refusing to save iteration {self.iteration}: the parameters hold NaN/inf. "
+                "Nothing was written; the last published checkpoint is intact")
+        start = time.time()
         path = checkpointing.save_checkpoint(
             ck.save, self.iteration, self.model, self.optimizer, self.scheduler,
             {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
              "config": self.cfg.to_dict()}, checksums=ck.verify_checksums)
-        self.logger.info(f"saved checkpoint at iteration {self.iteration} to {path}")
+        self.logger.info(f"saved checkpoint at iteration {self.iteration} to {path} in "
+                         f"{time.time() - start:.1f} s")
 
     # ------------------------------------------------------------------ one step
 
@@ -345,7 +357,7 @@ class Trainer:
         self.optimizer.zero_grad()
         self.normalizer.start_step(self.device)
         reports = self._forward_backward(self.train_iterator, forward_only=False)
-        update_successful, grad_norm, _ = self.optimizer.step()
+        update_successful, grad_norm = self._optimizer_step()
         if update_successful:
             self.scheduler.step(increment=1)
         self.normalizer.end_step()
@@ -354,11 +366,37 @@ class Trainer:
         metrics = self._reduce_report(reports) if parallel_state.is_pipeline_last_stage(
             ignore_virtual=True) else {}
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        if grad_norm is not None:  # None: fp16's loss scaler skipped an overflow step
+            metrics["grad_norm"] = grad_norm
         metrics["skipped"] = float(not update_successful)
         if self.cfg.precision.dtype == "fp16":
             metrics["loss_scale"] = float(self.optimizer.get_loss_scale())
         return metrics
+
+    @torch.no_grad()
+    def _optimizer_step(self) -> tuple[bool, Optional[float]]:
+        """megatron's ``ChainedOptimizer.step`` with the gradient norm checked before the
+        update: a NaN/inf norm leaves the parameters untouched. Returns (updated, grad norm);
+        the norm is None where fp16's loss scaler found an overflow (megatron skips that step
+        and lowers the scale). The norm is the same on every rank (reduced over the model- and
+        data-parallel grad-stats groups), so every rank makes the same choice.
+
+        Collectives: megatron's (grad-norm all-reduce, distributed-optimizer gathers).
+        """
+        opt = self.optimizer
+        if opt.prepare_grads():
+            return False, None
+        grad_norm = float(opt.get_grad_norm())
+        if not math.isfinite(grad_norm):
+            return False, grad_norm
+        for sub in opt.chained_optimizers:
+            params = sub.get_parameters()
+            if sub.config.clip_grad > 0.0 and params and not getattr(sub, "is_stub_optimizer",
+                                                                     False):
+                clip_grad_by_total_norm_fp32(
+                    params, max_norm=sub.config.clip_grad, total_norm=grad_norm,
+                    use_decoupled_grad=sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        return opt.step_with_ready_grads(), grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -370,6 +408,7 @@ class Trainer:
             chunk.eval()
         totals = torch.zeros(2, dtype=torch.float64)
         for _ in range(self.cfg.training.eval_iters):
+            report_progress()  # a long evaluation is not a hang: each iteration is progress
             reports = self._forward_backward(iterator, forward_only=True)
             if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
                 pair = sum(r["lm_loss"] for r in reports)
@@ -386,15 +425,46 @@ class Trainer:
 
     def _world_flags(self, metrics: dict) -> _WorldFlags:
         """Signal, non-finite loss and elapsed time over all ranks: one MAX all-reduce."""
-        loss = metrics.get("objective", 0.0)
-        flags = torch.tensor([float(self._signal_received),
-                              float(not math.isfinite(loss) or not math.isfinite(
-                                  metrics.get("lm_loss", 0.0))),
+        non_finite = not all(math.isfinite(metrics.get(key, 0.0))
+                             for key in ("objective", "lm_loss", "grad_norm"))
+        flags = torch.tensor([float(self._signal_received), float(non_finite),
                               (time.time() - self.job_start) / 60.0],
                              dtype=torch.float64, device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         signal_flag, non_finite, elapsed = flags.tolist()
         return _WorldFlags(bool(signal_flag), bool(non_finite), elapsed)
+
+    def _check_finite(self, flags: _WorldFlags, metrics: dict) -> None:
+        """Act on a non-finite loss or gradient norm (training.on_non_finite), the same on
+        every rank (``flags`` are agreed). The update was not applied (``_optimizer_step``)."""
+        t = self.cfg.training
+        if not flags.non_finite:
+            self.consecutive_skips = 0
+            return
+        self.consecutive_skips += 1
+        self.skipped_iterations += 1
+        what = (f"non-finite loss or gradient at iteration {self.iteration} (lm_loss "
+                f"{metrics.get('lm_loss', 'n/a')}, objective {metrics.get('objective', 'n/a')}, "
+                f"grad norm {metrics.get('grad_norm', 'n/a')}): the update was not applied")
+        if t.on_non_finite == "skip" and self.consecutive_skips <= t.max_consecutive_skips:
+            self.logger.info(f"{what}; iteration skipped ({self.consecutive_skips} in a row, "
+                             f"{self.skipped_iterations} in this run; training.on_non_finite="
+                             "skip)")
+            return
+        why = (f"{self.consecutive_skips} in a row, training.max_consecutive_skips="
+               f"{t.max_consecutive_skips}" if t.on_non_finite == "skip"
+               else "training.on_non_finite=stop")
+        raise NonFiniteLossError(
+            f"{what} ({why}). Check the data (token ids), lower optimizer.lr, or use "
+            "precision.dtype=bf16 instead of fp16; the last published checkpoint is intact")
+
+    def _parameters_finite(self) -> bool:
+        """Whether every rank's parameters are finite. Collectives: one MAX all-reduce."""
+        bad = any(not torch.isfinite(param).all() for chunk in self.model
+                  for param in chunk.parameters())
+        flag = torch.tensor([float(bad)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0
 
     def _stop_reason(self, flags: _WorldFlags) -> Optional[str]:
         """Why the run stops early after this iteration, the same on every rank: ``signal``,
@@ -430,12 +500,7 @@ class Trainer:
                 callback(self, metrics)
             window_iters += 1
             flags = self._world_flags(metrics)
-            if flags.non_finite:
-                raise NonFiniteLossError(
-                    f"non-finite loss at iteration {self.iteration}: lm_loss "
-                    f"{metrics.get('lm_loss')}, objective {metrics.get('objective')}. Check "
-                    "the data (token ids), lower optimizer.lr, or use precision.dtype=bf16 "
-                    "instead of fp16; the last good checkpoint is untouched")
+            self._check_finite(flags, metrics)
             history.append({"iteration": self.iteration, **metrics})
             if self.iteration % t.log_interval == 0 or self.iteration == t.train_iters:
                 elapsed = time.time() - window_start
@@ -452,10 +517,11 @@ class Trainer:
             if t.eval_interval and (self.iteration % t.eval_interval == 0
                                     or self.iteration == t.train_iters):
                 self.watchdog.beat(self.iteration, "evaluation")
+                eval_start = time.time()
                 valid = self.evaluate()
                 if valid is not None:
                     history[-1]["valid_lm_loss"] = valid
-                    self.logger.log_valid(self.iteration, valid)
+                    self.logger.log_valid(self.iteration, valid, time.time() - eval_start)
             ck = cfg.checkpoint
             stop = self._stop_reason(flags)
             if ck.save and ((ck.save_interval and self.iteration % ck.save_interval == 0)

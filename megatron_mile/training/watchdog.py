@@ -14,17 +14,30 @@ from Slurm or torchrun cannot end it. :class:`Watchdog` runs a daemon thread tha
   when the main thread is stuck in a collective. It sees signals through
   ``signal.set_wakeup_fd``, which the C-level handler writes to immediately.
 
-    watchdog = Watchdog(timeout_s=600, rank=dist.get_rank())
+    watchdog = Watchdog(timeout_s=600, rank=dist.get_rank(), world_size=dist.get_world_size())
     watchdog.start()
     watchdog.beat(iteration=5, phase="train step")
     ...
     watchdog.stop()
 
-No collectives; one thread per process.
+Progress is not only a phase boundary: a phase that works for long (a checkpoint written to a
+loaded parallel filesystem, its checksums, an evaluation) calls :func:`report_progress` as it
+goes (per evaluation iteration, per block written, read or hashed), so only a phase with *no*
+progress for ``timeout_s`` counts as a hang. A rank that is done with such a phase and must wait
+for slower peers calls :func:`wait_for_peers` before the collective that follows: it waits on
+the c10d store (no collective, so no process-group timeout) for as long as some peer keeps
+reporting progress, and the watchdog still ends it ``timeout_s`` after the last progress of
+any rank. A world of one process has no peer to hang on: there the stall timer is off.
+
+Collectives: none. Store traffic (the default process group's c10d store, worlds > 1 only):
+:func:`report_progress` adds to one counter at most once per ``publish_s``;
+:func:`wait_for_peers` adds to one arrival counter and polls it and the progress counter.
+One thread per process.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import signal
@@ -32,13 +45,21 @@ import socket
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Any, Optional
 
 EXIT_STALLED = 3
 """Exit code of a rank that saw no progress for the timeout (a hung or dead peer)."""
 
 _FINAL_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 """Signals whose second arrival exits at once (SIGUSR1, Slurm's early warning, does not count)."""
+
+_PROGRESS_KEY = "mile/watchdog/progress"
+"""c10d store counter every rank adds to while it makes progress inside a long phase."""
+_ARRIVED_KEY = "mile/watchdog/arrived/{}"
+"""c10d store counter of the ranks that reached the n-th :func:`wait_for_peers`."""
+
+_active: Optional["Watchdog"] = None
+"""The started watchdog of this process (one per process: it owns the signal wakeup fd)."""
 
 
 def is_peer_failure(exc: BaseException) -> bool:
@@ -59,17 +80,27 @@ class Watchdog:
     """Exit a rank that stalls for ``timeout_s`` seconds, or that gets a second SIGTERM/SIGINT.
 
     Args:
-        timeout_s: longest time without :meth:`beat` (parallel.distributed_timeout_minutes).
+        timeout_s: longest time without progress (parallel.distributed_timeout_minutes).
         rank: global rank, for the message.
+        world_size: number of ranks; with 1 there is no peer to wait for, so no stall timer.
         prog: program name that starts the message line.
+        store: the c10d store shared by the ranks, for :func:`report_progress` and
+            :func:`wait_for_peers` (default: the default process group's, when there is one
+            and ``world_size > 1``).
     """
 
-    def __init__(self, timeout_s: float, rank: int, prog: str = "megatron-mile-train") -> None:
+    def __init__(self, timeout_s: float, rank: int, world_size: int = 1,
+                 prog: str = "megatron-mile-train", store: Any = None) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s={timeout_s} must be > 0")
         self.timeout_s = float(timeout_s)
         self.rank = rank
+        self.world_size = world_size
         self.prog = prog
+        self._store = store
+        self._publish_s = min(1.0, self.timeout_s / 10)
+        self._last_published = -math.inf
+        self._waits = 0
         self._iteration = 0
         self._phase = "setup"
         self._last_beat = time.monotonic()
@@ -81,7 +112,11 @@ class Watchdog:
         self._final_signals_seen = 0
 
     def start(self) -> "Watchdog":
-        """Start the thread; from the main thread also listen for signals."""
+        """Start the thread; from the main thread also listen for signals. Becomes the
+        process's watchdog for :func:`report_progress` and :func:`wait_for_peers`."""
+        global _active
+        if self._store is None and self.world_size > 1:
+            self._store = _default_store()
         if threading.current_thread() is threading.main_thread():
             self._wake_r, self._wake_w = socket.socketpair()
             self._wake_r.setblocking(False)
@@ -91,12 +126,46 @@ class Watchdog:
         self._last_beat = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="mile-watchdog", daemon=True)
         self._thread.start()
+        _active = self
         return self
 
     def beat(self, iteration: int, phase: str) -> None:
         """Record progress: the main thread is now in ``phase`` of ``iteration``."""
         self._iteration, self._phase = iteration, phase
-        self._last_beat = time.monotonic()
+        self.progress()
+
+    def progress(self) -> None:
+        """Record progress inside the current phase, and tell the peers (rate-limited)."""
+        now = time.monotonic()
+        self._last_beat = now
+        if self._store is not None and now - self._last_published >= self._publish_s:
+            self._last_published = now
+            self._store.add(_PROGRESS_KEY, 1)
+
+    def wait_for_peers(self, what: str) -> None:
+        """Block until every rank has called this (the same number of times), for as long as
+        some rank reports progress; see :func:`wait_for_peers`."""
+        if self._store is None:
+            return
+        self._waits += 1
+        key = _ARRIVED_KEY.format(self._waits)
+        self._last_published = -math.inf
+        self.progress()  # this rank's last progress, seen by the others
+        arrived = self._store.add(key, 1)
+        seen = self._store.add(_PROGRESS_KEY, 0)
+        phase, pause = self._phase, 0.001
+        try:
+            while arrived < self.world_size:
+                self._phase = (f"{phase}: waiting for {self.world_size - arrived} of "
+                               f"{self.world_size} ranks to finish {what}")
+                time.sleep(pause)
+                pause = min(2 * pause, 0.05)
+                arrived = self._store.add(key, 0)
+                latest = self._store.add(_PROGRESS_KEY, 0)
+                if latest != seen:  # a peer is working: not a hang
+                    seen, self._last_beat = latest, time.monotonic()
+        finally:
+            self._phase = phase
 
     def where(self) -> str:
         """The last reported progress, e.g. "iteration 12 (train step)"."""
@@ -104,6 +173,9 @@ class Watchdog:
 
     def stop(self) -> None:
         """Stop the thread and give back the signal wakeup fd."""
+        global _active
+        if _active is self:
+            _active = None
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -129,11 +201,12 @@ class Watchdog:
             else:
                 self._stop.wait(poll_s)
             stalled = time.monotonic() - self._last_beat
-            if stalled > self.timeout_s and not self._stop.is_set():
+            if self.world_size > 1 and stalled > self.timeout_s and not self._stop.is_set():
                 self._exit(EXIT_STALLED, (
                     f"no progress for {stalled:.0f} s in iteration {self._iteration} "
-                    f"({self._phase}): a peer rank is hung or dead, or this phase is slower "
-                    f"than parallel.distributed_timeout_minutes={self.timeout_s / 60:g}. "
+                    f"({self._phase}): a peer rank is hung or dead, or this phase made no "
+                    "progress for longer than parallel.distributed_timeout_minutes="
+                    f"{self.timeout_s / 60:g}. "
                     "Exiting; the last published checkpoint is intact"))
 
     def _on_signals(self, signums: bytes) -> None:
@@ -145,3 +218,38 @@ class Watchdog:
                         f"second {signal.Signals(signum).name} during iteration "
                         f"{self._iteration} ({self._phase}): exiting now, without saving; "
                         "the last published checkpoint is intact"))
+
+
+def report_progress() -> None:
+    """Tell this process's watchdog (if one runs) that a long phase is making progress: call it
+    per unit of work (an evaluation iteration, a block written, read or hashed). Cheap: a clock
+    read, and at most once per ``publish_s`` a c10d store add."""
+    if _active is not None:
+        _active.progress()
+
+
+def wait_for_peers(what: str) -> None:
+    """Wait until every rank has reached this call, before a collective that follows a phase
+    whose length differs between ranks (a checkpoint's files written, read or hashed).
+
+    Unlike the collective itself, whose process-group timeout would end a rank whose peer is
+    slow but working, this waits as long as some rank reports progress, and the watchdog ends
+    it ``timeout_s`` after the last progress of any rank (a hung or dead peer). Every rank must
+    call it the same number of times. A no-op without a running watchdog or in a world of one.
+    ``what`` names the phase in the watchdog's message ("the checkpoint files").
+
+    Collectives: none; c10d store adds (see the module docstring).
+    """
+    if _active is not None:
+        _active.wait_for_peers(what)
+
+
+def _default_store() -> Any:
+    """The default process group's c10d store, or None without one."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()

@@ -1,0 +1,261 @@
+"""Faults of long runs at scale, injected for real: phases that are slow but working (a
+checkpoint saved to and loaded from a filesystem slowed the way a loaded parallel filesystem is,
+a long evaluation) must finish, while a truly stopped peer is still caught within
+``parallel.distributed_timeout_minutes``.
+
+The slow filesystem is a FUSE passthrough throttled to a fixed bandwidth with a latency on each
+metadata operation (``megatron_mile.testing.slow_fs``); the ranks are real processes
+(``fault_runs.launch``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from fault_runs import kill, launch, one_line, wait_for_line
+from megatron_mile.testing import slow_fs
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 6.0
+TIMEOUT = [f"parallel.distributed_timeout_minutes={TIMEOUT_S / 60:g}"]
+BIGGER = ["model.hidden_size=192", "model.ffn_hidden_size=512"]
+"""A 1.1M-parameter model: a 13 MB checkpoint with its optimizer state (two 6.6 MB files)."""
+BANDWIDTH = 0.75e6
+"""Bytes/s of the slow filesystem for rank 0's data file (``__0_*``: a loaded storage target;
+the other files go at full speed): rank 0 writes it in about 1.5x TIMEOUT_S while rank 1 is
+done at once and must wait for it, and hashing it takes as long again; so do the resume's
+verification and read."""
+
+
+@pytest.fixture(scope="module")
+def slow_mount(tmp_path_factory):
+    reason = slow_fs.available()
+    if reason:
+        pytest.skip(f"no slow filesystem: {reason}")
+    root = tmp_path_factory.mktemp("slowfs")
+    with slow_fs.SlowFilesystem(str(root / "data"), str(root / "mnt"), bandwidth=BANDWIDTH,
+                                latency=0.02, slow_files="__0_*"):
+        yield root
+
+
+def _wait(procs, timeout_s: float = 240) -> list[int]:
+    try:
+        return [p.wait(timeout=timeout_s) for p in procs]
+    finally:
+        kill(procs)
+
+
+def _seconds(pattern: str, text: str) -> float:
+    found = re.search(pattern, text)
+    assert found, (pattern, text[-3000:])
+    return float(found.group(1))
+
+
+def test_slow_save_load_and_evaluation_finish(slow_mount, tmp_path):
+    """A save, a resume and an evaluation that each take several times the timeout."""
+    from megatron_mile.training.checkpointing import find_latest_checkpoint
+
+    save = str(slow_mount / "mnt" / "run")
+    procs = launch(tmp_path, "save", [*TIMEOUT, *BIGGER, "training.train_iters=2",
+                                      f"checkpoint.save={save}", "training.eval_interval=2",
+                                      "training.eval_iters=120"])
+    codes = _wait(procs)
+    log = (tmp_path / "save1.out").read_text()
+    assert codes == [0, 0], (tmp_path / "save0.err").read_text() + log
+    assert find_latest_checkpoint(save) == 2
+    save_s = _seconds(r"saved checkpoint at iteration 2 to \S+ in ([\d.]+) s", log)
+    eval_s = _seconds(r"validation at iteration 2 \|.*\| ([\d.]+) s", log)
+    print(f"save {save_s:.1f} s, evaluation {eval_s:.1f} s, timeout {TIMEOUT_S:g} s")
+    assert save_s > 2.5 * TIMEOUT_S, save_s
+    assert eval_s > TIMEOUT_S, eval_s
+
+    procs = launch(tmp_path, "load", [*TIMEOUT, *BIGGER, "training.train_iters=3",
+                                      f"checkpoint.load={save}",
+                                      f"checkpoint.save={tmp_path / 'fast'}"])
+    codes = _wait(procs)
+    log = (tmp_path / "load1.out").read_text()
+    assert codes == [0, 0], (tmp_path / "load0.err").read_text() + log
+    load_s = _seconds(r"resumed from checkpoint at iteration 2 \(\S+, ([\d.]+) s\)", log)
+    print(f"load (checksums verified) {load_s:.1f} s")
+    assert load_s > 2.5 * TIMEOUT_S, load_s
+    assert "iteration 3/3" in log
+
+
+def test_a_peer_stopped_during_a_slow_save_is_caught_within_the_timeout(slow_mount, tmp_path):
+    """SIGSTOP the straggler (rank 0, writing to the slow target) mid-save: rank 1, done with
+    its files and waiting for it, exits 3 within the timeout; nothing is published."""
+    from megatron_mile.training.checkpointing import find_latest_checkpoint
+
+    save = slow_mount / "mnt" / "stopped"
+    procs = launch(tmp_path, "stop", [*TIMEOUT, *BIGGER, "training.train_iters=2",
+                                      f"checkpoint.save={save}"])
+    try:
+        wait_for_line(tmp_path, "stop", procs, "iteration 2/2")
+        tmp_dir = slow_mount / "data" / "stopped" / "iter_0000002.tmp"
+        deadline = time.monotonic() + 60
+        while not any(n.endswith(".distcp") for n in
+                      (os.listdir(tmp_dir) if tmp_dir.is_dir() else [])):
+            assert time.monotonic() < deadline, "the save never started writing"
+            time.sleep(0.05)
+        time.sleep(1)
+        os.kill(procs[0].pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        code = procs[1].wait(timeout=120)
+        waited = time.monotonic() - stopped
+    finally:
+        kill(procs)
+    line = one_line((tmp_path / "stop1.err").read_text())
+    print(f"rank 1 ended {waited:.1f} s after its peer stopped: {line}")
+    assert code == 3, line
+    assert "in iteration 2 (checkpoint save: waiting for 1 of 2 ranks" in line, line
+    assert waited < TIMEOUT_S + 10, waited
+    assert find_latest_checkpoint(str(save)) is None
+
+
+# --------------------------------------------------------------------------- non-finite updates
+
+
+def _non_finite(rank: int, world_size: int, root: str) -> dict:
+    import contextlib
+    import io
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.utils import unwrap_model
+
+    from megatron_mile.config import load_config
+    from megatron_mile.train import main
+    from megatron_mile.training import checkpointing
+    from megatron_mile.training.trainer import NonFiniteLossError, Trainer
+    from fault_runs import TINY
+
+    def cli(*overrides):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main([*TINY, *overrides])
+        return code, err.getvalue()
+
+    def checkpoint_finite(save):
+        """Whether every tensor of the published checkpoint is finite (read back for real)."""
+        path = checkpointing.checkpoint_path(save, checkpointing.find_latest_checkpoint(save))
+        index = checkpointing.read_dcp_metadata(path)
+        state = {}
+        for key, meta in index.state_dict_metadata.items():
+            if hasattr(meta, "size"):
+                state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+        return all(bool(torch.isfinite(t).all()) for t in state.values()), len(state)
+
+    out: dict = {}
+    # A learning rate that blows the weights up: finite losses, then a non-finite grad norm.
+    save = os.path.join(root, "lr100")
+    out["lr100"] = cli("optimizer.lr=100", "optimizer.lr_warmup_iters=0",
+                       "training.train_iters=20", f"checkpoint.save={save}",
+                       "checkpoint.save_interval=1")
+    out["lr100_latest"] = checkpointing.find_latest_checkpoint(save)
+    out["lr100_finite"] = checkpoint_finite(save)
+    skip = os.path.join(root, "lr100_skip")
+    out["lr100_skip"] = cli("optimizer.lr=100", "optimizer.lr_warmup_iters=0",
+                            "training.train_iters=20", f"checkpoint.save={skip}",
+                            "checkpoint.save_interval=1", "training.on_non_finite=skip",
+                            "training.max_consecutive_skips=2")
+
+    def run(overrides, poison):
+        """A run whose forward pass makes NaN activations in the iterations ``poison``
+        names (a real NaN through the model: every gradient becomes NaN)."""
+        trainer = Trainer(load_config("tiny", TINY[2:] + overrides))
+        trainer.setup()
+
+        def hook(module, args, output):
+            if trainer.iteration + 1 in poison and module.training:
+                return output * float("nan")
+        unwrap_model(trainer.model[0]).embedding.register_forward_hook(hook)
+        try:
+            summary = trainer.train()
+            return {"history": summary["history"], "skipped": trainer.skipped_iterations,
+                    "finite": all(bool(torch.isfinite(p).all())
+                                  for p in trainer.model[0].parameters())}
+        except NonFiniteLossError as exc:
+            return {"error": str(exc), "iteration": trainer.iteration}
+        finally:
+            trainer.shutdown()
+
+    out["transient_skip"] = run(["training.train_iters=6", "training.on_non_finite=skip"], {3})
+    out["transient_stop"] = run(["training.train_iters=6", f"checkpoint.save={root}/stop",
+                                 "checkpoint.save_interval=2"], {3})
+    out["transient_stop_latest"] = checkpointing.find_latest_checkpoint(f"{root}/stop")
+
+    # Parameters poisoned behind the optimizer's back: the save refuses them.
+    poisoned = os.path.join(root, "poisoned")
+    trainer = Trainer(load_config("tiny", TINY[2:] + [
+        "training.train_iters=4", f"checkpoint.save={poisoned}", "checkpoint.save_interval=2"]),
+        step_callbacks=[lambda tr, m: tr.iteration == 4 and next(
+            tr.model[0].parameters()).data.fill_(float("nan"))])
+    trainer.setup()
+    try:
+        trainer.train()
+        out["poisoned"] = "saved"
+    except NonFiniteLossError as exc:
+        out["poisoned"] = str(exc)
+    finally:
+        trainer.shutdown()
+    out["poisoned_dir"] = (checkpointing.find_latest_checkpoint(poisoned),
+                           sorted(os.listdir(poisoned)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def non_finite(tmp_path_factory):
+    from megatron_mile.testing import run_distributed
+
+    return run_distributed(_non_finite, 1, args=(str(tmp_path_factory.mktemp("nan")),),
+                           timeout_s=400)[0]
+
+
+def test_a_non_finite_grad_norm_stops_before_the_update_and_the_save(non_finite):
+    code, stderr = non_finite["lr100"]
+    line = one_line(stderr)
+    assert code == 1, line
+    found = re.search(r"non-finite loss or gradient at iteration (\d+) \(lm_loss ([^,]+), "
+                      r"objective [^,]+, grad norm (\S+)\): the update was not applied", line)
+    assert found, line
+    assert "training.on_non_finite=stop" in line and "last published checkpoint is intact" in line
+    stopped = int(found.group(1))
+    # The loss of that iteration was finite: only the gradient norm caught it.
+    assert float(found.group(2)) == float(found.group(2)) and found.group(3) in ("nan", "inf")
+    # Saved every iteration: the published checkpoint is the one before, and all finite.
+    assert non_finite["lr100_latest"] == stopped - 1
+    finite, count = non_finite["lr100_finite"]
+    assert finite and count > 10
+
+
+def test_skip_policy_counts_skips_and_stops_after_too_many_in_a_row(non_finite):
+    code, stderr = non_finite["lr100_skip"]
+    line = one_line(stderr)
+    assert code == 1 and "(3 in a row, training.max_consecutive_skips=2)" in line, line
+
+
+def test_a_transient_nan_is_skipped_or_stops_with_the_last_checkpoint_intact(non_finite):
+    skip = non_finite["transient_skip"]
+    assert skip["skipped"] == 1 and skip["finite"], skip
+    third = skip["history"][2]
+    assert third["skipped"] == 1.0 and not math.isfinite(third["grad_norm"]), third
+    assert all(h["skipped"] == 0.0 and math.isfinite(h["grad_norm"])
+               for i, h in enumerate(skip["history"]) if i != 2)
+    assert len(skip["history"]) == 6  # trained to the end
+    stop = non_finite["transient_stop"]
+    assert stop["iteration"] == 3 and "at iteration 3" in stop["error"], stop
+    assert non_finite["transient_stop_latest"] == 2
+
+
+def test_non_finite_parameters_are_never_saved(non_finite):
+    assert "refusing to save iteration 4: the parameters hold NaN/inf" in non_finite["poisoned"]
+    latest, names = non_finite["poisoned_dir"]
+    assert latest == 2 and names == ["iter_0000002", "latest_checkpointed_iteration.txt"], names
