@@ -323,6 +323,11 @@ class CheckpointConfig:
     """Record the SHA-256 digest of every checkpoint file at save, and check them before a load
     (each rank hashes a share), so corrupted bytes are refused, not trained on. false: neither
     (a checkpoint saved so is loaded unverified, with a warning). Cost: docs/benchmarks.md."""
+    lock_stale_minutes: float = 5.0
+    """The run saving into checkpoint.save holds save/mile.lock (refreshed every 1/10 of this);
+    another run is refused. A lock of a process gone from this host is taken over at once; a
+    lock of another host only once it has not been refreshed for this long (its holder's
+    node died or froze: a frozen holder that wakes up later refuses to publish)."""
     use_checkpoint_opt_param_scheduler: bool = False
     """On resume, keep the checkpoint's learning-rate schedule (lr, min_lr, warm-up, decay
     iterations and style, weight decay) even where the config differs (Megatron-LM's
@@ -342,7 +347,8 @@ class CheckpointConfig:
     comes from the checkpoint. By default a difference is an error."""
 
     def __post_init__(self) -> None:
-        _positive("checkpoint", save_interval=self.save_interval)
+        _positive("checkpoint", save_interval=self.save_interval,
+                  lock_stale_minutes=self.lock_stale_minutes)
         if self.use_checkpoint_opt_param_scheduler and self.override_opt_param_scheduler:
             raise ConfigError("checkpoint.use_checkpoint_opt_param_scheduler and checkpoint."
                               "override_opt_param_scheduler are exclusive: set one")

@@ -259,3 +259,64 @@ def test_non_finite_parameters_are_never_saved(non_finite):
     assert "refusing to save iteration 4: the parameters hold NaN/inf" in non_finite["poisoned"]
     latest, names = non_finite["poisoned_dir"]
     assert latest == 2 and names == ["iter_0000002", "latest_checkpointed_iteration.txt"], names
+
+
+# --------------------------------------------------------------------------- one run per directory
+
+
+def test_a_second_run_on_the_same_directory_is_refused_and_a_dead_ones_lock_taken_over(
+        tmp_path):
+    from megatron_mile.training.checkpointing import find_latest_checkpoint
+
+    save = tmp_path / "run"
+    common = [f"checkpoint.save={save}", "checkpoint.save_interval=2"]
+    first = launch(tmp_path, "first", common, world_size=1, tp=1)
+    try:
+        wait_for_line(tmp_path, "first", first, "saved checkpoint at iteration 2")
+        second = launch(tmp_path, "second", common, world_size=1, tp=1)
+        code = _wait(second, timeout_s=120)[0]
+        line = one_line((tmp_path / "second0.err").read_text())
+        assert code == 2, line
+        assert f"pid {first[0].pid}" in line and "is in use by another run" in line, line
+        assert first[0].poll() is None  # the holder trains on, untouched
+    finally:
+        kill(first)  # SIGKILL: its lock stays behind, naming a process that is gone
+    latest = find_latest_checkpoint(str(save))
+    third = launch(tmp_path, "third", [*common, f"training.train_iters={latest + 2}"],
+                   world_size=1, tp=1)
+    assert _wait(third)[0] == 0, (tmp_path / "third0.err").read_text()
+    log = (tmp_path / "third0.out").read_text()
+    assert f"its process {first[0].pid} no longer exists" in log, log
+    assert f"resumed from checkpoint at iteration {latest}" in log
+    assert find_latest_checkpoint(str(save)) == latest + 2
+    assert not (save / "mile.lock").exists()  # released at the end
+
+
+def test_a_file_removed_during_the_save_is_never_published(slow_mount, tmp_path):
+    """Another process removes rank 1's finished data file while rank 0 still writes its own:
+    the manifest comes from the checkpoint's index, so the save fails and publishes nothing."""
+    from megatron_mile.training.checkpointing import find_latest_checkpoint
+
+    save = slow_mount / "mnt" / "removed"
+    tmp_dir = slow_mount / "data" / "removed" / "iter_0000002.tmp"
+    procs = launch(tmp_path, "rm", [*TIMEOUT, *BIGGER, "training.train_iters=2",
+                                    f"checkpoint.save={save}"])
+    try:
+        wait_for_line(tmp_path, "rm", procs, "iteration 2/2")
+        deadline = time.monotonic() + 60
+        while not ((tmp_dir / "__1_0.distcp").exists() and (tmp_dir / "__0_0.distcp").exists()):
+            assert time.monotonic() < deadline, "the save never started writing"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.remove(tmp_dir / "__1_0.distcp")
+        codes = _wait(procs)
+    finally:
+        kill(procs)
+    for rank in (0, 1):
+        line = one_line((tmp_path / f"rm{rank}.err").read_text())
+        assert codes[rank] == 1, line
+        assert "is missing __1_0.distcp, named by its index" in line, line
+        assert "it is not published" in line and "(none) is untouched" in line, line
+    assert find_latest_checkpoint(str(save)) is None
+    assert sorted(os.listdir(slow_mount / "data" / "removed")) == ["mile.lock"] or \
+        sorted(os.listdir(slow_mount / "data" / "removed")) == []

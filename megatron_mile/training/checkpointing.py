@@ -19,13 +19,19 @@ What one checkpoint holds (keys of the megatron sharded state dict):
         the same layout (rank r's state means nothing to another layout's rank r).
     ``mile_checksums.json``: size and SHA-256 of every other file, written before publishing.
 
+One run per ``save_dir``: the run that saves holds ``save_dir/mile.lock`` for its life
+(``lock_save_dir``, ``checkpoint_lock.py``); a second run is refused naming the holder.
+
 Publish protocol (``save_checkpoint``), the only order in which a save changes ``save_dir``:
     1. rank 0 removes an *unpublished* ``iter_N`` (one whose N is above the tracker's: a save
        that failed between steps 4 and 5) and any stale ``iter_N.tmp``, then creates
        ``iter_N.tmp``. A published ``iter_N`` (N <= the tracker's) is never overwritten.
     2. every rank writes its shards into ``iter_N.tmp`` (megatron ``dist_checkpointing.save``).
-    3. every rank hashes a share of the files; rank 0 writes ``mile_checksums.json``.
-    4. rank 0 fsyncs, renames ``iter_N.tmp`` -> ``iter_N`` and fsyncs ``save_dir``.
+    3. every rank hashes a share of the files the checkpoint's own index names
+       (``checkpoint_files``: a file missing there fails the save); rank 0 writes
+       ``mile_checksums.json``.
+    4. rank 0 checks it still holds the lock, fsyncs, renames ``iter_N.tmp`` -> ``iter_N``
+       and fsyncs ``save_dir``.
     5. rank 0 atomically replaces the tracker (temp file, fsync, ``os.replace``): the commit.
     6. rank 0 removes leftovers of crashed saves (``iter_*.tmp``, tracker temp files).
 A failure at any step leaves the tracker naming the previous checkpoint, which stays loadable;
@@ -105,6 +111,7 @@ from megatron.core.optimizer import DistributedOptimizer
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import unwrap_model
 
+from megatron_mile.training.checkpoint_lock import CheckpointLock, LockError
 from megatron_mile.training.watchdog import report_progress, wait_for_peers
 from megatron_mile.utils import (
     CHECKSUM_ALGORITHM,
@@ -118,9 +125,11 @@ __all__ = [
     "CheckpointError",
     "SyncTorchDistSaveStrategy",
     "TRACKER_FILENAME",
+    "checkpoint_files",
     "checkpoint_path",
     "find_latest_checkpoint",
     "load_checkpoint",
+    "lock_save_dir",
     "save_checkpoint",
 ]
 
@@ -496,19 +505,35 @@ def _hash_share(path: str, names: Sequence[str]) -> dict[str, list]:
             for name in names[rank::world]}
 
 
-def _record_checksums(path: str, what: str) -> None:
-    """Hash every file of ``path`` (a share per rank) and write ``CHECKSUM_FILENAME`` (rank 0).
+def checkpoint_files(path: str) -> list[str]:
+    """The files checkpoint ``path`` consists of, from its own index, never from a directory
+    listing (which would take whatever happens to be there): megatron's ``metadata.json`` and
+    ``common.pt``, torch DCP's ``.metadata`` and every data file it references.
 
-    Collectives: one ``broadcast_object_list`` (rank 0's file list) and two
-    ``all_gather_object`` (digests, then rank 0's write result), default group.
+    Raises:
+        CheckpointError: the index is unreadable, or a file it names is missing.
     """
-    names = [sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
-             if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(names, src=0)
+    names = {CONFIG_FNAME, COMMON_STATE_FNAME, _DCP_METADATA}
+    names.update(info.relative_path for info in read_dcp_metadata(path).storage_data.values())
+    missing = sorted(n for n in names if not os.path.isfile(os.path.join(path, n)))
+    if missing:
+        raise CheckpointError(
+            f"{path} is missing {', '.join(missing)}, named by its index (removed by another "
+            "process during the save?); it is not published")
+    return sorted(names)
+
+
+def _record_checksums(path: str, what: str) -> None:
+    """Hash every file of ``path`` (``checkpoint_files``: a share per rank) and write
+    ``CHECKSUM_FILENAME`` (rank 0).
+
+    Collectives: two ``all_gather_object`` (the file list and digests, then rank 0's write
+    result), default group. Every rank reads the index: a missing file fails every rank.
+    """
     error, digests = None, None
     try:
-        digests = _hash_share(path, names[0])
-    except OSError as exc:
+        digests = _hash_share(path, checkpoint_files(path))
+    except (OSError, CheckpointError) as exc:
         error = f"hashing {path}: {_describe(exc)}"
     gathered = _gather(error, digests)
     _raise_errors(gathered, what)
@@ -757,6 +782,28 @@ def _remove_leftovers(save_dir: str) -> None:
             logger.warning("could not remove %s (left over from a crashed save): %s", full, exc)
 
 
+def lock_save_dir(save_dir: str, stale_minutes: float) -> Optional[CheckpointLock]:
+    """Take ``save_dir``'s lock for this run (``checkpoint_lock``): global rank 0 holds it and
+    gets it back, the other ranks get None. Call at setup, before loading or saving.
+
+    Collectives: one ``all_gather_object`` agreement (default group).
+
+    Raises:
+        CheckpointError: on every rank, with one line naming the holder, if another live run
+            holds the directory (or it cannot be created).
+    """
+    lock, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            lock = CheckpointLock(save_dir, stale_s=stale_minutes * 60).acquire()
+        except LockError as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = _describe(exc)
+    _agree(error, f"locking checkpoint.save={save_dir}")
+    return lock
+
+
 def save_checkpoint(
     save_dir: str,
     iteration: int,
@@ -768,6 +815,7 @@ def save_checkpoint(
     thread_count: int = 1,
     distopt_sharding: str = "dp_reshardable",
     checksums: bool = True,
+    lock: Optional[CheckpointLock] = None,
 ) -> str:
     """Save everything needed to resume at ``iteration``; return the checkpoint directory.
 
@@ -792,6 +840,8 @@ def save_checkpoint(
             ShardedTensors are unsupported). Ignored without the distributed optimizer.
         checksums: record every file's size and SHA-256 (each rank hashes a share) for
             ``load_checkpoint(verify_checksums=True)``; cost in docs/benchmarks.md.
+        lock: the directory's lock (``lock_save_dir``; rank 0's), verified right before the
+            publish: a run that lost its lock to another never publishes.
 
     Collectives (default group, every rank): 5 ``all_gather_object`` agreements and one
     ``broadcast_object_list``, plus megatron ``dist_checkpointing.save`` (sharding
@@ -845,7 +895,11 @@ def save_checkpoint(
         error = None
         if rank == 0:
             try:
+                if lock is not None:
+                    lock.verify()
                 _publish(save_dir, iteration, final, tmp)
+            except LockError as exc:
+                error = f"publishing {final}: {exc}"
             except OSError as exc:
                 error = f"publishing {final}: {_describe(exc)}"
         _agree(error, what)

@@ -37,6 +37,7 @@ from megatron_mile.launch import job_start_time
 from megatron_mile.loss import LossNormalizer, WeightedCrossEntropy
 from megatron_mile.model import flops_per_token, num_parameters, padded_vocab_size
 from megatron_mile.training import checkpointing
+from megatron_mile.training.checkpoint_lock import CheckpointLock
 from megatron_mile.training.builders import build_model, build_optimizer, initialize_parallel
 from megatron_mile.training.logger import MetricsLogger
 from megatron_mile.training.watchdog import Watchdog, report_progress
@@ -78,6 +79,7 @@ class Trainer:
         self.consecutive_skips = 0
         self._signal_received = False
         self.watchdog: Optional[Watchdog] = None
+        self.lock: Optional[CheckpointLock] = None  # checkpoint.save's lock (global rank 0)
         self._previous_handlers: dict = {}
         self.job_start = job_start_time()  # agreed over ranks (the earliest) in setup()
 
@@ -121,6 +123,9 @@ class Trainer:
         self.watchdog = Watchdog(p.distributed_timeout_minutes * 60, self.rank,
                                  world_size).start()
         try:
+            if cfg.checkpoint.save:  # one run per directory, before anything is read there
+                self.lock = checkpointing.lock_save_dir(cfg.checkpoint.save,
+                                                        cfg.checkpoint.lock_stale_minutes)
             self.watchdog.beat(0, "building the model")
             self.model = build_model(cfg, self.vocab_size, self.device,
                                      valid_vocab_size=self.valid_vocab_size)
@@ -270,7 +275,7 @@ class Trainer:
         path = checkpointing.save_checkpoint(
             ck.save, self.iteration, self.model, self.optimizer, self.scheduler,
             {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
-             "config": self.cfg.to_dict()}, checksums=ck.verify_checksums)
+             "config": self.cfg.to_dict()}, checksums=ck.verify_checksums, lock=self.lock)
         self.logger.info(f"saved checkpoint at iteration {self.iteration} to {path} in "
                          f"{time.time() - start:.1f} s")
 
@@ -550,7 +555,11 @@ class Trainer:
         return f"exiting {why}{saved}"
 
     def _release_process_hooks(self) -> None:
-        """Stop the watchdog and give back the signal handlers setup() replaced."""
+        """Release the checkpoint directory's lock, stop the watchdog and give back the
+        signal handlers setup() replaced."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
         if self.watchdog is not None:
             self.watchdog.stop()
             self.watchdog = None
