@@ -323,6 +323,12 @@ class CheckpointConfig:
     """Record the SHA-256 digest of every checkpoint file at save, and check them before a load
     (each rank hashes a share), so corrupted bytes are refused, not trained on. false: neither
     (a checkpoint saved so is loaded unverified, with a warning). Cost: docs/benchmarks.md."""
+    allow_vocab_change: bool = False
+    """Resume from a checkpoint trained with another vocabulary (its size and the digest of the
+    tokenizer's id -> piece table are kept in every checkpoint and compared on resume; a
+    mismatch is an error by default). true: a deliberate change, e.g. a vocabulary extension:
+    the embedding and output rows of the common ids are loaded, new rows start at zero; with
+    another size it needs checkpoint.load_optimizer=false (the Adam state has the old shape)."""
     lock_stale_minutes: float = 5.0
     """The run saving into checkpoint.save holds save/mile.lock (refreshed every 1/10 of this);
     another run is refused. A lock of a process gone from this host is taken over at once; a

@@ -320,3 +320,126 @@ def test_a_file_removed_during_the_save_is_never_published(slow_mount, tmp_path)
     assert find_latest_checkpoint(str(save)) is None
     assert sorted(os.listdir(slow_mount / "data" / "removed")) == ["mile.lock"] or \
         sorted(os.listdir(slow_mount / "data" / "removed")) == []
+
+
+# --------------------------------------------------------------------------- what a resume checks
+
+
+def _resume_checks(rank: int, world_size: int, root: str, bpe: str, unigram: str) -> dict:
+    import contextlib
+    import io
+    import logging
+
+    import torch
+    from megatron.core.utils import unwrap_model
+
+    from fault_runs import TINY
+    from megatron_mile.config import load_config
+    from megatron_mile.train import main
+    from megatron_mile.training.trainer import Trainer
+
+    def cli(*overrides):
+        """(exit code, stderr, the log) of one in-process CLI run."""
+        err, out = io.StringIO(), io.StringIO()
+        handler = logging.StreamHandler(out)
+        logging.getLogger().addHandler(handler)
+        try:
+            with contextlib.redirect_stderr(err):
+                code = main([*TINY, *overrides])
+        finally:
+            logging.getLogger().removeHandler(handler)
+        return code, err.getvalue(), out.getvalue()
+
+    res: dict = {}
+    null = os.path.join(root, "null512")
+    res["first"] = cli("training.train_iters=2", f"checkpoint.save={null}")
+    res["bigger"] = cli("training.train_iters=3", f"checkpoint.save={null}",
+                        "data.vocab_size=1000")
+    res["bigger_with_optimizer"] = cli("training.train_iters=3", f"checkpoint.save={null}",
+                                       "data.vocab_size=1000", "checkpoint.allow_vocab_change=true")
+    # A deliberate extension: the common rows come from the checkpoint, the new ones are zero.
+    saved = Trainer(load_config("tiny", TINY[2:] + ["training.train_iters=2",
+                                                     f"checkpoint.load={null}"]))
+    saved.setup()
+    old_rows = unwrap_model(saved.model[0]).embedding.word_embeddings.weight.detach().clone()
+    saved.shutdown()
+    extended = Trainer(load_config("tiny", TINY[2:] + [
+        "training.train_iters=3", f"checkpoint.load={null}", f"checkpoint.save={root}/ext",
+        "data.vocab_size=1000", "checkpoint.allow_vocab_change=true",
+        "checkpoint.load_optimizer=false"]))
+    extended.setup()
+    rows = unwrap_model(extended.model[0]).embedding.word_embeddings.weight.detach().clone()
+    summary = extended.train()
+    extended.shutdown()
+    res["extension"] = {"old_equal": bool(torch.equal(rows[:512], old_rows)),
+                        "new_zero": bool((rows[512:] == 0).all()), "rows": rows.shape[0],
+                        "iterations": summary["iteration"]}
+
+    # Two tokenizers of the same size (300), other pieces: BPE vs unigram.
+    sp = os.path.join(root, "bpe")
+    res["bpe_first"] = cli("training.train_iters=2", f"checkpoint.save={sp}",
+                           f"data.tokenizer_model={bpe}", "data.vocab_size=null")
+    res["unigram"] = cli("training.train_iters=3", f"checkpoint.save={sp}",
+                         f"data.tokenizer_model={unigram}", "data.vocab_size=null")
+    res["unigram_allowed"] = cli("training.train_iters=3", f"checkpoint.save={sp}",
+                                 f"data.tokenizer_model={unigram}", "data.vocab_size=null",
+                                 "checkpoint.allow_vocab_change=true")
+    # A changed sequence length and batch size: allowed, said in one line.
+    res["geometry"] = cli("training.train_iters=4", f"checkpoint.save={null}",
+                          "model.seq_length=32", "training.global_batch_size=16")
+    return res
+
+
+@pytest.fixture(scope="module")
+def resume_checks(tmp_path_factory):
+    from data_fixtures import train_small_tokenizer
+    from megatron_mile.testing import run_distributed
+
+    root = tmp_path_factory.mktemp("resume")
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    bpe = train_small_tokenizer(root / "a", vocab_size=300)
+    unigram = train_small_tokenizer(root / "b", vocab_size=300, model_type="unigram")
+    return run_distributed(_resume_checks, 1, args=(str(root), bpe, unigram),
+                           timeout_s=400)[0]
+
+
+def test_a_changed_vocabulary_is_refused_naming_both(resume_checks):
+    assert resume_checks["first"][0] == 0
+    code, stderr, _ = resume_checks["bigger"]
+    line = one_line(stderr)
+    assert code == 2, line
+    assert "the vocabulary differs from the checkpoint's (checkpoint: 512 tokens, null " \
+           "tokenizer (512 ids)" in line, line
+    assert "this run: 1000 tokens, null tokenizer (1000 ids)" in line, line
+    assert "checkpoint.allow_vocab_change=true" in line
+    code, stderr, _ = resume_checks["bigger_with_optimizer"]
+    line = one_line(stderr)
+    assert code == 2 and "set checkpoint.load_optimizer=false too" in line, line
+
+
+def test_a_tokenizer_of_the_same_size_with_other_pieces_is_refused(resume_checks):
+    assert resume_checks["bpe_first"][0] == 0
+    code, stderr, _ = resume_checks["unigram"]
+    line = one_line(stderr)
+    assert code == 2, line
+    found = re.search(r"checkpoint: 300 tokens, \S+tok\.model, digest (\w+); this run: 300 "
+                      r"tokens, \S+tok\.model, digest (\w+)\)", line)
+    assert found and found.group(1) != found.group(2), line
+    code, stderr, stdout = resume_checks["unigram_allowed"]
+    assert code == 0, stderr
+    assert "vocabulary changed on purpose (checkpoint.allow_vocab_change)" in stdout
+
+
+def test_a_deliberate_vocabulary_extension_keeps_the_common_rows(resume_checks):
+    ext = resume_checks["extension"]
+    assert ext == {"old_equal": True, "new_zero": True, "rows": 1024, "iterations": 3}, ext
+
+
+def test_a_changed_batch_geometry_resumes_and_says_so(resume_checks):
+    code, stderr, stdout = resume_checks["geometry"]
+    assert code == 0, stderr
+    lines = [line for line in stdout.splitlines() if "changed batch geometry" in line]
+    assert len(lines) == 1, stdout
+    assert "model.seq_length 64 -> 32, training.global_batch_size 8 -> 16" in lines[0]
+    assert "continues at sample 16 of the sample order built for the new geometry" in lines[0]

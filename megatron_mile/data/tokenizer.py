@@ -365,3 +365,17 @@ class NullTokenizer(_CoreNullTokenizer):
 
 
 Tokenizer = SentencePieceTokenizer | HFTokenizer | NullTokenizer
+
+
+def vocabulary_digest(tokenizer: Tokenizer) -> str:
+    """SHA-256 of what a model's token ids mean: the tokenizer's id -> piece table and its EOD
+    id (a null tokenizer: its size). Two tokenizers with the same table have the same digest
+    whatever their files; a tokenizer of the same size with other pieces does not."""
+    digest = hashlib.sha256(f"{type(tokenizer).__name__} eod={tokenizer.eod}\n".encode())
+    if not isinstance(tokenizer, NullTokenizer):
+        pieces = tokenizer.inv_vocab
+        for i in range(tokenizer.vocab_size):
+            digest.update(pieces.get(i, "").encode("utf-8", "surrogatepass") + b"\0")
+    else:
+        digest.update(str(tokenizer.vocab_size).encode())
+    return digest.hexdigest()

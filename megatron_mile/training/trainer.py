@@ -14,6 +14,7 @@ which is how every rank reaches the same decision to stop (signal, time limit).
 
 from __future__ import annotations
 
+import functools
 import math
 import resource
 import signal
@@ -32,6 +33,7 @@ from megatron.core.utils import get_model_config
 from megatron_mile.config import ConfigError, TrainConfig
 from megatron_mile.cpu_compat import cuda_available
 from megatron_mile.data.datasets import build_data_loader, build_datasets, build_tokenizer
+from megatron_mile.data.tokenizer import vocabulary_digest
 from megatron_mile.fusions import Kernels, kernel_notice, resolve_transformer_impl
 from megatron_mile.launch import job_start_time
 from megatron_mile.loss import LossNormalizer, WeightedCrossEntropy
@@ -224,14 +226,77 @@ class Trainer:
         state = checkpointing.load_checkpoint(
             load_dir, self.model, self.optimizer if with_optimizer else None,
             self.scheduler if with_optimizer else None, verify_checksums=ck.verify_checksums,
-            check_common=self._check_schedule if with_optimizer else None)
+            check_common=self._check_resume)
         self.iteration = int(state["iteration"])
         self.consumed_samples = int(state["consumed_samples"])
+        self._note_changed_geometry(state.get("config") or {})
         if not with_optimizer:
             self.scheduler.step(increment=self.iteration)  # the lr schedule resumes in place
         self.logger.info(f"resumed from checkpoint at iteration {self.iteration} ({load_dir}, "
                          f"{time.time() - start:.1f} s)"
                          + ("" if with_optimizer else "; weights only, fresh optimizer state"))
+
+    @functools.cached_property
+    def _vocabulary(self) -> dict[str, Any]:
+        """What the model's token ids mean, kept in every checkpoint and compared on resume."""
+        data = self.cfg.data
+        return {"size": self.valid_vocab_size, "padded_size": self.vocab_size,
+                "tokenizer": data.tokenizer_model or f"null tokenizer ({data.vocab_size} ids)",
+                "digest": vocabulary_digest(self.tokenizer)}
+
+    def _check_resume(self, common: dict) -> None:
+        """Refuse a checkpoint that does not fit this run, before anything is loaded: another
+        vocabulary, or (when its optimizer state is loaded) another lr schedule. Local: called
+        on every rank by load_checkpoint."""
+        self._check_vocabulary((common.get("extra_state") or {}).get("vocabulary"))
+        if self.cfg.checkpoint.load_optimizer:
+            self._check_schedule(common)
+
+    def _check_vocabulary(self, saved: Optional[dict]) -> None:
+        if saved is None:  # saved before vocabularies were recorded
+            return
+        current = self._vocabulary
+        if (saved["size"], saved["digest"]) == (current["size"], current["digest"]):
+            return
+        ck = self.cfg.checkpoint
+
+        def describe(v):
+            return f"{v['size']} tokens, {v['tokenizer']}, digest {v['digest'][:12]}"
+        change = f"checkpoint: {describe(saved)}; this run: {describe(current)}"
+        if not ck.allow_vocab_change:
+            raise checkpointing.CheckpointError(
+                f"the vocabulary differs from the checkpoint's ({change}): its token ids would "
+                "mean other tokens. Use the checkpoint's tokenizer (data.tokenizer_model / "
+                "data.vocab_size), or set checkpoint.allow_vocab_change=true for a deliberate "
+                "change (a vocabulary extension)")
+        if saved["padded_size"] != current["padded_size"] and ck.load_optimizer:
+            raise checkpointing.CheckpointError(
+                f"the vocabulary changes size ({change}, padded {saved['padded_size']} -> "
+                f"{current['padded_size']}): set checkpoint.load_optimizer=false too (the "
+                "optimizer state holds the old embedding shape)")
+        self.logger.info(f"vocabulary changed on purpose (checkpoint.allow_vocab_change): "
+                         f"{change}; rows of new ids start at zero")
+
+    # (section, field) of the batch geometry: may change on resume, said in one line.
+    _GEOMETRY_FIELDS = (("model", "seq_length"), ("training", "global_batch_size"),
+                        ("training", "micro_batch_size"))
+
+    def _note_changed_geometry(self, saved_config: dict) -> None:
+        """One line when the sequence length or batch sizes differ from the checkpoint's
+        (allowed, as in Megatron-LM): what consumed_samples means from here on."""
+        changes = []
+        for section, field in self._GEOMETRY_FIELDS:
+            old = (saved_config.get(section) or {}).get(field)
+            new = getattr(getattr(self.cfg, section), field)
+            if old is not None and old != new:
+                changes.append(f"{section}.{field} {old} -> {new}")
+        if changes:
+            self.logger.info(
+                f"resuming with a changed batch geometry ({', '.join(changes)}): training "
+                f"continues at sample {self.consumed_samples} of the sample order built for the "
+                f"new geometry (consumed_samples counts samples of "
+                f"{self.cfg.model.seq_length} tokens from now on), so the next samples are not "
+                "exactly the continuation of the old order")
 
     # Scheduler state key -> the config field(s) that set it (see builders.build_optimizer).
     _SCHEDULE_FIELDS = {
@@ -275,7 +340,8 @@ class Trainer:
         path = checkpointing.save_checkpoint(
             ck.save, self.iteration, self.model, self.optimizer, self.scheduler,
             {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
-             "config": self.cfg.to_dict()}, checksums=ck.verify_checksums, lock=self.lock)
+             "config": self.cfg.to_dict(), "vocabulary": self._vocabulary},
+            checksums=ck.verify_checksums, lock=self.lock)
         self.logger.info(f"saved checkpoint at iteration {self.iteration} to {path} in "
                          f"{time.time() - start:.1f} s")
 
