@@ -157,8 +157,10 @@ class Trainer:
         cfg = self.cfg
         t = cfg.training
         gbs = t.global_batch_size
-        evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 1
-        num_samples = (t.train_iters * gbs, evals * t.eval_iters * gbs, t.eval_iters * gbs)
+        # Validation only when evaluating; the test split is never read: an unread split is
+        # not built (and may be empty, e.g. the test split of a small corpus).
+        evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
+        num_samples = (t.train_iters * gbs, evals * t.eval_iters * gbs, 0)
         train_ds, valid_ds, _ = build_datasets(cfg.data, self.tokenizer, cfg.model.seq_length,
                                                num_samples, t.seed)
         self.train_dataset, self.valid_dataset = train_ds, valid_ds
