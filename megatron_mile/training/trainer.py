@@ -28,6 +28,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
+from megatron_mile.checkpoint_hf import check_hf_shapes
 from megatron_mile.config import ConfigError, TrainConfig
 from megatron_mile.cpu_compat import cuda_available
 from megatron_mile.data.datasets import build_data_loader, build_datasets, build_tokenizer
@@ -117,10 +118,13 @@ class Trainer:
                                        for sig in _SIGNALS}
         self.watchdog = Watchdog(p.distributed_timeout_minutes * 60, self.rank).start()
         try:
+            load_dir = self._resume_dir()
+            if load_dir is None and cfg.checkpoint.init_from_hf:
+                # The safetensors headers against config.json, before the model is allocated.
+                check_hf_shapes(cfg.checkpoint.init_from_hf, cfg.model)
             self.watchdog.beat(0, "building the model")
             self.model = build_model(cfg, self.vocab_size, self.device,
                                      valid_vocab_size=self.valid_vocab_size)
-            load_dir = self._resume_dir()
             if load_dir is None and cfg.checkpoint.init_from_hf:
                 # Before the optimizer: its fp32 master weights copy the parameters.
                 self.watchdog.beat(0, "importing the Hugging Face checkpoint")
