@@ -27,8 +27,8 @@ import torch
 
 from megatron_mile.config import ConfigError, ModelConfig, TrainConfig
 
-__all__ = ["HF_LAYER_TENSORS", "HFCheckpoint", "apply_hf_model_config", "hf_model_fields",
-           "import_hf_weights"]
+__all__ = ["HF_LAYER_TENSORS", "HFCheckpoint", "apply_hf_model_config", "check_hf_shapes",
+           "hf_model_fields", "hf_weight_map", "import_hf_weights", "read_safetensors_shapes"]
 
 
 # ---------------------------------------------------------------- the tensor table
@@ -277,6 +277,174 @@ def apply_hf_model_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"{path}: {e}") from None
 
 
+# ---------------------------------------------------------------- the safetensors files
+
+HF_INDEX = "model.safetensors.index.json"
+HF_SINGLE = "model.safetensors"
+_MAX_HEADER_BYTES = 100 << 20
+"""safetensors' own bound on the JSON header of a file."""
+
+
+def _checkpoint_error(message: str) -> Exception:
+    from megatron_mile.training.checkpointing import CheckpointError
+
+    return CheckpointError(message)
+
+
+def _allowed_roots(folder: str) -> list[str]:
+    """Where the files of a HF folder may live: the folder itself, and for a folder of the
+    Hugging Face hub cache (``.../snapshots/<revision>``, whose files are links into
+    ``.../blobs``) that cache's ``blobs``."""
+    real = os.path.realpath(folder)
+    roots = [real]
+    if os.path.basename(os.path.dirname(real)) == "snapshots":
+        roots.append(os.path.realpath(os.path.join(os.path.dirname(real), "..", "blobs")))
+    return roots
+
+
+def _check_inside(folder: str, where: str, tensor: str, filename: Any) -> None:
+    """CheckpointError unless ``filename`` (from ``where``) names a file inside ``folder``:
+    a relative path without ``..`` that no symbolic link takes elsewhere."""
+    if not isinstance(filename, str) or not filename:
+        raise _checkpoint_error(f"{where}: tensor {tensor} is stored in {filename!r}, not a "
+                                "file name")
+    parts = filename.replace("\\", "/").split("/")
+    reason = ("an absolute path" if os.path.isabs(filename) else
+              "a path through '..'" if ".." in parts else None)
+    if reason is None:
+        real = os.path.realpath(os.path.join(folder, filename))
+        if not any(os.path.commonpath([real, root]) == root for root in _allowed_roots(folder)):
+            reason = f"a symbolic link to {real}"
+    if reason is not None:
+        raise _checkpoint_error(
+            f"{where}: tensor {tensor} is stored in {filename!r}, {reason} outside the model "
+            f"folder {folder}: refused (an index names files inside its folder); fix the index "
+            "or copy the model into one folder")
+
+
+def hf_weight_map(folder: str) -> dict[str, str]:
+    """Tensor name -> safetensors file (relative to ``folder``) of a HF model folder: from
+    ``model.safetensors.index.json``, else every tensor of ``model.safetensors``. Every file
+    is checked to lie inside the folder. Reads JSON only (the index, or a header).
+
+    Raises:
+        CheckpointError: no safetensors, an unreadable index, or a file outside the folder.
+    """
+    index = os.path.join(folder, HF_INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map")
+        except (OSError, ValueError, AttributeError) as e:
+            raise _checkpoint_error(f"{index} is not a JSON index with a weight_map: "
+                                    f"{' '.join(str(e).split())}") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise _checkpoint_error(f"{index} has no weight_map (tensor name -> file)")
+        for tensor, filename in weight_map.items():
+            _check_inside(folder, index, tensor, filename)
+        return dict(weight_map)
+    single = os.path.join(folder, HF_SINGLE)
+    if not os.path.isfile(single):
+        raise _checkpoint_error(f"{folder} has neither {HF_SINGLE} nor {HF_INDEX} (only "
+                                "safetensors are read)")
+    _check_inside(folder, single, "*", HF_SINGLE)
+    return {name: HF_SINGLE for name in read_safetensors_shapes(single)}
+
+
+def read_safetensors_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from the JSON header of a safetensors file (8-byte little-endian
+    length, then the JSON): no tensor data is read.
+
+    Raises:
+        CheckpointError: the file is missing or its header is not a safetensors header.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or length > min(size - 8, _MAX_HEADER_BYTES):
+                raise ValueError(f"a header of {length} bytes in a file of {size} bytes")
+            header = json.loads(f.read(length))
+        shapes = {name: tuple(int(d) for d in info["shape"]) for name, info in header.items()
+                  if name != "__metadata__"}
+    except OSError as e:
+        raise _checkpoint_error(f"cannot read {path}: {e}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise _checkpoint_error(f"{path} is not a safetensors file ({e})") from None
+    return shapes
+
+
+def expected_hf_shapes(m: ModelConfig) -> dict[str, tuple[tuple[int, str], ...]]:
+    """Every tensor a LlamaForCausalLM of shape ``m`` holds -> its shape, each dimension with
+    the config.json field(s) it comes from (for messages)."""
+    s = Shapes.of(m)
+    hidden = (s.hidden, f"hidden_size={s.hidden}")
+    q_rows = (s.heads * s.head_dim, f"num_attention_heads={s.heads} x head_dim={s.head_dim}")
+    kv_rows = (s.groups * s.head_dim, f"num_key_value_heads={s.groups} x head_dim={s.head_dim}")
+    ffn = (s.ffn, f"intermediate_size={s.ffn}")
+    vocab = (m.vocab_size, f"vocab_size={m.vocab_size}")
+    layer = {
+        "input_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (q_rows, hidden),
+        "self_attn.k_proj.weight": (kv_rows, hidden),
+        "self_attn.v_proj.weight": (kv_rows, hidden),
+        "self_attn.o_proj.weight": (hidden, q_rows),
+        "post_attention_layernorm.weight": (hidden,),
+        "mlp.gate_proj.weight": (ffn, hidden),
+        "mlp.up_proj.weight": (ffn, hidden),
+        "mlp.down_proj.weight": (hidden, ffn),
+    }
+    out = {HF_EMBEDDING.hf[0]: (vocab, hidden)}
+    for i in range(m.num_layers):
+        out.update({f"model.layers.{i}.{name}": dims for name, dims in layer.items()})
+    out[HF_FINAL_NORM.hf[0]] = (hidden,)
+    if m.untie_embeddings:
+        out[HF_OUTPUT.hf[0]] = (vocab, hidden)
+    return out
+
+
+def check_hf_shapes(folder: str, m: ModelConfig) -> None:
+    """Before any model is built: every tensor of ``folder``'s safetensors has the shape its
+    config.json implies (``m``, from :func:`apply_hf_model_config`), none is missing, and no
+    layer lies beyond ``num_hidden_layers``. Reads the index and the safetensors' JSON headers
+    only; local, no collectives.
+
+    Raises:
+        CheckpointError: one line naming the first tensor that disagrees, both shapes, the
+            config.json field and the file (and how many more disagree).
+    """
+    config = os.path.join(folder, "config.json")
+    weight_map = hf_weight_map(folder)
+    headers = {f: read_safetensors_shapes(os.path.join(folder, f))
+               for f in sorted(set(weight_map.values()))}
+    problems = []
+    for name, dims in expected_hf_shapes(m).items():
+        filename = weight_map.get(name)
+        shape = headers[filename].get(name) if filename else None
+        want = tuple(size for size, _ in dims)
+        if shape is None:
+            field = (f"num_hidden_layers={m.num_layers}" if name.startswith("model.layers.")
+                     else "tie_word_embeddings=false" if name == HF_OUTPUT.hf[0]
+                     else "model_type=llama")
+            problems.append(f"tensor {name} is missing from the safetensors of {folder} but "
+                            f"{config} ({field}) implies it")
+        elif shape != want:
+            fields = ", ".join(label for (size, label), got in zip(dims, shape) if size != got)
+            problems.append(f"tensor {name} has shape {list(shape)} in "
+                            f"{os.path.join(folder, filename)} but {config} implies "
+                            f"{list(want)} ({fields or f'{len(want)} dimensions'})")
+    for name in weight_map:
+        layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        if layer is not None and layer.isdigit() and int(layer) >= m.num_layers:
+            problems.append(f"tensor {name} is in {os.path.join(folder, weight_map[name])} but "
+                            f"{config} has num_hidden_layers={m.num_layers}")
+            break
+    if problems:
+        more = f" ({len(problems) - 1} more tensor(s) disagree)" if len(problems) > 1 else ""
+        raise _checkpoint_error(f"{problems[0]}{more}: config.json disagrees with the weights; "
+                                "fix config.json or use the folder the weights came from")
+
+
 # ---------------------------------------------------------------- the safetensors reader
 
 class HFCheckpoint:
@@ -288,21 +456,9 @@ class HFCheckpoint:
 
         self._error = CheckpointError
         self.folder = folder
-        index = os.path.join(folder, "model.safetensors.index.json")
-        single = os.path.join(folder, "model.safetensors")
-        if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                self.weight_map = dict(json.load(f)["weight_map"])
-        elif os.path.isfile(single):
-            self.weight_map = None
-        else:
-            raise CheckpointError(f"{folder} has neither model.safetensors nor "
-                                  "model.safetensors.index.json (only safetensors are read)")
+        self.weight_map = hf_weight_map(folder)
         self._stack = ExitStack()
         self._files: dict[str, Any] = {}
-        if self.weight_map is None:
-            names = self._open("model.safetensors").keys()
-            self.weight_map = {k: "model.safetensors" for k in names}
         biases = [k for k in self.weight_map if k.endswith(".bias")]
         if biases:
             raise CheckpointError(f"{folder}: tensor {biases[0]} is a bias, which the model "
@@ -467,6 +623,7 @@ def import_to_checkpoint(hf_folder: str, out_dir: str, *, config: Optional[str] 
                                *(overrides or []),
                                f"checkpoint.init_from_hf={os.path.abspath(hf_folder)}"],
                       world_size=dist.get_world_size() if dist.is_initialized() else None)
+    check_hf_shapes(hf_folder, cfg.model)  # before any memory is allocated for the model
     device = initialize_parallel(cfg)
     try:
         valid = cfg.model.vocab_size

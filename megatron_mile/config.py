@@ -580,9 +580,15 @@ def read_config_tree(name_or_path: Optional[str],
         return parse_overrides(overrides or [])
     path = _resolve_path(name_or_path)
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid YAML: "
+                          f"{' '.join(str(e).split())}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(
+            f"config file {path}: the top level is a YAML {type(tree).__name__}, not a mapping "
+            "of sections; write it as `model:`, `data:`, `training:` ... each with its "
+            "`field: value` lines (see megatron_mile/configs/tiny.yaml)")
     return _merge(tree, parse_overrides(overrides or []))
 
 

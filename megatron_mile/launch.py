@@ -7,10 +7,14 @@ does first, whether it was started by torchrun, srun or a plain ``python`` comma
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
+import tempfile
 import time
 from datetime import timedelta
+from typing import BinaryIO, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -53,7 +57,45 @@ def default_single_process_env() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def initialize_distributed(timeout_minutes: int = 10) -> torch.device:
+class _HeldOutput:
+    """What was written to file descriptor 2 while held back (see :func:`_held_back_stderr`)."""
+
+    def __init__(self, file: Optional[BinaryIO]) -> None:
+        self.file = file
+        self.released = False
+
+    def release(self) -> None:
+        """Let the held-back output through when the block ends."""
+        self.released = True
+
+
+@contextlib.contextmanager
+def _held_back_stderr() -> Iterator[_HeldOutput]:
+    """Hold back what C++ code writes to file descriptor 2 inside the block (c10d's TCPStore
+    logs every failed connection attempt with a C++ stack trace there), and write it out at
+    the end only if :meth:`_HeldOutput.release` was called: a failed rendezvous then prints
+    only the caller's one line. Without a usable descriptor 2 nothing is held back."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield _HeldOutput(None)
+        return
+    with tempfile.TemporaryFile() as file:
+        os.dup2(file.fileno(), 2)
+        held = _HeldOutput(file)
+        try:
+            yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if held.released:
+                file.seek(0)
+                os.write(2, file.read())  # where it was going
+
+
+def initialize_distributed(timeout_minutes: float = 10) -> torch.device:
     """Join the job's process group and return the device this rank places tensors on.
 
     Reads the torchrun environment: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and (through
@@ -67,6 +109,8 @@ def initialize_distributed(timeout_minutes: int = 10) -> torch.device:
     Raises:
         RuntimeError: a required environment variable is missing, or an existing process
             group's backend does not match the device (nccl without CUDA).
+        ConfigError: the rendezvous timed out (not every rank joined within
+            ``timeout_minutes``); one line naming the setting and the fix.
     """
     use_cuda = cuda_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -98,11 +142,26 @@ def initialize_distributed(timeout_minutes: int = 10) -> torch.device:
             f"initialize_distributed: environment variables {missing} are not set; launch with "
             "torchrun (or srun with those variables exported)"
         )
-    dist.init_process_group(
-        backend="nccl" if use_cuda else "gloo",
-        init_method="env://",
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
-        timeout=timedelta(minutes=timeout_minutes),
-    )
+    world_size = int(os.environ["WORLD_SIZE"])
+    try:
+        with _held_back_stderr() as held:
+            dist.init_process_group(
+                backend="nccl" if use_cuda else "gloo",
+                init_method="env://",
+                rank=int(os.environ["RANK"]),
+                world_size=world_size,
+                timeout=timedelta(minutes=timeout_minutes),
+            )
+            held.release()
+    except dist.DistError as err:  # DistStoreError / DistNetworkError: a rendezvous timeout
+        from megatron_mile.config import ConfigError
+
+        first = " ".join(str(err).split())[:200]
+        raise ConfigError(
+            f"rank {os.environ['RANK']}: the process group rendezvous at "
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} did not gather all "
+            f"{world_size} ranks within parallel.distributed_timeout_minutes={timeout_minutes} "
+            f"({first}). Start every rank (WORLD_SIZE={world_size}) and check MASTER_ADDR/"
+            "MASTER_PORT, or raise parallel.distributed_timeout_minutes (default 10) if the "
+            "ranks start that far apart") from None
     return device

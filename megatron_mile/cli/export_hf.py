@@ -5,7 +5,9 @@
 
 Writes config.json, model.safetensors, generation_config.json and the tokenizer files (the
 SentencePiece tokenizer.model + tokenizer_config.json, or the Hugging Face tokenizer.json with
-its config) into --output. The vocabulary is cut to the real one (training leaves the rows
+its config) into --output, a new or empty folder outside --load (--overwrite replaces the
+Hugging Face files of an existing one, an older export's shards and index included; bad input:
+one line, exit 2). The vocabulary is cut to the real one (training leaves the rows
 padded for TP out of the softmax); --no-trim-vocab keeps the padded rows. See
 megatron_mile/evaluation/hf_export.py for the name map and conventions, docs/evaluation.md for
 lm-evaluation-harness. Needs `safetensors`.
@@ -35,19 +37,33 @@ def main(argv: list[str] | None = None) -> int:
                         help="cut the padded embedding/output rows to the real vocabulary (the "
                              "default, the faithful export: training leaves padded rows out of "
                              "the softmax); --no-trim-vocab keeps them")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow an --output that is not empty or lies in the checkpoint "
+                             "folder; its Hugging Face files (weights, index, config, tokenizer) "
+                             "are replaced, none of an older export is left")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="config overrides, e.g. data.tokenizer_model=/new/path/tok.model")
     args = parser.parse_args(argv)
 
     import torch.distributed as dist
 
+    from megatron_mile.config import ConfigError
+    from megatron_mile.data.integrity import DataError
     from megatron_mile.evaluation.hf_export import export_checkpoint
     from megatron_mile.launch import default_single_process_env
+    from megatron_mile.training.checkpointing import CheckpointError
 
     default_single_process_env()
-    config = export_checkpoint(args.load, args.output, dtype=args.dtype,
-                               trim_vocab=args.trim_vocab, iteration=args.iteration,
-                               overrides=args.overrides)
+    try:
+        config = export_checkpoint(args.load, args.output, dtype=args.dtype,
+                                   trim_vocab=args.trim_vocab, iteration=args.iteration,
+                                   overrides=args.overrides, overwrite=args.overwrite)
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError,
+            FileExistsError) as e:
+        print(f"megatron-mile-export-hf: {type(e).__name__}: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 2
     if dist.get_rank() == 0:
         info = config["megatron_mile"]
         print(f"exported iteration {info['iteration']} of {args.load} ({info['loss']}) to "

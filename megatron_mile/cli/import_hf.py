@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_mile.training.checkpointing import CheckpointError
 
     default_single_process_env()
-    initialize_distributed()
     try:
+        initialize_distributed()
         cfg = import_to_checkpoint(args.hf, args.output, config=args.config,
                                    overrides=args.overrides, dtype=args.dtype)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:

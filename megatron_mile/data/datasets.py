@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from typing import Callable, Iterator, Sequence
 
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from megatron_mile.cpu_compat import cuda_available
 from megatron_mile.data.config import DataConfig
-from megatron_mile.data.integrity import DataError, summarize_indexed_dataset
+from megatron_mile.data.integrity import DataError, IndexSummary, summarize_indexed_dataset
 from megatron_mile.data.tokenizer import NullTokenizer, Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -65,20 +66,24 @@ def build_datasets(
             ``reset_*`` options and its vocabulary must cover the data.
         seq_length: tokens per sample (``s``); each sample reads ``s + 1`` tokens.
         num_samples: (train, valid, test) samples to provide at least; a dataset repeats in
-            further shuffled epochs to reach it.
+            further shuffled epochs to reach it. 0 means the caller does not read that split:
+            it is not built (None), and may be empty.
         seed: seed of the shuffles; same seed, same data order.
         is_built_on_rank: whether this rank holds data (e.g. only tensor-parallel rank 0);
             must be True on global rank 0. Default: every rank.
 
     Returns:
         ``(train, valid, test)``: megatron-core datasets of dict samples, None for a split
-        with no data (e.g. a 0 test weight) or on ranks where ``is_built_on_rank`` is False.
+        with no data (e.g. a 0 test weight), one the caller does not read (0 samples), or on
+        ranks where ``is_built_on_rank`` is False.
 
     Raises:
         FileNotFoundError: a data prefix has no ``.bin``/``.idx`` (raised on every rank, before
             any index is built; the message says how to create it).
-        DataError: malformed files (see ``megatron_mile.data.integrity``) or token ids
-            beyond the tokenizer's vocabulary (raised on every rank, before any index is built).
+        DataError: malformed files (see ``megatron_mile.data.integrity``), token ids beyond
+            the tokenizer's vocabulary, or a split the caller reads that ``split`` leaves
+            without a document (megatron-core would loop forever looking for its samples);
+            raised on every rank, before any index is built.
         ValueError: bad arguments.
     """
     if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
@@ -89,9 +94,9 @@ def build_datasets(
         raise ValueError(f"num_samples={num_samples!r}: must be (train, valid, test) "
                          f"non-negative integers")
     built_here = is_built_on_rank or (lambda: True)
-    _check_data(cfg, tokenizer, seq_length, built_here)
-
     per_split = cfg.blend_per_split()
+    if per_split is not None:  # a split nobody reads is not built
+        per_split = [blend if n else None for blend, n in zip(per_split, num_samples)]
     gpt_cfg = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
@@ -106,6 +111,11 @@ def build_datasets(
         create_attention_mask=cfg.create_attention_mask,
         mid_level_dataset_surplus=cfg.mid_level_dataset_surplus,
     )
+    if gpt_cfg.split_matrix is not None:
+        # Dropping a split keeps the others' document ranges (and so their sample order).
+        gpt_cfg.split_matrix = [bounds if n else None
+                                for bounds, n in zip(gpt_cfg.split_matrix, num_samples)]
+    _check_data(cfg, tokenizer, seq_length, built_here, gpt_cfg.split_matrix)
     cls = MockGPTDataset if cfg.mock else GPTDataset
     with _rank_zero_without_process_group():
         train, valid, test = BlendedMegatronDatasetBuilder(
@@ -131,10 +141,13 @@ def _rank_zero_without_process_group() -> Iterator[None]:
 
 
 def _check_data(cfg: DataConfig, tokenizer: Tokenizer, seq_length: int,
-                built_here: Callable[[], bool]) -> None:
+                built_here: Callable[[], bool],
+                split_matrix: Sequence[tuple[float, float] | None] | None) -> None:
     """Raise on every rank if any rank lacks data or has bad data, so that no rank waits in
     a barrier. Every building rank checks that its files exist; global rank 0 alone checks
-    their contents (the first start scans each ``.bin`` once for the job, not once a rank).
+    their contents (the first start scans each ``.bin`` once for the job, not once a rank)
+    and, with ``split_matrix`` (megatron-core's [train, valid, test] document ranges, None
+    for a split not built), that every built split of ``data_path`` has a document.
     Collectives: one ``all_gather_object`` when a process group exists."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     check_contents = not distributed or torch.distributed.get_rank() == 0
@@ -142,7 +155,10 @@ def _check_data(cfg: DataConfig, tokenizer: Tokenizer, seq_length: int,
     if not cfg.mock and built_here():
         try:
             for name, prefix in cfg.all_prefixes():
-                _check_prefix(name, prefix, tokenizer.vocab_size, seq_length, check_contents)
+                summary = _check_prefix(name, prefix, tokenizer.vocab_size, seq_length,
+                                        check_contents)
+                if summary is not None and split_matrix is not None and name == "data_path":
+                    _check_splits(cfg, prefix, summary.num_sequences, split_matrix)
         except (FileNotFoundError, DataError) as err:
             error = f"{type(err).__name__}: {err}"
     errors = [error]
@@ -156,8 +172,40 @@ def _check_data(cfg: DataConfig, tokenizer: Tokenizer, seq_length: int,
             raise (FileNotFoundError if kind == "FileNotFoundError" else DataError)(msg + where)
 
 
+_SPLIT_NAMES = ("train", "validation", "test")
+
+
+def _check_splits(cfg: DataConfig, prefix: str, num_documents: int,
+                  split_matrix: Sequence[tuple[float, float] | None]) -> None:
+    """DataError when ``split`` gives a built split of ``prefix`` no document: megatron-core's
+    ``GPTDataset._get_num_epochs`` would add empty epochs forever. The document ranges are
+    megatron-core's own (``BlendedMegatronDatasetBuilder._build_megatron_dataset_splits``)."""
+    for i, bounds in enumerate(split_matrix):
+        if bounds is None:
+            continue
+        begin, end = (int(round(b * float(num_documents))) for b in bounds)
+        if end > begin:
+            continue
+        # A share of 2 documents survives megatron's rounding of both ends.
+        share = math.ceil(200 / num_documents)
+        example = ("" if 2 * share >= 100 else
+                   f", e.g. data.split=\"{100 - share},{share},0\"" if i < 2 else
+                   f", e.g. data.split=\"{100 - 2 * share},{share},{share}\"")
+        unused = (", or training.eval_iters=0 to run without validation" if i == 1 else
+                  ", or num_samples 0 for a split the caller does not read" if i == 2 else "")
+        raise DataError(
+            f"DataConfig.data_path: the {_SPLIT_NAMES[i]} split of {prefix} is empty: "
+            f"data.split={cfg.split!r} gives it documents [{begin}, {end}) of the "
+            f"{num_documents} in {prefix}.idx, and megatron-core would wait forever for its "
+            f"samples. Change data.split so that it gets at least one document{example}; or "
+            f"give validation its own data (data.valid_data_path: all of data_path then "
+            f"trains){unused}")
+
+
 def _check_prefix(name: str, prefix: str, vocab_size: int, seq_length: int,
-                  check_contents: bool = True) -> None:
+                  check_contents: bool = True) -> IndexSummary | None:
+    """Check that ``prefix``'s files exist and, with ``check_contents``, are well formed and
+    fit ``vocab_size``; returns their summary (None without ``check_contents``)."""
     missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
     if missing:
         hint = ""
@@ -172,7 +220,7 @@ def _check_prefix(name: str, prefix: str, vocab_size: int, seq_length: int,
             f"{', '.join(missing)}).{hint} Create it with: megatron-mile-preprocess "
             f"--input CORPUS.jsonl --output-prefix {prefix} --tokenizer-model TOKENIZER.model")
     if not check_contents:
-        return
+        return None
     try:
         summary = summarize_indexed_dataset(prefix)
     except DataError as err:
@@ -187,6 +235,7 @@ def _check_prefix(name: str, prefix: str, vocab_size: int, seq_length: int,
         logger.warning("DataConfig.%s: %s holds %d tokens, fewer than one sample of "
                        "model.seq_length + 1 = %d: its samples repeat documents across "
                        "epochs", name, prefix, summary.num_tokens, seq_length + 1)
+    return summary
 
 
 class PretrainingSampler:

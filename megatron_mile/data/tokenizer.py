@@ -31,6 +31,8 @@ from megatron.core.tokenizers.text.libraries.null_tokenizer import (
     NullTokenizer as _CoreNullTokenizer,
 )
 
+from megatron_mile.data.integrity import DataError
+
 NO_TOKEN = -1
 """Id returned for a special token the tokenizer does not have (megatron-core's convention)."""
 
@@ -43,7 +45,8 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
 
     Raises:
         FileNotFoundError: ``model_path`` does not exist (the message says how to make one).
-        ValueError: the file is not a SentencePiece model, or it has no ``</s>`` (EOD) token.
+        DataError: the file is not a SentencePiece model, or it has no ``</s>`` (EOD) token
+            (a ``ValueError``: the trainer and every tool print it as one line, exit 2).
     """
 
     def __init__(self, model_path: str) -> None:
@@ -65,9 +68,9 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
         try:
             self._sp.LoadFromSerializedProto(proto)
         except (RuntimeError, OSError) as err:
-            raise ValueError(f"{model_path} is not a SentencePiece model: {err}") from err
+            raise DataError(f"{model_path} is not a SentencePiece model: {err}") from None
         if self._sp.eos_id() < 0:
-            raise ValueError(
+            raise DataError(
                 f"{model_path} has no </s> token, which marks the end of each document; retrain "
                 f"it with an --eos-id (megatron-mile-train-tokenizer)")
         self._sha256 = hashlib.sha256(proto).hexdigest()
@@ -173,21 +176,25 @@ class HFTokenizer(MegatronTokenizerBase):
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ImportError: the ``tokenizers`` package is missing (the message says how to add it).
-        ValueError: not a tokenizer.json, or no end-of-text token to end documents with.
+        DataError: not a tokenizer.json (or its tokenizer_config.json is not JSON), or no
+            end-of-text token to end documents with.
     """
 
     def __init__(self, path: str) -> None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = _read_text(path, "a Hugging Face tokenizer.json")
         config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
         config: dict = {}
         if os.path.isfile(config_path):
             import json
 
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
+            try:
+                config = json.loads(_read_text(config_path, "JSON"))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{config_path} is not JSON: {err}") from None
+            if not isinstance(config, dict):
+                raise DataError(f"{config_path} is not a JSON object of tokenizer settings")
         super().__init__(path, {"library": "huggingface"})
         self._load(path, text, config)
 
@@ -201,12 +208,13 @@ class HFTokenizer(MegatronTokenizerBase):
         try:
             self._tok = _Tokenizer.from_str(text)
         except Exception as err:  # the library raises its own exception type
-            raise ValueError(f"{path} is not a Hugging Face tokenizer.json: {err}") from None
+            raise DataError(f"{path} is not a Hugging Face tokenizer.json: "
+                            f"{' '.join(str(err).split())}") from None
         self._ids = {name: self._find(name, candidates) for name, candidates in
                      (("eos", _EOS_CANDIDATES), ("bos", _BOS_CANDIDATES), ("pad", ()),
                       ("unk", ()))}
         if self._ids["eos"] == NO_TOKEN:
-            raise ValueError(f"{path} has no end-of-text token (eos_token in "
+            raise DataError(f"{path} has no end-of-text token (eos_token in "
                              "tokenizer_config.json, or one of " + ", ".join(_EOS_CANDIDATES)
                              + ") to end documents with")
         self._sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -294,6 +302,16 @@ class HFTokenizer(MegatronTokenizerBase):
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def _read_text(path: str, what: str) -> str:
+    """The UTF-8 text of ``path``; DataError naming the file when it is not UTF-8."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not {what} (not UTF-8 text: {err})") from None
 
 
 def resolve_tokenizer_path(path: str) -> str:

@@ -164,21 +164,70 @@ def write_tokenizer(tokenizer_model: str, out_dir: str) -> None:
         json.dump(tokens, f, indent=2)
 
 
+HF_FOLDER_FILES = ("config.json", "generation_config.json", "*.safetensors",
+                   "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
+                   "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json")
+"""Files of a Hugging Face model folder that a loader reads: with ``overwrite`` every one of
+them is removed before the export writes its own, so no stale shard or index is picked up."""
+
+
+def check_export_target(load_dir: str, out_dir: str, overwrite: bool) -> None:
+    """Refuse to export into the checkpoint's own folder (or inside it) or into a non-empty
+    folder unless ``overwrite``. Local, no collectives; every rank reaches the same verdict.
+
+    Raises:
+        FileExistsError: one line naming the folder and ``--overwrite``.
+    """
+    out, load = os.path.realpath(out_dir), os.path.realpath(load_dir)
+    if overwrite:
+        return
+    if os.path.commonpath([out, load]) == load:
+        raise FileExistsError(f"--output {out_dir} is the checkpoint folder --load {load_dir} "
+                              "or inside it: export elsewhere, or pass --overwrite to mix the "
+                              "Hugging Face files into it")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"--output {out_dir} is not empty ({len(os.listdir(out_dir))} "
+                              "entries): export into a new folder, or pass --overwrite to "
+                              "replace its Hugging Face files (stale shards and index included)")
+
+
+def _remove_hf_files(out_dir: str) -> list[str]:
+    """Remove the :data:`HF_FOLDER_FILES` of ``out_dir``; returns their names."""
+    import glob
+
+    removed = sorted({os.path.basename(p) for pattern in HF_FOLDER_FILES
+                      for p in glob.glob(os.path.join(glob.escape(out_dir), pattern))
+                      if os.path.isfile(p) or os.path.islink(p)})
+    for name in removed:
+        os.remove(os.path.join(out_dir, name))
+    return removed
+
+
 def export_checkpoint(load_dir: str, out_dir: str, *, dtype: Optional[str] = None,
                       trim_vocab: bool = True, iteration: Optional[int] = None,
-                      overrides: Optional[list[str]] = None) -> dict:
+                      overrides: Optional[list[str]] = None, overwrite: bool = False) -> dict:
     """Write ``config.json``, ``model.safetensors`` and the tokenizer files into ``out_dir``.
 
     Call in a world of one process (``default_single_process_env``) or, under torchrun, on
     every rank: the model is loaded at TP=1, PP=1 (DP = world size) and rank 0 writes.
-    Returns the config dict. Collectives: ``load_inference_model``'s, then a barrier.
+    ``out_dir`` must be a new or empty folder outside ``load_dir`` unless ``overwrite``, which
+    first removes the folder's Hugging Face files (:data:`HF_FOLDER_FILES`: an older export's
+    shards and index would otherwise be what a loader reads). ``model.safetensors`` is written
+    under a temporary name and renamed. Returns the config dict.
+    Collectives: ``load_inference_model``'s, then a barrier.
+
+    Raises:
+        FileExistsError: ``out_dir`` is in the checkpoint or not empty, without ``overwrite``.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
     from safetensors.torch import save_file
 
     from megatron_mile.evaluation.loading import load_inference_model
+    from megatron_mile.utils import atomic_write_text, temp_file_prefix
 
+    check_export_target(load_dir, out_dir, overwrite)
     loaded = load_inference_model(load_dir, tp=1, pp=1, dtype=dtype, iteration=iteration,
                                   overrides=overrides)
     try:
@@ -193,14 +242,17 @@ def export_checkpoint(load_dir: str, out_dir: str, *, dtype: Optional[str] = Non
                                    "tokenizer_vocab_size": loaded.tokenizer_vocab_size}
         if dist.get_rank() == 0:
             os.makedirs(out_dir, exist_ok=True)
-            save_file({k: v.cpu() for k, v in weights.items()},
-                      os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-            with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(config, f, indent=2)
-            with open(os.path.join(out_dir, "generation_config.json"), "w",
-                      encoding="utf-8") as f:
-                json.dump({k: config[k] for k in ("bos_token_id", "eos_token_id",
-                                                  "pad_token_id")}, f, indent=2)
+            if overwrite:
+                _remove_hf_files(out_dir)
+            weights_file = os.path.join(out_dir, "model.safetensors")
+            tmp = os.path.join(out_dir, f"{temp_file_prefix('model.safetensors')}{os.getpid()}")
+            save_file({k: v.cpu() for k, v in weights.items()}, tmp, metadata={"format": "pt"})
+            os.replace(tmp, weights_file)
+            atomic_write_text(os.path.join(out_dir, "config.json"),
+                              json.dumps(config, indent=2))
+            atomic_write_text(os.path.join(out_dir, "generation_config.json"), json.dumps(
+                {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+                indent=2))
             if tokenizer_model is not None:
                 write_tokenizer(tokenizer_model, out_dir)
         dist.barrier()

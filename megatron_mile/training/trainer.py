@@ -30,6 +30,7 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
+from megatron_mile.checkpoint_hf import check_hf_shapes
 from megatron_mile.config import ConfigError, TrainConfig
 from megatron_mile.cpu_compat import cuda_available
 from megatron_mile.data.datasets import build_data_loader, build_datasets, build_tokenizer
@@ -128,10 +129,13 @@ class Trainer:
             if cfg.checkpoint.save:  # one run per directory, before anything is read there
                 self.lock = checkpointing.lock_save_dir(cfg.checkpoint.save,
                                                         cfg.checkpoint.lock_stale_minutes)
+            load_dir = self._resume_dir()
+            if load_dir is None and cfg.checkpoint.init_from_hf:
+                # The safetensors headers against config.json, before the model is allocated.
+                check_hf_shapes(cfg.checkpoint.init_from_hf, cfg.model)
             self.watchdog.beat(0, "building the model")
             self.model = build_model(cfg, self.vocab_size, self.device,
                                      valid_vocab_size=self.valid_vocab_size)
-            load_dir = self._resume_dir()
             if load_dir is None and cfg.checkpoint.init_from_hf:
                 # Before the optimizer: its fp32 master weights copy the parameters.
                 self.watchdog.beat(0, "importing the Hugging Face checkpoint")
@@ -168,8 +172,10 @@ class Trainer:
         cfg = self.cfg
         t = cfg.training
         gbs = t.global_batch_size
-        evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 1
-        num_samples = (t.train_iters * gbs, evals * t.eval_iters * gbs, t.eval_iters * gbs)
+        # Validation only when evaluating; the test split is never read: an unread split is
+        # not built (and may be empty, e.g. the test split of a small corpus).
+        evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
+        num_samples = (t.train_iters * gbs, evals * t.eval_iters * gbs, 0)
         train_ds, valid_ds, _ = build_datasets(cfg.data, self.tokenizer, cfg.model.seq_length,
                                                num_samples, t.seed)
         self.train_dataset, self.valid_dataset = train_ds, valid_ds
