@@ -6,8 +6,9 @@ on the shipped tiny config with mock data in fp32, MiLe loss.
 
 - The CP=2 loss curves (and the evaluation loss) equal the CP=1 ones within 1e-5 relative
   per step, in both normalisations ("paper" is not split-invariant by itself: alpha and the
-  token mean are the micro-batch's, over its whole sequence; see loss/reduction.py), with the
-  fused output layer, and with grouped-query attention.
+  token mean are the micro-batch's, over its whole sequence; see loss/reduction.py; run with
+  the fused output layer), and with grouped-query attention.
+- A CP=2 run resumes from its checkpoint bit-exactly.
 - ``slice_batch`` on real batches of the product's loader is megatron-core's
   ``get_batch_on_this_cp_rank`` and is, written out here, chunks (r, 2CP-1-r) of 2 x CP.
 - ``ContextParallelDotProductAttention`` on slices of a sequence gives the slices of
@@ -21,19 +22,20 @@ floating-point reductions.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from megatron_mile.testing import run_distributed
-from trainer_runs import curve, run_trainer
+from trainer_runs import curve, resume_curves, run_trainer
 
 STEPS = 6
 RTOL = 1e-5
 BASE = [f"training.train_iters={STEPS}", "training.log_interval=3", "training.eval_interval=3",
         "training.eval_iters=1", "optimizer.lr_decay_iters=12"]
-RUNS = {
+RUNS = {  # paper normalisation with the fused output layer: one run for both (time)
     "global": ["loss.normalization=global"],
-    "paper": [],
-    "fused": ["loss.fused_output_layer=true"],
+    "paper_fused": ["loss.normalization=paper", "loss.fused_output_layer=true"],
     "gqa": ["model.num_query_groups=2", "loss.normalization=global"],
 }
 CP2 = ["parallel.context_parallel_size=2"]
@@ -137,9 +139,10 @@ def _check_attention(rank: int) -> dict:
     return out
 
 
-def _pair(rank: int, world_size: int) -> dict:
+def _pair(rank: int, world_size: int, tmp: str) -> dict:
     out = {"slicing": _check_slicing(rank), "attention": _check_attention(rank)}
     out["cp2"] = _curves(2, CP2)
+    out["resume"] = resume_curves(BASE + CP2, 2, os.path.join(tmp, "resume"), steps=4)
     return out
 
 
@@ -149,8 +152,9 @@ def single():
 
 
 @pytest.fixture(scope="module")
-def pair():
-    return run_distributed(_pair, 2, timeout_s=300)
+def pair(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("context_parallel"))
+    return run_distributed(_pair, 2, args=(tmp,), timeout_s=300)
 
 
 @pytest.mark.slow
@@ -171,6 +175,16 @@ def test_cp2_curve_goes_down(pair):
     """It learns (measured: 6.24 -> 5.97 in 6 steps, still in the lr warm-up)."""
     lm = pair[1]["cp2"]["global"]["lm_loss"]
     assert lm[-1] < lm[0] - 0.2, lm
+
+
+@pytest.mark.slow
+def test_cp2_resume_is_bit_exact(pair):
+    """A CP=2 run stopped after 2 of 4 steps and resumed by a fresh trainer (checkpoints are
+    sharded over DP x CP) continues exactly."""
+    curves = pair[1]["resume"]
+    assert curves["resumed_start"] == 3
+    assert curves["first"] == curves["straight"][:2]
+    assert curves["resumed"] == curves["straight"][2:]
 
 
 @pytest.mark.slow
