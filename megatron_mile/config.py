@@ -70,7 +70,8 @@ class ModelConfig:
     transformer_impl: str = "auto"
     """Layer implementation: 'auto' (Transformer Engine where it is importable with CUDA,
     else 'local'), 'local' (megatron-core modules, CPU or GPU) or 'transformer_engine' (GPU,
-    needs Transformer Engine; required for FP8 and context parallelism). The fused kernels
+    needs Transformer Engine; required for FP8; runs context parallelism with TE's attention,
+    where 'local' uses the project's all-gather attention). The fused kernels
     follow from it and from what is installed (megatron_mile/fusions.py, docs/launching.md)."""
     recompute_granularity: Optional[str] = None
     """Activation recomputation: None, 'selective' (attention core) or 'full'."""
