@@ -7,7 +7,8 @@ on the shipped tiny config with mock data in fp32, MiLe loss.
 - The CP=2 loss curves (and the evaluation loss) equal the CP=1 ones within 1e-5 relative
   per step, in both normalisations ("paper" is not split-invariant by itself: alpha and the
   token mean are the micro-batch's, over its whole sequence; see loss/reduction.py; run with
-  the fused output layer), and with grouped-query attention.
+  the fused output layer), and with grouped-query attention under selective activation
+  recomputation.
 - A CP=2 run resumes from its checkpoint bit-exactly.
 - ``slice_batch`` on real batches of the product's loader is megatron-core's
   ``get_batch_on_this_cp_rank`` and is, written out here, chunks (r, 2CP-1-r) of 2 x CP.
@@ -36,7 +37,9 @@ BASE = [f"training.train_iters={STEPS}", "training.log_interval=3", "training.ev
 RUNS = {  # paper normalisation with the fused output layer: one run for both (time)
     "global": ["loss.normalization=global"],
     "paper_fused": ["loss.normalization=paper", "loss.fused_output_layer=true"],
-    "gqa": ["model.num_query_groups=2", "loss.normalization=global"],
+    # GQA, and the attention core recomputed in backward (its K/V gathers replayed)
+    "gqa_recompute": ["model.num_query_groups=2", "loss.normalization=global",
+                      "model.recompute_granularity=selective"],
 }
 CP2 = ["parallel.context_parallel_size=2"]
 
