@@ -4,11 +4,11 @@ Two launches: one process (the CP=1 references) and two processes (CP=2, and the
 of the slicing and of the attention that need a CP group). Every run is the product's Trainer
 on the shipped tiny config with mock data in fp32, MiLe loss.
 
-- The CP=2 loss curves (and the evaluation loss) equal the CP=1 ones within 1e-5 relative
-  per step, in both normalisations ("paper" is not split-invariant by itself: alpha and the
-  token mean are the micro-batch's, over its whole sequence; see loss/reduction.py; run with
-  the fused output layer), and with grouped-query attention under selective activation
-  recomputation.
+- The CP=2 loss curves, MiLe statistics, gradient norms and evaluation losses equal the
+  CP=1 ones within 1e-5 relative per step, in both normalisations ("paper" is not
+  split-invariant by itself: alpha and the token mean are the micro-batch's, over its whole
+  sequence; see loss/reduction.py; run with the fused output layer), and with grouped-query
+  attention under selective activation recomputation.
 - A CP=2 run resumes from its checkpoint bit-exactly.
 - ``slice_batch`` on real batches of the product's loader is megatron-core's
   ``get_batch_on_this_cp_rank`` and is, written out here, chunks (r, 2CP-1-r) of 2 x CP.
@@ -44,12 +44,18 @@ RUNS = {  # paper normalisation with the fused output layer: one run for both (t
 CP2 = ["parallel.context_parallel_size=2"]
 
 
+# Logged per step: the losses, MiLe's statistics (mean entropy and weight, alpha, weight
+# range over unmasked tokens), the gradient norm; and the evaluation loss ("valid").
+KEYS = ["lm_loss", "objective", "entropy", "weight", "alpha", "weight_min", "weight_max",
+        "grad_norm", "valid"]
+
+
 def _curves(world_size: int, extra: list[str]) -> dict:
     out = {}
     for name, overrides in RUNS.items():
         run = run_trainer(BASE + overrides + extra, world_size)
-        out[name] = {"lm_loss": curve(run), "objective": curve(run, "objective"),
-                     "valid": curve(run, "valid_lm_loss"), "grad_norm": curve(run, "grad_norm")}
+        out[name] = {key: curve(run, "valid_lm_loss" if key == "valid" else key)
+                     for key in KEYS}
     return out
 
 
@@ -162,7 +168,7 @@ def pair(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
-@pytest.mark.parametrize("key", ["lm_loss", "objective", "valid", "grad_norm"])
+@pytest.mark.parametrize("key", KEYS)
 def test_cp2_trains_like_cp1(single, pair, name, key):
     expected = single[name][key]
     assert len(expected) == {"valid": 2}.get(key, STEPS), expected
