@@ -70,7 +70,8 @@ class ModelConfig:
     transformer_impl: str = "auto"
     """Layer implementation: 'auto' (Transformer Engine where it is importable with CUDA,
     else 'local'), 'local' (megatron-core modules, CPU or GPU) or 'transformer_engine' (GPU,
-    needs Transformer Engine; required for FP8 and context parallelism). The fused kernels
+    needs Transformer Engine; required for FP8; runs context parallelism with TE's attention,
+    where 'local' uses the project's all-gather attention). The fused kernels
     follow from it and from what is installed (megatron_mile/fusions.py, docs/launching.md)."""
     recompute_granularity: Optional[str] = None
     """Activation recomputation: None, 'selective' (attention core) or 'full'."""
@@ -128,7 +129,11 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard activations along the sequence in norm/dropout regions (needs TP > 1)."""
     context_parallel_size: int = 1
-    """CP: splits the sequence across ranks in attention (needs Transformer Engine)."""
+    """CP: each rank of a CP group holds 2 of the 2 x CP equal chunks of every sequence
+    (megatron-core's load-balanced order: rank r has chunks r and 2CP-1-r); attention sees the
+    whole sequence through Transformer Engine's CP, or on the local layer spec through an
+    all-gather of keys and values (CPU and GPU; see docs/launching.md). model.seq_length
+    must be a multiple of 2 x CP."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state and fp32 master weights over data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
@@ -431,21 +436,30 @@ class TrainConfig:
                     f"the interleaved schedule needs the {num_mb} micro-batches per step to be "
                     f"a multiple of parallel.pipeline_model_parallel_size="
                     f"{p.pipeline_model_parallel_size}")
+        cp = p.context_parallel_size
+        if m.seq_length % (2 * cp):
+            raise ConfigError(
+                f"model.seq_length={m.seq_length} is not divisible by 2 x parallel."
+                f"context_parallel_size = {2 * cp}: each CP rank holds 2 of 2 x {cp} equal "
+                "chunks of the sequence")
+        if p.sequence_parallel and (m.seq_length // cp) % p.tensor_model_parallel_size:
+            raise ConfigError(
+                f"model.seq_length / parallel.context_parallel_size = {m.seq_length // cp} is "
+                "not divisible by parallel.tensor_model_parallel_size="
+                f"{p.tensor_model_parallel_size} (parallel.sequence_parallel=true)")
         kernels = Kernels.detect()
         impl = resolve_transformer_impl(m.transformer_impl, kernels)
         te_usable = kernels.cuda and kernels.transformer_engine
         needs_te = [what for what, needed in (
             (f"precision.fp8={self.precision.fp8!r}", bool(self.precision.fp8)),
-            (f"parallel.context_parallel_size={p.context_parallel_size}",
-             p.context_parallel_size > 1),
             ("model.transformer_impl=transformer_engine", impl == "transformer_engine"),
         ) if needed]
         if needs_te and not te_usable:
             raise ConfigError(
                 f"{needs_te[0]} needs Transformer Engine with CUDA, which this process cannot "
                 "load: run in NVIDIA's PyTorch container (see docker/), or set "
-                "model.transformer_impl=auto, precision.fp8=null and "
-                "parallel.context_parallel_size=1 (bf16 on the local layer spec)")
+                "model.transformer_impl=auto and precision.fp8=null (bf16 on the local "
+                "layer spec)")
         if needs_te and impl != "transformer_engine":
             raise ConfigError(f"{needs_te[0]} needs model.transformer_impl=transformer_engine "
                               f"(or auto), not {m.transformer_impl!r}")

@@ -85,6 +85,9 @@ class _CudaToCpuMode(TorchFunctionMode):
     * ``Tensor.cuda(...)`` -> the tensor itself (``models/common/language_module/
       language_module.py``, ``grad_scaler.py`` ``load_state_dict``, ``distrib_optimizer.py``
       gloo paths).
+    * ``pin_memory=True`` keyword arguments -> dropped (pinning needs CUDA):
+      ``models/common/embeddings/rope_utils.py`` ``get_pos_emb_on_this_cp_rank`` (RoPE under
+      context parallelism) builds its chunk index with ``pin_memory=True``.
     * ``Tensor.type()`` with no argument, on a CPU float32/float16/bfloat16 tensor -> the
       ``"torch.cuda.*Tensor"`` name: ``optimizer/optimizer.py``
       (``Float16OptimizerWithFloat16Params``), ``optimizer/distrib_optimizer.py`` (param
@@ -101,6 +104,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             name = _CUDA_TYPE_NAMES.get(tensor.dtype)
             if name is not None and tensor.device.type == "cpu":
                 return name
+        if kwargs.get("pin_memory"):
+            kwargs = {**kwargs, "pin_memory": False}
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": _CPU}
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

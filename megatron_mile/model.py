@@ -38,6 +38,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_mile.config import ConfigError, TrainConfig
+from megatron_mile.context_parallel import ContextParallelDotProductAttention
 from megatron_mile.fusions import Kernels, fusion_settings, resolve_transformer_impl
 from megatron_mile.loss import (
     DeferredLogits,
@@ -177,7 +178,9 @@ class LayoutInvariantTransformerLayer(TransformerLayer):
 
 def layer_spec(cfg: TrainConfig, config: TransformerConfig, vp_stage: Optional[int] = None):
     """Transformer Engine's spec, or megatron's local spec with :class:`RMSNorm` norms; the
-    latter as a block spec (layers of this pipeline stage + the final norm).
+    latter as a block spec (layers of this pipeline stage + the final norm), whose attention
+    is :class:`~megatron_mile.context_parallel.ContextParallelDotProductAttention` when
+    ``context_parallel_size > 1`` (TE's spec runs TE's own context parallelism).
     ``model.transformer_impl: auto`` is resolved by :mod:`megatron_mile.fusions`."""
     if resolve_transformer_impl(cfg.model.transformer_impl, Kernels.detect()) == "transformer_engine":
         try:
@@ -196,6 +199,9 @@ def layer_spec(cfg: TrainConfig, config: TransformerConfig, vp_stage: Optional[i
     layer.params = {**(layer.params or {}), "init_seed": cfg.training.seed}
     layer.submodules.input_layernorm = RMSNorm
     layer.submodules.pre_mlp_layernorm = RMSNorm
+    if config.context_parallel_size > 1:  # megatron's local attention refuses CP
+        layer.submodules.self_attention.submodules.core_attention = \
+            ContextParallelDotProductAttention
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)
 

@@ -51,6 +51,12 @@ def test_paper_configs(name, world, layers, tp):
     (["training.global_batch_size=6"], 1, r"global_batch_size=6 is not divisible by .*micro_batch_size=4"),
     (["precision.fp8=hybrid"], 1, r"needs Transformer Engine|needs model.transformer_impl=transformer_engine"),
     (["precision.dtype=fp64"], 1, r"precision.dtype='fp64' is not one of"),
+    (["parallel.context_parallel_size=2", "model.seq_length=66"], 2,
+     r"model.seq_length=66 is not divisible by 2 x parallel.context_parallel_size = 4"),
+    (["parallel.context_parallel_size=2", "parallel.tensor_model_parallel_size=4",
+      "parallel.sequence_parallel=true", "model.seq_length=36"], 8,
+     r"seq_length / parallel.context_parallel_size = 18 is not divisible by .*"
+     r"tensor_model_parallel_size=4"),
     (["optimizer.min_lr=1.0"], 1, r"optimizer.min_lr=1.0 must be in \[0, optimizer.lr="),
     (["data.mock=false"], 1, r"data.data_path=\[\]: give at least one dataset prefix"),
     (["bogus"], 1, r"override 'bogus' is not of the form section.field=value"),
@@ -68,6 +74,13 @@ def test_transformer_engine_missing_is_a_config_error():
     with pytest.raises(ConfigError, match=r"precision.fp8='e4m3' needs Transformer Engine"):
         load_config("tiny", ["model.transformer_impl=transformer_engine", "precision.fp8=e4m3"],
                     world_size=1)
+
+
+def test_context_parallel_runs_on_the_local_spec_without_transformer_engine():
+    """CP no longer needs TE: the local spec has its own CP attention (test_context_parallel)."""
+    cfg = load_config("tiny", ["parallel.context_parallel_size=2",
+                               "model.transformer_impl=local"], world_size=4)
+    assert cfg.parallel.context_parallel_size == 2 and cfg.data_parallel_size(4) == 2
 
 
 def test_unknown_config_name():

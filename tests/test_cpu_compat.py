@@ -100,6 +100,13 @@ _PROBE = textwrap.dedent("""
         os.environ.pop("RANK", None)
         launch.default_single_process_env()
         out["init_device"] = str(launch.initialize_distributed(timeout_minutes=1))
+        # RoPE under context parallelism: megatron builds its chunk index with
+        # pin_memory=True (dropped by the mode); rank 0 of 1 keeps both halves in order.
+        from megatron.core.models.common.embeddings.rope_utils import (
+            get_pos_emb_on_this_cp_rank,
+        )
+        out["pinned"] = get_pos_emb_on_this_cp_rank(
+            torch.arange(4.0).view(4, 1), 0, torch.distributed.group.WORLD).flatten().tolist()
         out["backend"] = str(torch.distributed.get_backend())
         torch.distributed.destroy_process_group()
     print("RESULT" + json.dumps(out))
@@ -146,6 +153,7 @@ def test_install_on_cpu_applies_every_patch_once_and_maps_cuda_to_cpu():
     assert out["mask"] == [[False, True, True], [False, False, True], [False, False, False]]
     assert out["fork_restores_default"] and out["default_reseeded"] and out["fork_differs"]
     assert out["init_device"] == "cpu" and out["backend"] == "gloo"
+    assert out["pinned"] == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_install_on_cpu_refuses_another_megatron_core_release():

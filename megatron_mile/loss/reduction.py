@@ -56,27 +56,48 @@ def _masked_sums(weighted_ce: torch.Tensor, weight: torch.Tensor, loss_mask: tor
     return (weighted_ce * mask).sum(), (weight * mask).sum(), mask.sum()
 
 
+def _group_size(group: Optional[dist.ProcessGroup]) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
 def reduce_paper(
     weighted_ce: torch.Tensor,
     weight: torch.Tensor,
     loss_mask: torch.Tensor,
     dp_cp_group: Optional[dist.ProcessGroup],
+    cp_group: Optional[dist.ProcessGroup] = None,
 ) -> ReducedLoss:
-    """``"paper"`` normalisation of one micro-batch.
+    """``"paper"`` normalisation of one micro-batch: ``[b, s/cp]`` per-token inputs.
 
-    Collectives: one SUM all-reduce of 2 fp32 values (alpha_r, has_tokens) on ``dp_cp_group``
-    (skipped when it is None or of size 1).
+    With context parallelism (``cp_group`` of size cp > 1) each rank holds ``s/cp`` tokens
+    of the micro-batch; alpha_r and the token mean are the whole micro-batch's, as at CP=1:
+    the CP ranks first sum (weight, tokens), then ``num_tokens`` is the micro-batch's count
+    and ``loss_sum = cp * alpha * sum(local weighted_ce * mask)``. megatron's schedule divides
+    by ``num_tokens`` and DDP averages the gradients over DP x CP, so each DP rank's gradient
+    is that of ``alpha * sum(weighted_ce * mask) / sum(mask)`` over its whole micro-batch.
+
+    Collectives: with cp > 1, one SUM all-reduce of 2 fp32 values (weight sum, tokens) on
+    ``cp_group``; then one SUM all-reduce of 2 fp32 values (alpha_r, has_tokens) on
+    ``dp_cp_group`` (skipped when it is None or of size 1; the CP ranks of one micro-batch
+    bring the same alpha_r, so the mean over DP x CP is the mean over DP).
     An all-masked micro-batch gives loss 0 and alpha 0 on that rank, never a NaN.
     """
     wce_sum, w_sum, n = _masked_sums(weighted_ce, weight, loss_mask)
-    has_tokens = (w_sum > 0).to(torch.float32)
-    alpha_r = torch.where(w_sum > 0, n / w_sum.clamp_min(torch.finfo(torch.float32).tiny),
-                          torch.zeros_like(w_sum))
+    cp = _group_size(cp_group)
+    w_seq, n_seq = w_sum.detach(), n
+    if cp > 1:
+        sums = torch.stack([w_seq, n_seq])
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=cp_group)
+        w_seq, n_seq = sums[0], sums[1]
+    has_tokens = (w_seq > 0).to(torch.float32)
+    alpha_r = torch.where(w_seq > 0, n_seq / w_seq.clamp_min(torch.finfo(torch.float32).tiny),
+                          torch.zeros_like(w_seq))
     buf = torch.stack([alpha_r.detach(), has_tokens])
-    if dp_cp_group is not None and dist.get_world_size(dp_cp_group) > 1:
+    if _group_size(dp_cp_group) > 1:
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=dp_cp_group)
     alpha = buf[0] / buf[1].clamp_min(1.0)
-    return ReducedLoss(alpha * wce_sum, n.round().to(torch.int), w_sum.detach(), alpha)
+    loss_sum = alpha * wce_sum * cp if cp > 1 else alpha * wce_sum
+    return ReducedLoss(loss_sum, n_seq.round().to(torch.int), w_sum.detach(), alpha)
 
 
 def reduce_global(
@@ -93,10 +114,12 @@ def reduce_token_losses(
     weight: torch.Tensor,
     loss_mask: torch.Tensor,
     dp_cp_group: Optional[dist.ProcessGroup],
+    cp_group: Optional[dist.ProcessGroup] = None,
 ) -> ReducedLoss:
-    """Dispatch on ``normalization`` (``"paper"`` or ``"global"``)."""
+    """Dispatch on ``normalization`` (``"paper"`` or ``"global"``; the latter needs no
+    ``cp_group``: its sums are exact over any split of the tokens)."""
     if normalization == "paper":
-        return reduce_paper(weighted_ce, weight, loss_mask, dp_cp_group)
+        return reduce_paper(weighted_ce, weight, loss_mask, dp_cp_group, cp_group)
     if normalization == "global":
         return reduce_global(weighted_ce, weight, loss_mask)
     raise ValueError(f"normalization={normalization!r} is not one of {NORMALIZATIONS}")
@@ -111,7 +134,7 @@ class LossNormalizer:
     uses megatron as it is (per-micro-batch means, DDP averaging); ``"global"`` mode replaces
     the token count by the summed MiLe weights, so the objective is the exact weighted mean.
 
-        normalizer = LossNormalizer(cfg.loss.normalization, dp_cp_group)
+        normalizer = LossNormalizer(cfg.loss.normalization, dp_cp_group, cp_group)
         TransformerConfig(..., calculate_per_token_loss=normalizer.per_token_loss)
         normalizer.start_step(device)                           # before the schedule runs
         reduced = normalizer.micro_batch(wce_bs, weight_bs, loss_mask_bs)   # in loss_func
@@ -119,15 +142,19 @@ class LossNormalizer:
         normalizer.end_step()
 
     Collectives: ``micro_batch`` in ``"paper"`` mode, one SUM all-reduce of 2 values on
-    ``dp_cp_group`` (see :func:`reduce_paper`); none otherwise. The weight total that
+    ``dp_cp_group``, and with CP > 1 one before it on ``cp_group`` (see
+    :func:`reduce_paper`); none otherwise. The weight total that
     ``grad_denominator`` returns is all-reduced by megatron's ``finalize_model_grads``.
     """
 
-    def __init__(self, mode: str, dp_cp_group: Optional[dist.ProcessGroup]) -> None:
+    def __init__(self, mode: str, dp_cp_group: Optional[dist.ProcessGroup],
+                 cp_group: Optional[dist.ProcessGroup] = None) -> None:
+        """``cp_group``: the context-parallel group (None or size 1: no CP)."""
         if mode not in NORMALIZATIONS:
             raise ValueError(f"normalization={mode!r} is not one of {NORMALIZATIONS}")
         self.mode = mode
         self.dp_cp_group = dp_cp_group
+        self.cp_group = cp_group
         self._weight_total: Optional[torch.Tensor] = None
 
     @staticmethod
@@ -150,16 +177,18 @@ class LossNormalizer:
         """One micro-batch's ``ReducedLoss``; in ``"global"`` mode adds its weights to the total.
         ``weight`` is used detached (MiLe's weights are constants of the gradient)."""
         reduced = reduce_token_losses(self.mode, weighted_ce, weight.detach(), loss_mask,
-                                      self.dp_cp_group)
+                                      self.dp_cp_group, self.cp_group)
         if self._weight_total is not None:
             self._weight_total += reduced.weight_sum
         return reduced
 
-    def reported_objective(self, reduced: ReducedLoss, num_tokens: torch.Tensor) -> torch.Tensor:
+    def reported_objective(self, reduced: ReducedLoss) -> torch.Tensor:
         """``[numerator, denominator]`` of the logged objective, summed over micro-batches and
-        DP ranks: the mean of per-micro-batch means (paper), the weighted mean (global)."""
+        DP x CP ranks: the mean of per-micro-batch means (paper; with CP each of a micro-batch's
+        cp ranks brings ``[cp x its share of the mean, 1]``, see :func:`reduce_paper`), the
+        weighted mean (global)."""
         if self.mode == "paper":
-            n = num_tokens.to(torch.float32)
+            n = reduced.num_tokens.to(torch.float32)
             return torch.stack([reduced.loss_sum.detach() / n.clamp_min(1), (n > 0).float()])
         return torch.stack([reduced.loss_sum.detach(), reduced.weight_sum])
 

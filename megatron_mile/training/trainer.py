@@ -30,6 +30,7 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
+from megatron_mile import context_parallel
 from megatron_mile.checkpoint_hf import check_hf_shapes
 from megatron_mile.config import ConfigError, TrainConfig
 from megatron_mile.cpu_compat import cuda_available
@@ -101,7 +102,9 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        self.normalizer = LossNormalizer(cfg.loss.normalization, self.dp_cp_group)
+        self.cp_group = parallel_state.get_context_parallel_group()
+        self.normalizer = LossNormalizer(cfg.loss.normalization, self.dp_cp_group,
+                                         self.cp_group)
         self.num_microbatches = cfg.training.global_batch_size // (
             cfg.training.micro_batch_size * self.dp_size)
 
@@ -357,8 +360,9 @@ class Trainer:
         self._signal_received = True
 
     def _forward_step(self, data_iterator, model):
-        """megatron's forward_step_func: run a chunk, return (output, loss_func)."""
-        batch = next(data_iterator)
+        """megatron's forward_step_func: run a chunk, return (output, loss_func).
+        With context parallelism the micro-batch is this CP rank's ``[b, s/cp]`` slice."""
+        batch = context_parallel.slice_batch(next(data_iterator), self.cp_group)
         tokens_bs = batch["tokens"].to(self.device, non_blocking=True)
         labels_bs = batch["labels"].to(self.device, non_blocking=True)
         position_ids_bs = batch["position_ids"].to(self.device, non_blocking=True)
@@ -380,7 +384,7 @@ class Trainer:
         n = mask.sum()
         report = {
             "lm_loss": torch.stack([(ce_bs.detach() * mask).sum(), n]),
-            "objective": self.normalizer.reported_objective(red, n),
+            "objective": self.normalizer.reported_objective(red),
             "entropy": torch.stack([(entropy_bs.detach() * mask).sum(), n]),
             "weight": torch.stack([red.weight_sum, n]),
             "alpha": torch.stack([red.alpha.detach(), torch.ones_like(n)]),
