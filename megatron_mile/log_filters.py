@@ -21,6 +21,9 @@ Dropped without CUDA only (on a GPU they say something about the run):
     megatron-core ``tensor_parallel.layers``: the ``CUDA_DEVICE_MAX_CONNECTIONS`` advice
         (``megatron_mile.launch`` and examples/launch.sh set the variable on GPUs; it means
         nothing on CPU).
+    torch, seen through ``megatron_mile.cpu_compat``: "The .grad attribute of a Tensor that is
+        not a leaf Tensor is being accessed", once per rank with the distributed optimizer on
+        CPU, where its fp32 main parameters are views of the model's.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ _ALWAYS = (
 _CPU_ONLY = (
     (r"When using (sequence parallelism|async grad allreduce) it is recommended to set the "
      r"environment variable CUDA_DEVICE_MAX_CONNECTIONS", UserWarning, _MEGATRON),
+    (r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+     UserWarning, r"megatron_mile\.cpu_compat$"),
 )
 _DROPPED_RECORDS = (
     ("megatron.core.datasets.gpt_dataset", "Unable to save MockGPTDataset indexes"),

@@ -443,3 +443,136 @@ def test_a_changed_batch_geometry_resumes_and_says_so(resume_checks):
     assert len(lines) == 1, stdout
     assert "model.seq_length 64 -> 32, training.global_batch_size 8 -> 16" in lines[0]
     assert "continues at sample 16 of the sample order built for the new geometry" in lines[0]
+
+
+# --------------------------------------------------------------------------- signals and kills
+
+
+def _log_ints(pattern: str, text: str) -> list[int]:
+    return [int(x) for x in re.findall(pattern, text)]
+
+
+def _wait_for_save(data_dir, iteration: int, procs, timeout_s: float = 120) -> None:
+    """Until both ranks' data files of ``iteration``'s save exist in its ``.tmp`` (mid-save:
+    rank 0's is still being written to the slow target)."""
+    tmp_dir = data_dir / f"iter_{iteration:07d}.tmp"
+    deadline = time.monotonic() + timeout_s
+    while not ((tmp_dir / "__0_0.distcp").exists() and (tmp_dir / "__1_0.distcp").exists()):
+        assert all(p.poll() is None for p in procs), "a rank exited before the save"
+        assert time.monotonic() < deadline, f"the save of iteration {iteration} never started"
+        time.sleep(0.02)
+
+
+def test_signals_during_a_save(slow_mount, tmp_path):
+    """SIGUSR1 twice mid-save: one stop request (the save finishes, one more iteration, a stop
+    save, exit 0). SIGTERM twice mid-save: exit at once (143), nothing published, and the next
+    start resumes from the last published checkpoint and cleans the partial save."""
+    from megatron_mile.training.checkpointing import find_latest_checkpoint
+
+    save, data = slow_mount / "mnt" / "signals", slow_mount / "data" / "signals"
+    run = ["training.train_iters=6", f"checkpoint.save={save}", "checkpoint.save_interval=2"]
+    procs = launch(tmp_path, "usr1", run)
+    try:
+        _wait_for_save(data, 2, procs)
+        for _ in range(2):
+            for p in procs:
+                os.kill(p.pid, signal.SIGUSR1)
+            time.sleep(0.2)
+        codes = _wait(procs)
+    finally:
+        kill(procs)
+    log = (tmp_path / "usr11.out").read_text()
+    assert codes == [0, 0], (tmp_path / "usr10.err").read_text() + log
+    assert _log_ints(r"saved checkpoint at iteration (\d+)", log) == [2, 3], log
+    assert "exiting on signal" in log and find_latest_checkpoint(str(save)) == 3
+
+    procs = launch(tmp_path, "term", run)
+    try:
+        _wait_for_save(data, 4, procs)
+        for _ in range(2):
+            for p in procs:
+                os.kill(p.pid, signal.SIGTERM)
+            time.sleep(0.2)
+        codes = _wait(procs, timeout_s=30)
+    finally:
+        kill(procs)
+    assert codes == [128 + signal.SIGTERM] * 2, codes
+    for rank in (0, 1):
+        line = one_line((tmp_path / f"term{rank}.err").read_text())
+        assert "second SIGTERM during iteration 4 (checkpoint save" in line, line
+    assert find_latest_checkpoint(str(save)) == 3
+    assert (data / "iter_0000004.tmp").is_dir()  # what the kill left
+
+    procs = launch(tmp_path, "again", run)
+    codes = _wait(procs)
+    log = (tmp_path / "again1.out").read_text()
+    assert codes == [0, 0], (tmp_path / "again0.err").read_text() + log
+    assert "resumed from checkpoint at iteration 3" in log
+    assert find_latest_checkpoint(str(save)) == 6
+    assert not [n for n in os.listdir(data) if n.endswith(".tmp")], os.listdir(data)
+
+
+def test_a_rank_killed_during_evaluation(tmp_path):
+    """SIGKILL one rank mid-evaluation: the other ends with one line naming the phase, exit
+    3; the restart resumes from the last checkpoint."""
+    save = tmp_path / "run"
+    run = ["training.train_iters=3", f"checkpoint.save={save}", "checkpoint.save_interval=1",
+           "training.eval_interval=2", "training.eval_iters=400"]
+    procs = launch(tmp_path, "eval", run)
+    try:
+        wait_for_line(tmp_path, "eval", procs, "iteration 2/3")
+        time.sleep(0.5)
+        procs[0].kill()
+        code = procs[1].wait(timeout=60)
+    finally:
+        kill(procs)
+    line = one_line((tmp_path / "eval1.err").read_text())
+    assert code == 3, line
+    assert "rank 1: a collective failed in iteration 2 (evaluation)" in line, line
+    assert "validation at iteration 2" not in (tmp_path / "eval1.out").read_text()
+    procs = launch(tmp_path, "rerun", run)
+    codes = _wait(procs)
+    log = (tmp_path / "rerun1.out").read_text()
+    assert codes == [0, 0], (tmp_path / "rerun0.err").read_text() + log
+    # Evaluation comes before the save of its iteration: the last checkpoint is 1.
+    assert "resumed from checkpoint at iteration 1" in log and "iteration 3/3" in log
+
+
+# --------------------------------------------------------------------------- resharding
+
+
+def _printed(log: str, key: str) -> dict[int, str]:
+    """{iteration: the printed value of ``key``} from a progress log."""
+    return {int(i): v for i, v in re.findall(rf"iteration (\d+)/\d+ \|.*?\| {key} (\S+) ", log)}
+
+
+def test_distributed_optimizer_state_across_layouts(tmp_path):
+    """With the distributed optimizer and its state loaded: another DP size resumes exactly;
+    another TP size is one line naming what cannot be resharded and the fix."""
+    distopt = ["parallel.use_distributed_optimizer=true"]
+    save = tmp_path / "tp2"
+    assert _wait(launch(tmp_path, "tp2", [*distopt, "training.train_iters=2",
+                                          f"checkpoint.save={save}"]))[0] == 0
+    procs = launch(tmp_path, "tp1", [*distopt, "training.train_iters=3",
+                                     f"checkpoint.save={save}"], tp=1)
+    codes = _wait(procs)
+    line = one_line((tmp_path / "tp10.err").read_text())
+    assert codes == [2, 2], line
+    assert "the distributed optimizer state (dp_reshardable) reshards across data-parallel " \
+           "sizes only, and this run changes TP 2 -> 1: resume at TP 2, PP 1" in line, line
+    assert "checkpoint.load_optimizer=false" in line
+
+    # DP=1 -> DP=2 with the optimizer state: iterations 3-4 as in a straight DP=1 run.
+    one = [*distopt, "training.train_iters=4"]
+    assert _wait(launch(tmp_path, "straight", one, world_size=1, tp=1))[0] == 0
+    assert _wait(launch(tmp_path, "half", [*distopt, "training.train_iters=2",
+                                           f"checkpoint.save={tmp_path / 'dp1'}"],
+                        world_size=1, tp=1))[0] == 0
+    procs = launch(tmp_path, "dp2", [*one, f"checkpoint.save={tmp_path / 'dp1'}"], tp=1)
+    assert _wait(procs) == [0, 0], (tmp_path / "dp20.err").read_text()
+    straight = (tmp_path / "straight0.out").read_text()
+    resumed = (tmp_path / "dp21.out").read_text()
+    assert "resumed from checkpoint at iteration 2" in resumed
+    for key in ("lm_loss", "objective", "grad norm"):
+        expected, got = _printed(straight, key), _printed(resumed, key)
+        assert [got[i] for i in (3, 4)] == [expected[i] for i in (3, 4)], (key, got, expected)

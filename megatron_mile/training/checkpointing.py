@@ -297,8 +297,8 @@ class ProgressTorchDistLoadStrategy(TorchDistLoadShardedStrategy):
         sharded_state_dict, flat_mapping, rename_mapping = (
             _replace_state_dict_keys_with_sharded_keys(sharded_state_dict))
         pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, True)
-        dcp.load_state_dict(
-            pyt_state_dict, _ProgressReader(checkpoint_dir),
+        dcp.load(
+            pyt_state_dict, storage_reader=_ProgressReader(checkpoint_dir),
             planner=MCoreLoadPlanner(
                 shapes_validation_sharded_tensors=[
                     t for t in tensors if not t.allow_shape_mismatch],
@@ -655,6 +655,37 @@ def _rng_sharded(state: dict[str, torch.Tensor],
             for name, tensor in state.items() if saved_keys is None or name in saved_keys}
 
 
+def _is_distributed(optimizer: Any) -> bool:
+    """Whether ``optimizer`` (megatron's, chained or not) shards its state over DP."""
+    return any(isinstance(opt, DistributedOptimizer)
+               for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _check_optimizer_layout(path: str, meta: dict, optimizer: Any) -> None:
+    """Refuse, before any read, optimizer state this layout cannot take: the distributed
+    optimizer's ``dp_reshardable`` state reshards over DP only (megatron-core 0.16.1), and the
+    two optimizers' states have different keys. Local; older checkpoints (no record) pass."""
+    saved = meta.get("distributed_optimizer")
+    if saved is None:
+        return
+    fix = ("or set checkpoint.load_optimizer=false (weights, step and data position load into "
+           "any layout; Adam moments start fresh)")
+    current = _is_distributed(optimizer)
+    if saved != current:
+        raise CheckpointError(
+            f"{path} holds the state of parallel.use_distributed_optimizer={str(saved).lower()}"
+            f" and this run has {str(current).lower()}: set it back, {fix}")
+    if not current or meta.get("distopt_sharding") != "dp_reshardable":
+        return
+    old, new = meta["layout"], _layout()
+    moved = [f"{k.upper()} {old[k]} -> {new[k]}" for k in ("tp", "pp", "vp") if old[k] != new[k]]
+    if moved:
+        raise CheckpointError(
+            f"{path}: the distributed optimizer state (dp_reshardable) reshards across data-"
+            f"parallel sizes only, and this run changes {', '.join(moved)}: resume at TP "
+            f"{old['tp']}, PP {old['pp']}, VP {old['vp']}, {fix}")
+
+
 def _materialize_distopt_state(optimizer: Any) -> None:
     """Give a fresh distributed optimizer its (dummy) Adam state before building a load request.
 
@@ -880,6 +911,7 @@ def save_checkpoint(
                 "has_optimizer": optimizer is not None,
                 "has_scheduler": opt_param_scheduler is not None,
                 "distopt_sharding": distopt_sharding,
+                "distributed_optimizer": _is_distributed(optimizer),
                 "rng_keys": sorted(state["rng_state"]),
                 "has_checksums": checksums,
             }
@@ -1063,6 +1095,8 @@ def load_checkpoint(
         if opt_param_scheduler is not None and not meta["has_scheduler"]:
             raise CheckpointError(
                 f"{path} was saved without scheduler state; pass opt_param_scheduler=None")
+        if optimizer is not None:
+            _check_optimizer_layout(path, meta, optimizer)
         if check_common is not None:
             check_common(meta["common"])
     except CheckpointError as exc:
