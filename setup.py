@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "transformers", "safetensors", "tokenizers",
-                 "matplotlib"],
+                 "matplotlib", "mfusepy"],
         # Hugging Face interop: import/export of checkpoints, tokenizer.json tokenizers.
         "hf": ["safetensors", "tokenizers"],
         # Evaluation tools: per-frequency plots, Hugging Face export.
