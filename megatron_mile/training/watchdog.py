@@ -37,6 +37,7 @@ One thread per process.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import select
@@ -55,8 +56,11 @@ _FINAL_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _PROGRESS_KEY = "mile/watchdog/progress"
 """c10d store counter every rank adds to while it makes progress inside a long phase."""
-_ARRIVED_KEY = "mile/watchdog/arrived/{}"
-"""c10d store counter of the ranks that reached the n-th :func:`wait_for_peers`."""
+_ARRIVED_KEY = "mile/watchdog/{}/arrived/{}"
+"""c10d store counter of the ranks that reached the n-th :func:`wait_for_peers` of the g-th
+watchdog this process started (every rank starts the same watchdogs in the same order, so
+``g`` agrees; it keeps a later trainer in the same process group off earlier counters)."""
+_generations = itertools.count(1)
 
 _active: Optional["Watchdog"] = None
 """The started watchdog of this process (one per process: it owns the signal wakeup fd)."""
@@ -101,6 +105,7 @@ class Watchdog:
         self._publish_s = min(1.0, self.timeout_s / 10)
         self._last_published = -math.inf
         self._waits = 0
+        self._generation = 0
         self._iteration = 0
         self._phase = "setup"
         self._last_beat = time.monotonic()
@@ -117,6 +122,7 @@ class Watchdog:
         global _active
         if self._store is None and self.world_size > 1:
             self._store = _default_store()
+        self._generation = next(_generations)
         if threading.current_thread() is threading.main_thread():
             self._wake_r, self._wake_w = socket.socketpair()
             self._wake_r.setblocking(False)
@@ -148,7 +154,7 @@ class Watchdog:
         if self._store is None:
             return
         self._waits += 1
-        key = _ARRIVED_KEY.format(self._waits)
+        key = _ARRIVED_KEY.format(self._generation, self._waits)
         self._last_published = -math.inf
         self.progress()  # this rank's last progress, seen by the others
         arrived = self._store.add(key, 1)
