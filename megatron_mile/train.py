@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_mile.data.datasets import DataError
     from megatron_mile.training.checkpointing import CheckpointError
     from megatron_mile.training.trainer import NonFiniteLossError, Trainer
-    from megatron_mile.training.watchdog import EXIT_STALLED, is_peer_failure
+    from megatron_mile.training.watchdog import is_peer_failure
 
     try:
         trainer = Trainer(cfg)
@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             # `tokenizers` for a tokenizer.json): every rank reaches the same verdict.
             print(f"megatron-mile-train: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
+        except Exception as e:  # noqa: BLE001 - only peer failures are handled here
+            if not is_peer_failure(e):
+                raise
+            return _peer_failure(trainer, e)
         try:
             summary = trainer.train()
             _record_exit(trainer.rank, summary)
@@ -73,15 +77,30 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - only peer failures are handled here
             if not is_peer_failure(e):
                 raise
-            where = trainer.watchdog.where() if trainer.watchdog else "setup"
-            first = " ".join(str(e).split())[:200]
-            print(f"megatron-mile-train: rank {trainer.rank}: a collective failed in {where}: "
-                  f"a peer rank died or hung ({first}). The last published checkpoint is "
-                  "intact; restart the job to resume", file=sys.stderr)
-            return EXIT_STALLED
+            return _peer_failure(trainer, e)
     finally:
         trainer.shutdown()
     return 0
+
+
+def _peer_failure(trainer, error: BaseException) -> int:
+    """One line for a collective that failed because a peer died or hung; exit 3."""
+    from megatron_mile.training.watchdog import EXIT_STALLED
+
+    if trainer.watchdog is not None:
+        where = trainer.watchdog.where()
+    else:
+        where = f"setup ({trainer.setup_phase})"
+    hint = ""
+    if "dataset" in where:
+        hint = (", or global rank 0 took longer than parallel.distributed_timeout_minutes to "
+                "build the dataset indices (raise it for the first start on a large corpus: "
+                "the indices are cached for later starts)")
+    first = " ".join(str(error).split())[:200]
+    print(f"megatron-mile-train: rank {trainer.rank}: a collective failed in {where}: "
+          f"a peer rank died or hung{hint} ({first}). The last published checkpoint is "
+          "intact; restart the job to resume", file=sys.stderr)
+    return EXIT_STALLED
 
 
 def _record_exit(rank: int, summary: dict) -> None:

@@ -576,3 +576,35 @@ def test_distributed_optimizer_state_across_layouts(tmp_path):
     for key in ("lm_loss", "objective", "grad norm"):
         expected, got = _printed(straight, key), _printed(resumed, key)
         assert [got[i] for i in (3, 4)] == [expected[i] for i in (3, 4)], (key, got, expected)
+
+
+def test_a_dataset_build_longer_than_the_timeout_is_one_line(tmp_path):
+    """Global rank 0 scans and indexes the corpus while the others wait: a corpus on a slow
+    filesystem that takes longer than the timeout ends every rank with one line naming the
+    phase and the fix, exit 3 (it was a traceback)."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    reason = slow_fs.available()
+    if reason:
+        pytest.skip(f"no slow filesystem: {reason}")
+    source = tmp_path / "data"
+    source.mkdir()
+    builder = IndexedDatasetBuilder(str(source / "corpus.bin"), dtype=np.uint16)
+    for doc in range(1500):
+        builder.add_document(np.arange(doc, doc + 1000) % 500, [1000])
+    builder.finalize(str(source / "corpus.idx"))  # 3 MB of tokens: 6 s at 0.5 MB/s
+    with slow_fs.SlowFilesystem(str(source), str(tmp_path / "mnt"), bandwidth=0.5e6,
+                                slow_files="*.bin"):
+        procs = launch(tmp_path, "data", [
+            "parallel.distributed_timeout_minutes=0.05", "training.train_iters=2",
+            "data.mock=false", f"data.data_path=[{tmp_path / 'mnt' / 'corpus'}]",
+            f"data.path_to_cache={tmp_path / 'cache'}"])
+        codes = _wait(procs)
+    for rank in (0, 1):
+        line = one_line((tmp_path / f"data{rank}.err").read_text())
+        assert codes[rank] == 3, line
+        assert f"rank {rank}: a collective failed in setup (building the datasets" in line, line
+    line = one_line((tmp_path / "data1.err").read_text())
+    assert "took longer than parallel.distributed_timeout_minutes to build the dataset " \
+           "indices" in line, line

@@ -86,6 +86,7 @@ class Trainer:
         self.lock: Optional[CheckpointLock] = None  # checkpoint.save's lock (global rank 0)
         self._previous_handlers: dict = {}
         self.job_start = job_start_time()  # agreed over ranks (the earliest) in setup()
+        self.setup_phase = "joining the process group"  # for a failure before the watchdog
 
     # ------------------------------------------------------------------ setup
 
@@ -120,7 +121,9 @@ class Trainer:
         # embedding's rows, padded to the TP padding unit.
         self.valid_vocab_size = cfg.model.vocab_size or self.tokenizer.vocab_size
         self.vocab_size = padded_vocab_size(self.valid_vocab_size, cfg)
+        self.setup_phase = "building the datasets (global rank 0 builds their indices first)"
         self._build_datasets()  # before the model: a missing data path fails fast
+        self.setup_phase = "setting up the model"
         # From here on every phase is bounded: a hung peer ends this rank (datasets are built
         # before, on rank 0 first, for as long as a large corpus needs).
         if cfg.training.exit_on_signal:
