@@ -111,6 +111,8 @@ def _publish_and_disk(rank: int, world_size: int, root: str, tmpfs: str | None) 
             with contextlib.suppress(OSError):
                 while True:
                     os.write(fd, b"\0" * block)
+        # Room for the run's lock file (one page), none for a checkpoint or a 100 KB tracker.
+        os.ftruncate(fd, os.fstat(fd).st_size - (16 << 10))
         os.close(fd)
         # The tracker's atomic rewrite on a full disk: fails, leaves no temp file, keeps the
         # old content.

@@ -830,7 +830,7 @@ def lock_save_dir(save_dir: str, stale_minutes: float) -> Optional[CheckpointLoc
         except LockError as exc:
             error = str(exc)
         except OSError as exc:
-            error = _describe(exc)
+            error = f"creating its lock file: {_full_disk(save_dir) or _describe(exc)}"
     _agree(error, f"locking checkpoint.save={save_dir}")
     return lock
 
