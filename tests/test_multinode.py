@@ -18,6 +18,7 @@ Skipped, with the reason, where Slurm, munge or root are missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -183,4 +184,135 @@ def test_usr1_saves_once_requeues_resumes_on_both_nodes_then_sigterm_saves_once(
            "the trainers exited 0" in after, after
     assert "megatron-mile-node: node1" not in after, after
     assert "== trainers exited with 0" in after, after
+    _no_walls(text)
+
+
+# ---- Faults across nodes ---------------------------------------------------------------
+
+def _trainer_pids(cluster: SlurmCluster, node: str) -> list[int]:
+    """The trainers running on ``node`` (not its node agent, which names the module too)."""
+    pids = []
+    for pid in cluster.job_pids(node):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"megatron_mile.train" in cmd and b"megatron_mile.node_agent" not in cmd:
+            pids.append(pid)
+    return pids
+
+
+def _start_training(cluster: SlurmCluster, tmp_path: Path, log: Path, *extra: str,
+                    **env: str) -> str:
+    """A 2-node job that saves every 2 iterations; returns once iteration 4 is logged."""
+    e = _env(tmp_path, CKPT_DIR=str(tmp_path / "ckpt"), TRAIN_ITERS="100000",
+             SAVE_INTERVAL="2", **env)
+    job = cluster.sbatch([f"--output={log}", "--nodes=2", "--exclusive", str(PRETRAIN),
+                          *COMMON, *extra], env=e, cwd=tmp_path)
+    _wait_for_log(cluster, job, log, r"saved checkpoint at iteration 4\b")
+    return job
+
+
+def _resubmit_resumes(cluster: SlurmCluster, tmp_path: Path, at_least: int) -> None:
+    """Submitting the same command again resumes on both nodes from a saved iteration."""
+    log = tmp_path / "again.out"
+    e = _env(tmp_path, CKPT_DIR=str(tmp_path / "ckpt"), TRAIN_ITERS="100000", SAVE_INTERVAL="2")
+    job = cluster.sbatch([f"--output={log}", "--nodes=2", "--exclusive", str(PRETRAIN), *COMMON],
+                         env=e, cwd=tmp_path)
+    text = _wait_for_log(cluster, job, log, r"resumed from checkpoint at iteration (\d+)")
+    resumed = int(re.search(r"resumed from checkpoint at iteration (\d+)", text).group(1))
+    assert resumed >= at_least, text
+    text = _wait_for_log(cluster, job, log, rf"iteration {resumed + 1}/100000")
+    assert "node 0/2 on node0" in text and "node 1/2 on node1" in text, text
+    cluster.run("scancel", job)
+    cluster.wait(job, 60)
+
+
+@pytest.mark.timeout(500)
+def test_killed_trainers_on_one_node_end_the_job_cleanly_and_a_resubmission_resumes(cluster,
+                                                                                    tmp_path):
+    log = tmp_path / "job.out"
+    job = _start_training(cluster, tmp_path, log)
+    victims = _trainer_pids(cluster, "node1")
+    assert victims, f"no trainer found on node1: {cluster.job_pids('node1')}"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert cluster.wait(job, 90) == "FAILED", _read(log)
+    took = time.monotonic() - killed_at
+    time.sleep(1)
+    text = _read(log)
+    after = text.split("saved checkpoint at iteration 4")[1]
+    # node1: which rank, where, how; node0: the dead-peer line; the job: one status line.
+    assert re.search(r"megatron-mile-node: node1: rank 1 \(local rank 0, pid \d+\) was killed "
+                     r"by SIGKILL", after), after
+    assert re.search(r"megatron-mile-train: rank 0: a collective failed in iteration \d+ "
+                     r"\(.*\): a peer rank died or hung", after), after
+    assert re.search(r"== trainers exited with [1-9]\d*", after), after
+    assert "does not answer" not in after, after  # every node answered: no wait for a requeue
+    _no_walls(text)
+    assert took < 60, f"the job took {took:.0f} s to end after node1's trainers died"
+    assert cluster.job(job).get("Restarts") == "0"
+    _resubmit_resumes(cluster, tmp_path, at_least=4)
+
+
+@pytest.mark.timeout(500)
+def test_hung_node_is_ended_by_the_watchdog_within_the_timeout(cluster, tmp_path):
+    log = tmp_path / "job.out"
+    timeout_min = 0.4  # 24 s
+    job = _start_training(cluster, tmp_path, log,
+                          f"parallel.distributed_timeout_minutes={timeout_min}")
+    frozen = cluster.job_pids("node1")
+    assert _trainer_pids(cluster, "node1"), frozen
+    for pid in frozen:  # the node's trainers and agent freeze; its slurmd still answers
+        os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        assert cluster.wait(job, 120) == "FAILED", _read(log)
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    took = time.monotonic() - stopped_at
+    time.sleep(1)
+    text = _read(log)
+    after = text.split("saved checkpoint at iteration 4")[1]
+    assert re.search(r"megatron-mile-train: rank 0: no progress for \d+ s in iteration \d+ "
+                     r"\(.*\): a peer rank is hung or dead", after), after
+    assert re.search(r"megatron-mile-node: node0: rank 0 \(local rank 0, pid \d+\) exited "
+                     r"with 3 \(a peer rank died or hung\)", after), after
+    _no_walls(text)
+    assert took < timeout_min * 60 + 45, f"the job ended {took:.0f} s after node1 froze"
+
+
+@pytest.mark.timeout(600)
+def test_lost_node_is_marked_down_and_the_job_requeues_and_resumes_when_it_returns(cluster,
+                                                                                   tmp_path):
+    log = tmp_path / "job.out"
+    job = _start_training(cluster, tmp_path, log)
+    saved = max(int(i) for i in re.findall(r"saved checkpoint at iteration (\d+)", _read(log)))
+    cluster.kill_node("node1")  # its slurmd and every process on it
+    try:
+        deadline = time.monotonic() + 120
+        while not cluster.node_states().get("node1", "").startswith("down"):
+            assert time.monotonic() < deadline, (cluster.node_states(), _read(log))
+            time.sleep(1)
+        # Slurm requeues the --requeue job (NODE_FAIL); it waits for two nodes.
+        deadline = time.monotonic() + 60
+        while cluster.job(job).get("Restarts") != "1":
+            assert time.monotonic() < deadline, (cluster.job(job), _read(log))
+            time.sleep(1)
+        assert cluster.state(job) in ("COMPLETING", "REQUEUED", "PENDING"), cluster.job(job)
+        assert "DUE TO NODE FAILURE" in _read(log), _read(log)
+    finally:
+        cluster.start_node("node1")
+    text = _wait_for_log(cluster, job, log, r"resumed from checkpoint at iteration \d+")
+    after = text.split(f"== job {job} (restart 1)")[1]
+    resumed = int(re.search(r"resumed from checkpoint at iteration (\d+)", after).group(1))
+    assert resumed >= saved, text
+    text = _wait_for_log(cluster, job, log, rf"iteration {resumed + 1}/100000")
+    after = text.split(f"== job {job} (restart 1)")[1]
+    assert "node 0/2 on node0" in after and "node 1/2 on node1" in after, after
+    cluster.run("scancel", job)
+    cluster.wait(job, 60)
     _no_walls(text)
