@@ -12,6 +12,10 @@ host (tests/slurm_cluster.py: each node a slurmd with its own host name, loopbac
    SIGTERM". The time limit (training.exit_duration_in_mins) -> save, requeue, resume on both.
 3. Faults across nodes (docs/launching.md, "Failures"): a node's trainers killed, a node hung
    (SIGSTOP), a node lost (slurmd and processes gone), each ending as promised there.
+4. PP across 2 nodes and TP across nodes on a 4-node cluster, against one node.
+
+Tests marked ``multinode_full`` (3., 4., the time limit) exceed the suite's time budget on 2
+cores and are skipped unless MILE_MULTINODE_FULL=1 (tests/conftest.py).
 
 Skipped, with the reason, where Slurm, munge or root are missing.
 """
@@ -107,37 +111,67 @@ def _free_port() -> int:
 
 
 ITERS = 6
+FULL = pytest.mark.multinode_full  # beyond the default suite's time: MILE_MULTINODE_FULL=1
+
+
+def _compare_with_one_node(cluster: SlurmCluster, tmp_path: Path, nodes: int,
+                           layout: dict[str, str], world: str) -> None:
+    """``layout`` with one trainer per node on ``nodes`` nodes (submit.sh), then on one node
+    with ``nodes`` trainers (launch.sh): the same lm_loss at every iteration, as printed."""
+    args = [f"training.train_iters={ITERS}", *COMMON]
+    env = _env(tmp_path, NODES=str(nodes), **layout)
+    done = cluster.run(str(SUBMIT), "tiny", *args, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    job = re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
+    state = cluster.wait(job, JOB_TIMEOUT_S)
+    logs = list((tmp_path / "logs").glob(f"*-{job}.out"))
+    many = _read(logs[0]) if logs else "(no log)"
+    assert state == "COMPLETED", many
+    assert world in many, many
+    for i in range(nodes):
+        assert f"node {i}/{nodes} on node{i}" in many, many
+    _no_walls(many)
+
+    port = str(_free_port())  # the same layout on one node, without Slurm
+    one_env = _env(tmp_path / "one", NPROC_PER_NODE=str(nodes), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, RDZV_ID=f"one-{port}", GLOO_SOCKET_IFNAME="lo", **layout)
+    one = subprocess.run(["bash", str(LAUNCH), *args], env=one_env, capture_output=True,
+                         text=True, timeout=JOB_TIMEOUT_S)
+    out = one.stdout + one.stderr
+    assert one.returncode == 0, out
+    assert world in out, out
+    reference = _losses(out)
+    assert [i for i, _ in reference] == list(range(1, ITERS + 1)), out
+    assert _losses(many) == reference, f"{nodes} nodes: {_losses(many)}\n1 node: {reference}"
 
 
 @pytest.mark.timeout(400)
 def test_dp_across_two_nodes_prints_the_losses_of_one_node(cluster, tmp_path):
     """DP=2 as one trainer on each of 2 nodes (submit.sh, NODES=2) and as two trainers on one
     node (launch.sh): the same lm_loss at every iteration, to the printed decimals."""
-    args = [f"training.train_iters={ITERS}", *COMMON]
-    env = _env(tmp_path, NODES="2")
-    done = cluster.run(str(SUBMIT), "tiny", *args, env=env)
-    assert done.returncode == 0, done.stdout + done.stderr
-    job = re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
+    _compare_with_one_node(cluster, tmp_path, 2, {}, "world 2 = TP 1 x PP 1 x CP 1 x DP 2")
 
-    # Meanwhile nothing: two cores. Then the same layout on one node, without Slurm.
-    state = cluster.wait(job, JOB_TIMEOUT_S)
-    logs = list((tmp_path / "logs").glob(f"*-{job}.out"))
-    two = _read(logs[0]) if logs else "(no log)"
-    assert state == "COMPLETED", two
-    assert "world 2 = TP 1 x PP 1 x CP 1 x DP 2" in two, two
-    assert re.search(r"node 0/2 on node0", two) and re.search(r"node 1/2 on node1", two), two
-    _no_walls(two)
 
-    port = str(_free_port())
-    one_env = _env(tmp_path / "one", NPROC_PER_NODE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, RDZV_ID=f"one-{port}", GLOO_SOCKET_IFNAME="lo")
-    one = subprocess.run(["bash", str(LAUNCH), *args], env=one_env, capture_output=True,
-                         text=True, timeout=JOB_TIMEOUT_S)
-    assert one.returncode == 0, one.stdout + one.stderr
-    assert "world 2 = TP 1 x PP 1 x CP 1 x DP 2" in one.stdout + one.stderr
-    reference = _losses(one.stdout + one.stderr)
-    assert [i for i, _ in reference] == list(range(1, ITERS + 1)), one.stdout + one.stderr
-    assert _losses(two) == reference, f"2 nodes: {_losses(two)}\n1 node:  {reference}"
+@FULL
+@pytest.mark.timeout(400)
+def test_pp_across_two_nodes_prints_the_losses_of_one_node(cluster, tmp_path):
+    """PP=2, one stage per node, against PP=2 on one node."""
+    _compare_with_one_node(cluster, tmp_path, 2, {"PP": "2"},
+                           "world 2 = TP 1 x PP 2 x CP 1 x DP 1")
+
+
+@FULL
+@pytest.mark.timeout(600)
+def test_tp_across_nodes_on_four_nodes_prints_the_losses_of_one_node(tmp_path_factory,
+                                                                      tmp_path):
+    """TP=2 x DP=2 with one trainer on each of 4 nodes (each TP pair spans two nodes),
+    against the same layout as 4 trainers on one node."""
+    reason = find_or_install_slurm()
+    if reason:
+        pytest.skip(reason)
+    with slurm_cluster(tmp_path_factory.mktemp("slurm4"), nodes=4) as four:
+        _compare_with_one_node(four, tmp_path, 4, {"TP": "2"},
+                               "world 4 = TP 2 x PP 1 x CP 1 x DP 2")
 
 
 @pytest.mark.timeout(500)
@@ -187,17 +221,46 @@ def test_usr1_saves_once_requeues_resumes_on_both_nodes_then_sigterm_saves_once(
     _no_walls(text)
 
 
+@FULL
+@pytest.mark.timeout(420)
+def test_time_limit_saves_once_requeues_and_resumes_on_both_nodes(cluster, tmp_path):
+    """--time=2 with EXIT_MARGIN_MINUTES=1.9: the trainers of both nodes stop by themselves
+    (training.exit_duration_in_mins=0.1) after their first iteration, save once and exit 0;
+    the script requeues, and the requeued job resumes on both nodes."""
+    log = tmp_path / "job.out"
+    env = _env(tmp_path, CKPT_DIR=str(tmp_path / "ckpt"), TRAIN_ITERS="100000",
+               EXIT_MARGIN_MINUTES="1.9")
+    job = cluster.sbatch([f"--output={log}", "--nodes=2", "--exclusive", "--time=2",
+                          "--signal=B:USR1@5", str(PRETRAIN), *COMMON], env=env, cwd=tmp_path)
+    text = _wait_for_log(cluster, job, log, r"resumed from checkpoint at iteration \d+")
+    before, after = text.split(f"requeueing job {job}")
+    assert re.search(r"exiting \d\.\d+ minutes after the job started "
+                     r"\(training\.exit_duration_in_mins=0\.1\)", before), before
+    saved = [int(i) for i in re.findall(r"saved checkpoint at iteration (\d+)", before)]
+    assert len(saved) == 1, before
+    assert "== trainers saved and stopped before the time limit" in before, before
+    assert "megatron-mile-node:" not in before, before  # no rank of any node failed
+    assert f"== job {job} (restart 1) on 2 node(s): node[0-1]" in after, text
+    text = _wait_for_log(cluster, job, log, rf"iteration {saved[0] + 1}/100000")
+    cluster.run("scancel", job)
+    cluster.wait(job, 60)
+    after = text.split(f"requeueing job {job}")[1]
+    assert f"resumed from checkpoint at iteration {saved[0]}" in after, after
+    assert "node 0/2 on node0" in after and "node 1/2 on node1" in after, after
+    _no_walls(text)
+
+
 # ---- Faults across nodes ---------------------------------------------------------------
 
 def _trainer_pids(cluster: SlurmCluster, node: str) -> list[int]:
-    """The trainers running on ``node`` (not its node agent, which names the module too)."""
+    """The trainers running on ``node`` (not its node agent, whose arguments name them)."""
     pids = []
     for pid in cluster.job_pids(node):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"megatron_mile.train" in cmd and b"megatron_mile.node_agent" not in cmd:
+        if cmd[1:3] == [b"-m", b"megatron_mile.train"]:  # python -m megatron_mile.train ...
             pids.append(pid)
     return pids
 
@@ -228,6 +291,7 @@ def _resubmit_resumes(cluster: SlurmCluster, tmp_path: Path, at_least: int) -> N
     cluster.wait(job, 60)
 
 
+@FULL
 @pytest.mark.timeout(500)
 def test_killed_trainers_on_one_node_end_the_job_cleanly_and_a_resubmission_resumes(cluster,
                                                                                     tmp_path):
@@ -256,6 +320,7 @@ def test_killed_trainers_on_one_node_end_the_job_cleanly_and_a_resubmission_resu
     _resubmit_resumes(cluster, tmp_path, at_least=4)
 
 
+@FULL
 @pytest.mark.timeout(500)
 def test_hung_node_is_ended_by_the_watchdog_within_the_timeout(cluster, tmp_path):
     log = tmp_path / "job.out"
@@ -285,6 +350,7 @@ def test_hung_node_is_ended_by_the_watchdog_within_the_timeout(cluster, tmp_path
     assert took < timeout_min * 60 + 45, f"the job ended {took:.0f} s after node1 froze"
 
 
+@FULL
 @pytest.mark.timeout(600)
 def test_lost_node_is_marked_down_and_the_job_requeues_and_resumes_when_it_returns(cluster,
                                                                                    tmp_path):
