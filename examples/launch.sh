@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Launch megatron-mile pretraining: one torchrun per node, c10d rendezvous on the first node.
+# Launch megatron-mile pretraining: one torchrun agent per node (megatron_mile/node_agent.py),
+# c10d rendezvous on the first node.
 # The one launcher behind local runs, docker/run.sh and the Slurm scripts in examples/slurm/.
 #
 # Usage (every setting is an environment variable; see the sections below):

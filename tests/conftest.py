@@ -6,8 +6,8 @@ tier (``-m "not slow"``), ``bash tests/run.sh`` everything. Helpers that run ins
 workers live in importable modules beside this file (``data_fixtures.py``,
 ``trainer_runs.py``): a worker cannot reach a conftest.
 
-Tests marked ``multinode_full`` (tests/test_multinode.py: faults across nodes, the time limit,
-PP across nodes, the 4-node case; about 8 minutes on 2 cores) are skipped, saying so, unless
+Tests marked ``multinode_full`` (tests/test_multinode.py: faults across nodes, PP across
+nodes, the 4-node case; about 7 minutes on 2 cores) are skipped, saying so, unless
 ``MILE_MULTINODE_FULL=1``: ``MILE_MULTINODE_FULL=1 bash tests/run.sh -k multinode``.
 """
 

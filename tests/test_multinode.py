@@ -14,8 +14,8 @@ host (tests/slurm_cluster.py: each node a slurmd with its own host name, loopbac
    (SIGSTOP), a node lost (slurmd and processes gone), each ending as promised there.
 4. PP across 2 nodes and TP across nodes on a 4-node cluster, against one node.
 
-Tests marked ``multinode_full`` (3., 4., the time limit) exceed the suite's time budget on 2
-cores and are skipped unless MILE_MULTINODE_FULL=1 (tests/conftest.py).
+Tests marked ``multinode_full`` (3. and 4.) exceed the suite's time budget on 2 cores and are
+skipped unless MILE_MULTINODE_FULL=1 (tests/conftest.py).
 
 Skipped, with the reason, where Slurm, munge or root are missing.
 """
@@ -221,7 +221,6 @@ def test_usr1_saves_once_requeues_resumes_on_both_nodes_then_sigterm_saves_once(
     _no_walls(text)
 
 
-@FULL
 @pytest.mark.timeout(420)
 def test_time_limit_saves_once_requeues_and_resumes_on_both_nodes(cluster, tmp_path):
     """--time=2 with EXIT_MARGIN_MINUTES=1.9: the trainers of both nodes stop by themselves
