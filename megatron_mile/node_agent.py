@@ -103,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        code = 1
+        codes = []
         for rank, failure in sorted(e.failures.items(), key=lambda kv: kv[1].timestamp):
             _say(f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) "
                  f"{_how(failure.exitcode)}")
-            if code == 1 and failure.exitcode != 0:
-                code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
-        return code
+            if failure.exitcode != 0:
+                codes.append(failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode)
+        return codes[0] if codes else 1  # the first failure's
     except Exception as e:  # noqa: BLE001 - torchrun's own failures: one line, not a traceback
         sigval = getattr(e, "sigval", None)
         if sigval is not None:  # SignalException: torchrun forwarded it and stopped its trainers
