@@ -97,6 +97,20 @@ def _wait_for_log(cluster: SlurmCluster, job: str, log: Path, pattern: str, coun
     pytest.fail(f"no {pattern!r} x{count} in job {job}'s log after {timeout_s} s:\n{_read(log)}")
 
 
+@pytest.fixture(autouse=True)
+def _cancel_jobs_left(request):
+    """A failed test must not leave its job holding the nodes for the next one."""
+    yield
+    if "cluster" in request.fixturenames:
+        c = request.getfixturevalue("cluster")
+        jobs = c.run("squeue", "--noheader", "--format=%i").stdout.split()
+        if jobs:
+            c.run("scancel", *jobs)
+            deadline = time.monotonic() + 60
+            while c.run("squeue", "--noheader").stdout.strip() and time.monotonic() < deadline:
+                time.sleep(1)
+
+
 def _no_walls(text: str) -> None:
     """No torchrun-agent logs or tracebacks, no second-signal exits, in a job's log."""
     for wall in ("Traceback", "ChildFailedError", "SignalException", "elastic/agent",
@@ -242,7 +256,7 @@ def test_time_limit_saves_once_requeues_and_resumes_on_both_nodes(cluster, tmp_p
     assert f"== job {job} (restart 1) on 2 node(s): node[0-1]" in after, text
     text = _wait_for_log(cluster, job, log, rf"iteration {saved[0] + 1}/100000")
     cluster.run("scancel", job)
-    cluster.wait(job, 60)
+    assert cluster.wait(job, 60) == "CANCELLED", _read(log)  # not requeued by the script
     after = text.split(f"requeueing job {job}")[1]
     assert f"resumed from checkpoint at iteration {saved[0]}" in after, after
     assert "node 0/2 on node0" in after and "node 1/2 on node1" in after, after
@@ -259,7 +273,9 @@ def _trainer_pids(cluster: SlurmCluster, node: str) -> list[int]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if cmd[1:3] == [b"-m", b"megatron_mile.train"]:  # python -m megatron_mile.train ...
+        # python [-u] -m megatron_mile.train ...: the first -m names the module it runs
+        if b"-m" in cmd and cmd[cmd.index(b"-m") + 1:cmd.index(b"-m") + 2] == [
+                b"megatron_mile.train"]:
             pids.append(pid)
     return pids
 
