@@ -266,16 +266,17 @@ def test_time_limit_saves_once_requeues_and_resumes_on_both_nodes(cluster, tmp_p
 # ---- Faults across nodes ---------------------------------------------------------------
 
 def _trainer_pids(cluster: SlurmCluster, node: str) -> list[int]:
-    """The trainers running on ``node`` (not its node agent, whose arguments name them)."""
+    """The trainers running on ``node``: the processes torchrun's agent started (LOCAL_RANK
+    in their environment) running megatron_mile.train; not the agent, whose arguments name
+    the module too."""
     pids = []
     for pid in cluster.job_pids(node):
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
             continue
-        # python [-u] -m megatron_mile.train ...: the first -m names the module it runs
-        if b"-m" in cmd and cmd[cmd.index(b"-m") + 1:cmd.index(b"-m") + 2] == [
-                b"megatron_mile.train"]:
+        if b"megatron_mile.train" in cmd and b"\0LOCAL_RANK=" in env:
             pids.append(pid)
     return pids
 
