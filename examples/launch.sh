@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Launch megatron-mile pretraining: one torchrun per node, c10d rendezvous on the first node.
+# Launch megatron-mile pretraining: one torchrun agent per node (megatron_mile/node_agent.py),
+# c10d rendezvous on the first node.
 # The one launcher behind local runs, docker/run.sh and the Slurm scripts in examples/slurm/.
 #
 # Usage (every setting is an environment variable; see the sections below):
@@ -100,7 +101,8 @@ AUTO_RESUME=${AUTO_RESUME:-true}
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-}
 TRAIN_MODULE=${TRAIN_MODULE:-megatron_mile.train}
 TRAIN_SCRIPT=${TRAIN_SCRIPT:-}             # a script path instead of TRAIN_MODULE
-# Seconds torchrun gives the trainers to save after a SIGTERM/SIGUSR1 before it kills them.
+# Seconds the node agent (torchrun's) gives the trainers to save after a signal it forwarded
+# (a launch by hand) or a failed rank, before it kills them.
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-600}
 
 # Append KEY=VALUE to the array named $1 when VALUE is not empty.
@@ -227,12 +229,18 @@ DISTRIBUTED_ARGS=(
     --rdzv-id="$RDZV_ID"
     --rdzv-conf="is_host=$is_host"
     --max-restarts=0
-    # Forward SIGUSR1 (Slurm's pre-timeout signal) to the trainers as well, and give them
+    # By hand: forward SIGUSR1 (a pre-timeout signal) to the trainers as well, and give them
     # time to save before torchrun kills them.
     "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
     --shutdown-timeout="$SHUTDOWN_TIMEOUT"
 )
+# Who signals the trainers: inside a Slurm job step, Slurm itself sends SIGTERM/SIGUSR1 to
+# every process of the step, trainers included, so the node agent forwards nothing (a second
+# copy would make a trainer exit without saving); by hand, the agent forwards them.
+if [[ -n ${SLURM_STEP_ID:-} ]]; then export MILE_SIGNALS=slurm; else export MILE_SIGNALS=forward; fi
 
 echo "launch.sh: node $NODE_RANK/$NNODES on $(hostname -s): $NPROC_PER_NODE x $DEVICE," \
      "rendezvous $MASTER_ADDR:$MASTER_PORT id $RDZV_ID" >&2
-run torchrun "${DISTRIBUTED_ARGS[@]}" "${ENTRY[@]}" "${TRAINER_ARGS[@]}"
+# torchrun's agent, with one line per event instead of its logs and tracebacks
+# (megatron_mile/node_agent.py); same arguments as torchrun.
+run "${PYTHON:-python}" -m megatron_mile.node_agent "${DISTRIBUTED_ARGS[@]}" "${ENTRY[@]}" "${TRAINER_ARGS[@]}"

@@ -1,14 +1,27 @@
-"""A throw-away one-node Slurm cluster for tests: munged, slurmctld and slurmd on loopback.
+"""A throw-away N-node Slurm cluster on one host for tests: munged, slurmctld and one slurmd
+per node, all on loopback addresses.
 
-    with slurm_cluster(tmp_path) as cluster:
-        job = cluster.sbatch(["--nodes=1", "examples/slurm/pretrain.sbatch"], env=...)
+    with slurm_cluster(tmp_path, nodes=2) as cluster:
+        job = cluster.sbatch(["--nodes=2", "examples/slurm/pretrain.sbatch"], env=...)
         assert cluster.wait(job, timeout_s=300) == "COMPLETED"
 
+Each node is its own ``slurmd`` in its own UTS and mount namespace (``unshare --uts --mount``):
+its own host name (``node0``, ``node1``, ...), its own loopback address (``127.0.0.11``,
+``.12``, ...), its own port (``Port=`` in slurm.conf), spool directory and pid and log files
+(``%n`` in slurm.conf), and a private ``/etc/hosts`` (bind-mounted inside its namespace) that
+names every node, so a job step on ``node1`` resolves ``node0`` to ``127.0.0.11`` as on a real
+cluster: torchrun's rendezvous and gloo's sockets use those addresses. Job steps inherit the
+namespaces of the slurmd that started them, so a node's processes are found by its UTS
+namespace (:meth:`SlurmCluster.node_pids`): frozen (a hung node), killed with the slurmd (a
+lost node, :meth:`SlurmCluster.kill_node`) and started again
+(:meth:`SlurmCluster.start_node`).
+
 Everything lives under one temporary directory: the munge key and socket, slurm.conf (free
-loopback ports, not Slurm's defaults), state, spool, logs and pid files, so a cluster never
-touches /etc/slurm or another cluster on the same machine. On exit, also after a failure,
-the cluster cancels its jobs, stops its daemons by pid, and ends any process still carrying
-this cluster's SLURM_CONF in its environment (job steps a daemon left behind).
+ports, not Slurm's defaults), state, spool, logs and pid files, so a cluster never touches
+/etc/slurm or another cluster on the same machine. On exit, also after a failure, the cluster
+cancels its jobs, stops its daemons by pid, then kills every process left in its nodes'
+namespaces and any process still carrying this cluster's SLURM_CONF in its environment.
+Namespaces and slurmd need root: without it ``find_or_install_slurm`` returns the skip reason.
 
 Needs Debian's slurmctld, slurmd, slurm-client and munge (Slurm 22.05 on Debian 12):
 ``find_or_install_slurm`` installs them with apt-get when missing and this is root, and
@@ -68,6 +81,10 @@ def apt_install(packages: Sequence[str], timeout_s: float = 600) -> str | None:
 
 def find_or_install_slurm() -> str | None:
     """Return None when Slurm and munge are usable, else why not (a skip reason)."""
+    if os.geteuid() != 0:
+        return "the test Slurm cluster needs root (slurmd, unshare --uts --mount)"
+    if _which("unshare") is None:
+        return "unshare (util-linux) is missing: the test cluster's nodes need it"
     if not _missing_binaries():
         return None
     reason = apt_install(PACKAGES)
@@ -92,15 +109,41 @@ def _wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2) -
     raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+def node_address(index: int) -> str:
+    """The loopback address of node ``index``: 127.0.0.11, .12, ..."""
+    return f"127.0.0.{11 + index}"
+
+
+def _uts_ns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/uts")
+    except OSError:
+        return None
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 @dataclass
 class SlurmCluster:
-    """A running cluster: ``env`` makes the Slurm clients talk to it."""
+    """A running cluster: ``env`` makes the Slurm clients talk to it; ``nodes`` are the node
+    names in order, ``procs`` the daemons (``munged``, ``slurmctld``, ``slurmd-node0``, ...)."""
 
     root: Path
-    node: str
+    nodes: list[str]
     cpus: int
     env: dict[str, str]
+    conf: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    namespaces: dict[str, str] = field(default_factory=dict)  # node -> its UTS namespace
+
+    @property
+    def node(self) -> str:
+        return self.nodes[0]
 
     def run(self, *cmd: str, env: Mapping[str, str] | None = None,
             timeout_s: float = 30) -> subprocess.CompletedProcess:
@@ -143,9 +186,72 @@ class SlurmCluster:
             raise TimeoutError(f"{e}; states seen: {seen}\n{self.logs()}") from None
         return seen[-1]
 
+    def node_states(self) -> dict[str, str]:
+        """``sinfo`` per node: name -> state (``idle``, ``allocated``, ``down*``, ...)."""
+        out = self.run("sinfo", "--noheader", "--Node", "--format=%N %T").stdout
+        return dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+
+    def wait_idle(self, timeout_s: float = 60) -> None:
+        """Wait until every node is idle (registered, no job)."""
+        def idle() -> bool:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}\n{self.logs()}")
+            states = self.node_states()
+            return set(states) == set(self.nodes) and all(
+                s.rstrip("*") == "idle" for s in states.values())
+
+        _wait_for(idle, timeout_s, f"nodes {self.nodes} to be idle")
+
+    def node_pids(self, node: str) -> list[int]:
+        """Every process in ``node``'s namespaces: its slurmd and its job steps."""
+        ns = self.namespaces.get(node)
+        if ns is None:
+            return []
+        return [int(e.name) for e in Path("/proc").iterdir()
+                if e.name.isdigit() and _uts_ns(int(e.name)) == ns]
+
+    def job_pids(self, node: str) -> list[int]:
+        """The processes of the jobs running on ``node`` (all but slurmd and slurmstepd)."""
+        return [p for p in self.node_pids(node) if _comm(p) not in ("slurmd", "slurmstepd")]
+
+    def kill_node(self, node: str) -> None:
+        """A lost node: SIGKILL its slurmd and every process in its namespaces."""
+        proc = self.procs.pop(f"slurmd-{node}", None)
+        for pid in self.node_pids(node):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proc is not None:
+            proc.wait(10)
+
+    def start_node(self, node: str) -> None:
+        """Start ``node``'s slurmd in new namespaces (again, after :meth:`kill_node`)."""
+        index = self.nodes.index(node)
+        hosts = self.root / "hosts"
+        # unshare execs sh, which execs slurmd: the Popen's pid is the slurmd's.
+        script = (f"hostname {node} && mount --bind {hosts} /etc/hosts && "
+                  f"exec {_which('slurmd')} -D -f {self.conf}")
+        proc = subprocess.Popen(
+            [_which("unshare"), "--uts", "--mount", "sh", "-c", script], env=self.env,
+            stdout=(self.root / "log" / f"slurmd-{node}.out").open("ab"),
+            stderr=subprocess.STDOUT)
+        self.procs[f"slurmd-{node}"] = proc
+        ours = _uts_ns(os.getpid())
+
+        def unshared() -> bool:
+            if proc.poll() is not None:
+                out = (self.root / "log" / f"slurmd-{node}.out").read_text(errors="replace")
+                raise RuntimeError(f"slurmd on {node} ({node_address(index)}) exited with "
+                                   f"{proc.returncode}: {out}")
+            ns = _uts_ns(proc.pid)
+            return ns is not None and ns != ours
+
+        _wait_for(unshared, 10, f"{node}'s namespaces", 0.05)
+        self.namespaces[node] = _uts_ns(proc.pid)
+
     def logs(self, tail: int = 30) -> str:
         out = []
-        for name in ("slurmctld.log", "slurmd.log"):
+        for name in ("slurmctld.log", *(f"slurmd-{n}.log" for n in self.nodes)):
             path = self.root / "log" / name
             if path.exists():
                 lines = path.read_text(errors="replace").splitlines()[-tail:]
@@ -153,24 +259,27 @@ class SlurmCluster:
         return "\n".join(out)
 
 
-def _slurm_conf(root: Path, node: str, cpus: int, munge_socket: Path) -> str:
+def _slurm_conf(root: Path, nodes: Sequence[str], cpus: int, munge_socket: Path) -> str:
     d = {k: root / k for k in ("state", "spool", "log", "run")}
+    ctl = socket.gethostname().split(".")[0]
+    node_lines = "\n".join(
+        f"NodeName={n} NodeAddr={node_address(i)} NodeHostname={n} Port={_free_port()} "
+        f"CPUs={cpus} State=UNKNOWN" for i, n in enumerate(nodes))
     return f"""\
 ClusterName=miletest
-SlurmctldHost={node}(127.0.0.1)
+SlurmctldHost={ctl}(127.0.0.1)
 SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={munge_socket},cred_expire=10
 StateSaveLocation={d['state']}
-SlurmdSpoolDir={d['spool']}
+SlurmdSpoolDir={d['spool']}/%n
 SlurmctldPidFile={d['run']}/slurmctld.pid
-SlurmdPidFile={d['run']}/slurmd.pid
+SlurmdPidFile={d['run']}/slurmd-%n.pid
 SlurmctldLogFile={d['log']}/slurmctld.log
-SlurmdLogFile={d['log']}/slurmd.log
+SlurmdLogFile={d['log']}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -187,10 +296,19 @@ ReturnToService=2
 JobRequeue=1
 KillWait=10
 MinJobAge=600
+SlurmdTimeout=10
+MessageTimeout=5
 PlugStackConfig={root}/plugstack.conf
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=debug Nodes={",".join(nodes)} Default=YES MaxTime=INFINITE State=UP
 """
+
+
+def _hosts_file(nodes: Sequence[str]) -> str:
+    """The nodes' private /etc/hosts: every node by name, on loopback."""
+    lines = ["127.0.0.1 localhost"]
+    lines += [f"{node_address(i)} {n}" for i, n in enumerate(nodes)]
+    return "\n".join(lines) + "\n"
 
 
 def _pids_with_env(marker: str) -> list[int]:
@@ -219,14 +337,18 @@ def _stop(proc: subprocess.Popen, timeout_s: float = 10) -> None:
 
 
 @contextlib.contextmanager
-def slurm_cluster(root: Path, cpus: int | None = None,
+def slurm_cluster(root: Path, nodes: int = 1, cpus: int | None = None,
                   start_timeout_s: float = 60) -> Iterator[SlurmCluster]:
-    """Start munged, slurmctld and slurmd under ``root``; stop all of them on exit."""
+    """Start munged, slurmctld and ``nodes`` slurmds under ``root``; stop all on exit."""
+    if not 1 <= nodes <= 200:
+        raise ValueError(f"nodes={nodes}: 1 to 200 (127.0.0.11 to 127.0.0.210)")
     root = Path(root).resolve()
     cpus = cpus or os.cpu_count() or 1
-    node = socket.gethostname().split(".")[0]
+    names = [f"node{i}" for i in range(nodes)]
     for sub in ("state", "spool", "log", "run"):
         (root / sub).mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (root / "spool" / n).mkdir(exist_ok=True)
     # munged insists on a key only its owner can read and a socket directory every user can
     # reach, so that directory lives directly under /tmp (a test's tmp_path is private).
     munge = Path(tempfile.mkdtemp(prefix="mile-munge-"))
@@ -236,13 +358,14 @@ def slurm_cluster(root: Path, cpus: int | None = None,
     key.chmod(0o400)
     munge_socket = munge / "munge.socket"
     (root / "plugstack.conf").write_text("")  # no site SPANK plugins (pyxis) in tests
+    (root / "hosts").write_text(_hosts_file(names))
     conf = root / "slurm.conf"
-    conf.write_text(_slurm_conf(root, node, cpus, munge_socket))
+    conf.write_text(_slurm_conf(root, names, cpus, munge_socket))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     for var in [v for v in env if v.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
         if var != "SLURM_CONF":
             del env[var]  # an outer allocation must not leak into this cluster's jobs
-    cluster = SlurmCluster(root=root, node=node, cpus=cpus, env=env)
+    cluster = SlurmCluster(root=root, nodes=names, cpus=cpus, env=env, conf=conf)
     marker = f"SLURM_CONF={conf}"
     try:
         cluster.procs["munged"] = subprocess.Popen(
@@ -258,19 +381,12 @@ def slurm_cluster(root: Path, cpus: int | None = None,
             return munge_socket.exists()
 
         _wait_for(munge_up, start_timeout_s, "munged's socket")
-        for daemon in ("slurmctld", "slurmd"):
-            cluster.procs[daemon] = subprocess.Popen(
-                [_which(daemon), "-D", "-f", str(conf)], env=env,
-                stdout=(root / "log" / f"{daemon}.out").open("wb"), stderr=subprocess.STDOUT)
-
-        def node_idle() -> bool:
-            for name, proc in cluster.procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}\n{cluster.logs()}")
-            out = cluster.run("sinfo", "--noheader", "--format=%T").stdout
-            return out.strip().rstrip("*") == "idle"
-
-        _wait_for(node_idle, start_timeout_s, f"node {node} to be idle")
+        cluster.procs["slurmctld"] = subprocess.Popen(
+            [_which("slurmctld"), "-D", "-f", str(conf)], env=env,
+            stdout=(root / "log" / "slurmctld.out").open("wb"), stderr=subprocess.STDOUT)
+        for n in names:
+            cluster.start_node(n)
+        cluster.wait_idle(start_timeout_s)
         yield cluster
     finally:
         _teardown(cluster, marker)
@@ -286,9 +402,17 @@ def _teardown(cluster: SlurmCluster, marker: str) -> None:
                 cluster.run("scancel", *jobs)
                 _wait_for(lambda: not cluster.run("squeue", "--noheader").stdout.strip(),
                           30, "cancelled jobs to end")
-    for name in ("slurmd", "slurmctld", "munged"):
+    for name in [n for n in cluster.procs if n.startswith("slurmd-")]:
+        _stop(cluster.procs[name])
+    for name in ("slurmctld", "munged"):
         if name in cluster.procs:
             _stop(cluster.procs[name])
-    for pid in _pids_with_env(marker):  # job steps and their children left behind
+    # Whatever is left in a node's namespaces (stopped or orphaned job steps), then job
+    # steps elsewhere that carry this cluster's configuration.
+    for node in cluster.nodes:
+        for pid in cluster.node_pids(node):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for pid in _pids_with_env(marker):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

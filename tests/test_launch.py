@@ -105,7 +105,8 @@ def test_variables_become_trainer_overrides():
                     CKPT_DIR="/ckpt/run", TENSORBOARD_DIR="/tb/run", NPROC_PER_NODE="8")
     assert done.returncode == 0, done.stderr
     words = done.stdout.split()
-    assert words[0] == "torchrun" and "--nproc-per-node=8" in words
+    assert words[:3] == ["python", "-m", "megatron_mile.node_agent"], words  # torchrun's agent
+    assert "--nproc-per-node=8" in words
     trainer = words[words.index("megatron_mile.train") + 1:]
     assert trainer[:2] == ["--config", "llama_6.7b"]
     expected = [

@@ -1,0 +1,127 @@
+"""torchrun for one node of a megatron-mile job, with one line per event instead of torchrun's
+logs and traceback walls, and a choice of who signals the trainers.
+
+    python -m megatron_mile.node_agent [torchrun arguments] -m megatron_mile.train ...
+
+examples/launch.sh starts this on every node (``torchrun``'s arguments, unchanged). It runs
+torchrun's own agent (``torch.distributed.run``) and differs in two ways:
+
+* **Signals.** With ``MILE_SIGNALS=slurm`` (launch.sh sets it inside a Slurm job step) the
+  agent does not pass SIGTERM, SIGINT or SIGUSR1 on to the trainers: Slurm delivers a step's
+  signals (``scancel``, the time limit, ``srun`` forwarding the batch script's SIGUSR1) to
+  every process of the step, the trainers included, so a second copy from torchrun would
+  reach each trainer twice, and a second SIGTERM means "exit now, without saving"
+  (megatron_mile/training/watchdog.py). The agent notes the signal and waits for its trainers,
+  which save and exit 0; it then exits 0. It ignores SIGUSR1, and its trainers inherit
+  that until they install their own handler: a SIGUSR1 (a warning, not a stop) that arrives
+  while a trainer starts up is dropped instead of killing it. Otherwise (``MILE_SIGNALS=forward``, the default:
+  a launch by hand) torchrun forwards them as usual (``--signals-to-handle``).
+* **Logs.** torchrun's agent logs (warnings about closing signals, ``ChildFailedError``
+  tables and tracebacks) are off. When a trainer fails, the agent prints one line naming the
+  node, the global and local rank, the pid and how it ended, then exits with that rank's exit
+  code (128 + N when signal N killed it), so that ``srun --kill-on-bad-exit`` ends the job.
+  The failing trainer's own message (one line for the failures the trainer knows, a
+  traceback for a bug) stays in the log above it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+
+PROG = "megatron-mile-node"
+_QUIET = ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")
+_SLURM_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def _node() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"{PROG}: {_node()}: {message}\n")
+    sys.stderr.flush()
+
+
+def _quiet_torchrun() -> None:
+    """torchrun's loggers (created at import, each with its own level) to errors only."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(_QUIET):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _how(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    what = {3: " (a peer rank died or hung)", 2: " (bad input)", 1: " (the run failed)"}
+    return f"exited with {exitcode}{what.get(exitcode, '')}"
+
+
+def _import_torchrun():
+    """torch.distributed.run, with torch's C++ warnings off in this process only (the c10d
+    store's "recvValue failed ... frame #0 ..." walls when a node goes away); the trainers
+    it starts get the environment as it was."""
+    before = os.environ.get("TORCH_CPP_LOG_LEVEL")
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.run import parse_args, run
+    finally:
+        if before is None:
+            del os.environ["TORCH_CPP_LOG_LEVEL"]
+        else:
+            os.environ["TORCH_CPP_LOG_LEVEL"] = before
+    return ChildFailedError, parse_args, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    ChildFailedError, parse_args, run = _import_torchrun()
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    _quiet_torchrun()
+    received: list[str] = []
+    if os.environ.get("MILE_SIGNALS", "forward") == "slurm":
+        # Slurm signals the trainers itself: note the signal, forward nothing, wait for them.
+        handled = {s.strip() for s in args.signals_to_handle.split(",")}
+        args.signals_to_handle = ",".join(
+            sorted(handled - {s.name for s in _SLURM_SIGNALS})) or "SIGHUP"
+
+        def note(signum, frame) -> None:
+            received.append(signal.Signals(signum).name)
+
+        signal.signal(signal.SIGTERM, note)
+        signal.signal(signal.SIGINT, note)
+        # Ignored, and so ignored by the trainers until they install their handler: a
+        # SIGUSR1 (a warning, not a stop) while a trainer starts must not kill it.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        run(args)
+    except ChildFailedError as e:
+        codes = []
+        for rank, failure in sorted(e.failures.items(), key=lambda kv: kv[1].timestamp):
+            _say(f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) "
+                 f"{_how(failure.exitcode)}")
+            if failure.exitcode != 0:
+                codes.append(failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode)
+        return codes[0] if codes else 1  # the first failure's
+    except Exception as e:  # noqa: BLE001 - torchrun's own failures: one line, not a traceback
+        sigval = getattr(e, "sigval", None)
+        if sigval is not None:  # SignalException: torchrun forwarded it and stopped its trainers
+            _say(f"got {signal.Signals(sigval).name}: passed it to the trainers and stopped them")
+            return 128 + int(sigval)
+        _say(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        return 1
+    if received and os.environ.get("SLURM_NODEID", "0") == "0":  # one line, from node 0
+        _say(f"got {', '.join(sorted(set(received)))} (as did every trainer, from Slurm); "
+             "the trainers exited 0")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

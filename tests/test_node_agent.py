@@ -1,0 +1,101 @@
+"""megatron_mile/node_agent.py without launching anything: torchrun's ``run`` replaced by a
+stand-in that records its arguments or raises what torchrun raises. (The real thing runs in
+every Slurm job of tests/test_slurm.py and tests/test_multinode.py.)"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+from torch.distributed.run import parse_args
+
+from megatron_mile import node_agent
+
+ARGS = ["--nnodes=2", "--nproc-per-node=2",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "-m", "megatron_mile.train"]
+
+
+@pytest.fixture
+def agent(monkeypatch):
+    """Run node_agent.main with ``behaviour(args)`` as torchrun's run; return (rc, seen)."""
+    seen = {}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+
+    def start(behaviour, mode):
+        monkeypatch.setenv("MILE_SIGNALS", mode)
+        monkeypatch.setenv("SLURM_NODEID", "0")
+
+        def run(args):
+            seen["signals_to_handle"] = args.signals_to_handle
+            seen["usr1"] = signal.getsignal(signal.SIGUSR1)
+            behaviour(args)
+
+        monkeypatch.setattr(node_agent, "_import_torchrun",
+                            lambda: (ChildFailedError, parse_args, run))
+
+        def torchrun_would_forward(signum, frame):  # what torchrun's own handler does
+            raise RuntimeError(f"forwarded {signal.Signals(signum).name} to the trainers")
+
+        signal.signal(signal.SIGTERM, torchrun_would_forward)
+        return node_agent.main(ARGS), seen
+
+    yield start
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+def _failure(local_rank: int, exitcode: int, at: float) -> ProcessFailure:
+    f = ProcessFailure(local_rank=local_rank, pid=100 + local_rank, exitcode=exitcode,
+                       error_file="<N/A>")
+    f.timestamp = at
+    return f
+
+
+def test_under_slurm_the_agent_forwards_no_term_int_usr1(agent, capsys):
+    def trainers_get_sigterm_from_slurm(args):
+        signal.raise_signal(signal.SIGTERM)  # noted, not forwarded
+        signal.raise_signal(signal.SIGUSR1)  # ignored (and so by a starting trainer)
+
+    rc, seen = agent(trainers_get_sigterm_from_slurm, "slurm")
+    assert rc == 0
+    assert set(seen["signals_to_handle"].split(",")) == {"SIGHUP", "SIGQUIT"}
+    assert seen["usr1"] == signal.SIG_IGN
+    assert capsys.readouterr().err.endswith(
+        "got SIGTERM (as did every trainer, from Slurm); the trainers exited 0\n")
+
+
+def test_by_hand_the_agent_forwards_as_torchrun_does(agent):
+    rc, seen = agent(lambda args: None, "forward")
+    assert rc == 0
+    assert seen["signals_to_handle"] == "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+def test_failed_ranks_are_one_line_each_and_the_first_failure_is_the_exit_code(agent, capsys):
+    def two_failures(args):
+        raise ChildFailedError("megatron_mile.train", {3: _failure(1, -9, 2.0),
+                                                       2: _failure(0, 3, 1.0)})
+
+    rc, _ = agent(two_failures, "slurm")
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 3
+    assert [line.split(": ", 2)[2] for line in err] == [
+        "rank 2 (local rank 0, pid 100) exited with 3 (a peer rank died or hung)",
+        "rank 3 (local rank 1, pid 101) was killed by SIGKILL"]
+    assert all(line.startswith("megatron-mile-node: ") for line in err)
+
+
+def test_a_rank_killed_first_gives_128_plus_the_signal(agent, capsys):
+    rc, _ = agent(lambda args: (_ for _ in ()).throw(
+        ChildFailedError("t", {1: _failure(0, -9, 1.0)})), "slurm")
+    assert rc == 137
+
+
+def test_torchrun_errors_are_one_line(agent, capsys):
+    def rendezvous_fails(args):
+        raise RuntimeError("The connection to the C10d store has failed.\n  details")
+
+    rc, _ = agent(rendezvous_fails, "slurm")
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "RuntimeError: The connection to the C10d store has failed. details" in err
