@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_mile.errors import ConfigError
 from megatron_mile.data.config import DataConfig
 from megatron_mile.fusions import TRANSFORMER_IMPLS, Kernels, resolve_transformer_impl
 from megatron_mile.loss.config import LossConfig
@@ -28,8 +29,6 @@ from megatron_mile.loss.config import LossConfig
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
 def _positive(section: str, **values: Any) -> None:

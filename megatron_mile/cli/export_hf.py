@@ -47,23 +47,19 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from megatron_mile.config import ConfigError
-    from megatron_mile.data.integrity import DataError
+    from megatron_mile.errors import INPUT_ERRORS, cli_error
     from megatron_mile.evaluation.hf_export import export_checkpoint
     from megatron_mile.launch import default_single_process_env
-    from megatron_mile.training.checkpointing import CheckpointError
 
     default_single_process_env()
     try:
         config = export_checkpoint(args.load, args.output, dtype=args.dtype,
                                    trim_vocab=args.trim_vocab, iteration=args.iteration,
                                    overrides=args.overrides, overwrite=args.overwrite)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError,
-            FileExistsError) as e:
-        print(f"megatron-mile-export-hf: {type(e).__name__}: {e}", file=sys.stderr)
+    except INPUT_ERRORS as e:
         if dist.is_initialized():
             dist.destroy_process_group()
-        return 2
+        return cli_error(parser.prog, e)
     if dist.get_rank() == 0:
         info = config["megatron_mile"]
         print(f"exported iteration {info['iteration']} of {args.load} ({info['loss']}) to "

@@ -36,6 +36,7 @@ from megatron_mile.config import ConfigError, TrainConfig
 from megatron_mile.cpu_compat import cuda_available
 from megatron_mile.data.datasets import build_data_loader, build_datasets, build_tokenizer
 from megatron_mile.data.tokenizer import vocabulary_digest
+from megatron_mile.errors import EXIT_FAILED, MileError
 from megatron_mile.fusions import Kernels, kernel_notice, resolve_transformer_impl
 from megatron_mile.launch import job_start_time
 from megatron_mile.loss import LossNormalizer, WeightedCrossEntropy
@@ -51,8 +52,11 @@ _SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _PAIR_KEYS = ("lm_loss", "objective", "entropy", "weight", "alpha")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss, the gradient norm or the parameters became NaN or inf."""
+class NonFiniteLossError(MileError, RuntimeError):
+    """The loss, the gradient norm or the parameters became NaN or inf (exit 1: the run
+    failed; the last published checkpoint is intact)."""
+
+    exit_code = EXIT_FAILED
 
 
 class _WorldFlags(NamedTuple):
