@@ -606,7 +606,7 @@ def import_to_checkpoint(hf_folder: str, out_dir: str, *, config: Optional[str] 
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_mile.config import load_config
+    from megatron_mile.run_config import load_run_config
     from megatron_mile.model import padded_vocab_size
     from megatron_mile.training.builders import build_model, initialize_parallel
     from megatron_mile.training.checkpointing import save_checkpoint
@@ -618,7 +618,7 @@ def import_to_checkpoint(hf_folder: str, out_dir: str, *, config: Optional[str] 
     data = ([f"data.tokenizer_model={os.path.abspath(hf_folder)}", "data.vocab_size=null"]
             if has_tokenizer else [f"data.vocab_size={hf.get('vocab_size')}",
                                    "data.tokenizer_model=null"])
-    cfg = load_config(config, ["data.mock=true", "data.num_workers=0", *data,
+    cfg = load_run_config(config, ["data.mock=true", "data.num_workers=0", *data,
                                f"precision.dtype={dtype}",
                                *(overrides or []),
                                f"checkpoint.init_from_hf={os.path.abspath(hf_folder)}"],

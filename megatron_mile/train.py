@@ -18,11 +18,11 @@ import json
 import os
 import sys
 
-from megatron_mile.config import load_config
 from megatron_mile.errors import EXIT_FAILED, INPUT_ERRORS, ConfigError, MileError, cli_error
 from megatron_mile.cpu_compat import cuda_available
 from megatron_mile.launch import default_single_process_env
 from megatron_mile.log_filters import install_warning_filters
+from megatron_mile.run_config import load_run_config
 
 PROG = "megatron-mile-train"
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     default_single_process_env()  # plain `python -m`: a world of one
     install_warning_filters(cuda=cuda_available())
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_run_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         return cli_error(PROG, e, "configuration error")
     from megatron_mile.training.trainer import Trainer

@@ -41,6 +41,7 @@ from megatron_mile.fusions import Kernels, kernel_notice, resolve_transformer_im
 from megatron_mile.launch import job_start_time
 from megatron_mile.loss import LossNormalizer, WeightedCrossEntropy
 from megatron_mile.model import flops_per_token, num_parameters, padded_vocab_size
+from megatron_mile.run_config import resolve_model
 from megatron_mile.training import checkpointing
 from megatron_mile.training.checkpoint_lock import CheckpointLock
 from megatron_mile.training.builders import build_model, build_optimizer, initialize_parallel
@@ -94,7 +95,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        cfg = self.cfg
+        cfg = resolve_model(self.cfg)  # init_from_hf's family and shape, before the layout
         self.device = initialize_parallel(cfg)
         world_size = dist.get_world_size()
         self.rank = dist.get_rank()
