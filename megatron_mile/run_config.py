@@ -34,10 +34,12 @@ def resolve_model(cfg: TrainConfig) -> TrainConfig:
         ConfigError: unreadable config.json, a model the family cannot represent, a field
             that disagrees, or an unknown ``model.family``.
     """
-    from megatron_mile.checkpoint_hf import apply_hf_model_config
+    from megatron_mile.hf.config import apply_hf_model_config
+    from megatron_mile.models import get_family
 
     if cfg.checkpoint.init_from_hf:
         apply_hf_model_config(cfg)
+    get_family(cfg.model.family)
     return cfg
 
 

@@ -9,7 +9,8 @@ its config) into --output, a new or empty folder outside --load (--overwrite rep
 Hugging Face files of an existing one, an older export's shards and index included; bad input:
 one line, exit 2). The vocabulary is cut to the real one (training leaves the rows
 padded for TP out of the softmax); --no-trim-vocab keeps the padded rows. See
-megatron_mile/evaluation/hf_export.py for the name map and conventions, docs/evaluation.md for
+megatron_mile/hf/export.py and the family's megatron_mile/models/<family>.py for the name map
+and conventions, docs/evaluation.md for
 lm-evaluation-harness. Needs `safetensors`.
 Also ``python -m megatron_mile.cli.export_hf`` and ``python tools/export_hf.py``.
 """
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from megatron_mile.errors import INPUT_ERRORS, cli_error
-    from megatron_mile.evaluation.hf_export import export_checkpoint
+    from megatron_mile.hf.export import export_checkpoint
     from megatron_mile.launch import default_single_process_env
 
     default_single_process_env()

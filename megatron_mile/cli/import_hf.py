@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from megatron_mile.checkpoint_hf import import_to_checkpoint
+    from megatron_mile.hf.importer import import_to_checkpoint
     from megatron_mile.errors import INPUT_ERRORS, cli_error
     from megatron_mile.launch import default_single_process_env, initialize_distributed
 
