@@ -1,4 +1,5 @@
-"""Convert a megatron-mile checkpoint (any TP/PP layout) to a Hugging Face LlamaForCausalLM.
+"""Convert a megatron-mile checkpoint (any TP/PP layout) to a Hugging Face model folder of its
+model family (model.family; LlamaForCausalLM for llama, docs/models.md).
 
     megatron-mile-export-hf --load runs/mile --output hf/mile
     python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('hf/mile')"

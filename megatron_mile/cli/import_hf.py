@@ -1,4 +1,5 @@
-"""Convert a Hugging Face LlamaForCausalLM folder into a megatron-mile checkpoint.
+"""Convert a Hugging Face model folder of a known model family (LlamaForCausalLM; see
+docs/models.md) into a megatron-mile checkpoint.
 
     megatron-mile-import-hf --hf /models/llama-2-7b --output ckpt/llama2-7b-import
     megatron-mile-train --config llama_6.7b checkpoint.init_from_hf=/models/llama-2-7b \\
