@@ -97,7 +97,7 @@ class ModelConfig:
     family: str = "llama"
     """Model family (``megatron_mile/models/``): its layer choices and Hugging Face tensor
     names. With checkpoint.init_from_hf it is inferred from config.json's architecture.
-    Known: 'llama'."""
+    Known: 'llama', 'qwen2' (Qwen2 and Qwen2.5)."""
 
     def __post_init__(self) -> None:
         _positive("model", num_layers=self.num_layers, hidden_size=self.hidden_size,
@@ -431,8 +431,9 @@ class CheckpointConfig:
     iterations and style, weight decay) even where the config differs (Megatron-LM's
     --use-checkpoint-opt_param-scheduler). By default a difference is an error."""
     init_from_hf: Optional[str] = None
-    """A local Hugging Face LlamaForCausalLM folder (config.json + safetensors, single or
-    sharded): a run that starts without a checkpoint of its own loads its weights into the
+    """A local Hugging Face folder of a known model family (docs/models.md: LlamaForCausalLM,
+    Qwen2ForCausalLM; config.json + safetensors, single or sharded; model.family comes from
+    config.json): a run that starts without a checkpoint of its own loads its weights into the
     configured layout (any TP/PP/VPP/DP), with a fresh optimizer and the configured schedule;
     a resumed run ignores it. The model's shape fields (hidden_size, num_layers, heads,
     num_query_groups, ffn_hidden_size, norm_epsilon, rotary_base, untie_embeddings,

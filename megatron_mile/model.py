@@ -334,6 +334,8 @@ def num_parameters(cfg: TrainConfig, vocab_size: int) -> dict[str, int]:
     h, L, ffn = m.hidden_size, m.num_layers, m.ffn_size
     kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
     per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn + 2 * h  # qkv, proj, SwiGLU, 2 norms
+    if get_family(m.family).add_qkv_bias:
+        per_layer += h + 2 * kv
     embedding = vocab_size * h
     output = vocab_size * h if m.untie_embeddings else 0
     total = L * per_layer + embedding + output + h  # + final norm

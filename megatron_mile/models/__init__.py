@@ -10,11 +10,12 @@ from __future__ import annotations
 from megatron_mile.errors import ConfigError
 from megatron_mile.models.family import ModelFamily, TensorMap
 from megatron_mile.models.llama import LLAMA
+from megatron_mile.models.qwen2 import QWEN2
 
-__all__ = ["FAMILIES", "LLAMA", "ModelFamily", "TensorMap", "family_for_hf_config",
+__all__ = ["FAMILIES", "LLAMA", "QWEN2", "ModelFamily", "TensorMap", "family_for_hf_config",
            "get_family"]
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLAMA,)}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLAMA, QWEN2)}
 """Every known family by ``model.family`` name."""
 
 

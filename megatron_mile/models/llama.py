@@ -22,7 +22,8 @@ from typing import Any
 from megatron_mile.errors import ConfigError
 from megatron_mile.models.family import ModelFamily, TensorMap
 
-__all__ = ["LLAMA", "LLAMA_LAYER_TENSORS", "llama_hf_config", "llama_model_fields"]
+__all__ = ["LLAMA", "LLAMA_LAYER_TENSORS", "decoder_fields", "decoder_hf_config",
+           "llama_hf_config", "llama_model_fields"]
 
 LLAMA_LAYER_TENSORS = (
     TensorMap("input_layernorm.weight", ("input_layernorm.weight",), "replicated",
@@ -39,6 +40,21 @@ LLAMA_LAYER_TENSORS = (
     TensorMap("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "columns",
               (("hidden", "ffn"),)),
 )
+
+EMBEDDING = TensorMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
+                      "vocab", (("vocab", "hidden"),))
+FINAL_NORM = TensorMap("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated",
+                       (("hidden",),))
+OUTPUT = TensorMap("output_layer.weight", ("lm_head.weight",), "vocab", (("vocab", "hidden"),))
+"""The global tensors of LLaMA-like decoders (HF's ``model.`` prefix, ``lm_head``)."""
+
+DECODER_HF_FIELDS = (
+    ("hidden_size", "hidden_size"), ("num_hidden_layers", "num_layers"),
+    ("num_attention_heads", "num_attention_heads"), ("num_key_value_heads", "num_query_groups"),
+    ("intermediate_size", "ffn_hidden_size"), ("rms_norm_eps", "norm_epsilon"),
+    ("rope_theta", "rotary_base"), ("tie_word_embeddings", "untie_embeddings"),
+    ("vocab_size", "vocab_size"))
+"""(config.json key, ModelConfig field) of :func:`decoder_fields`."""
 
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok",
              "moe_intermediate_size")
@@ -65,13 +81,20 @@ def llama_model_fields(hf: dict, path: str = "config.json") -> dict[str, Any]:
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise ConfigError(f"{path}: {key}=true is not supported (the model has no biases)")
+    if hf.get("sliding_window") is not None:
+        raise ConfigError(f"{path}: sliding_window={hf['sliding_window']} is not supported "
+                          "(full causal attention only)")
+    return decoder_fields(hf, path)
+
+
+def decoder_fields(hf: dict, path: str) -> dict[str, Any]:
+    """The ``ModelConfig`` fields of a LLaMA-like decoder's config.json (sizes, RMSNorm eps,
+    plain RoPE, tied or not), refusing MoE, activations other than silu and rope scaling:
+    what the families built on LLaMA's layer share; each adds its own refusals."""
     for key in _MOE_KEYS:
         if hf.get(key):
             raise ConfigError(f"{path}: {key}={hf[key]!r}: mixture-of-experts models are not "
                               "supported")
-    if hf.get("sliding_window") is not None:
-        raise ConfigError(f"{path}: sliding_window={hf['sliding_window']} is not supported "
-                          "(full causal attention only)")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{path}: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU "
                           "with silu only)")
@@ -106,6 +129,16 @@ def llama_hf_config(m: Any) -> dict[str, Any]:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
+        **decoder_hf_config(m),
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+
+
+def decoder_hf_config(m: Any) -> dict[str, Any]:
+    """The config.json fields :func:`decoder_fields` reads, for ``ModelConfig`` m."""
+    return {
         "hidden_size": m.hidden_size,
         "intermediate_size": m.ffn_size,
         "num_hidden_layers": m.num_layers,
@@ -116,9 +149,6 @@ def llama_hf_config(m: Any) -> dict[str, Any]:
         "max_position_embeddings": m.seq_length,
         "rms_norm_eps": m.norm_epsilon,
         "rope_theta": float(m.rotary_base),
-        "rope_scaling": None,
-        "attention_bias": False,
-        "mlp_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": not m.untie_embeddings,
         "initializer_range": m.init_method_std,
@@ -131,18 +161,10 @@ LLAMA = ModelFamily(
     hf_model_type="llama",
     model_fields=llama_model_fields,
     hf_config=llama_hf_config,
-    hf_fields=(("hidden_size", "hidden_size"), ("num_hidden_layers", "num_layers"),
-               ("num_attention_heads", "num_attention_heads"),
-               ("num_key_value_heads", "num_query_groups"),
-               ("intermediate_size", "ffn_hidden_size"), ("rms_norm_eps", "norm_epsilon"),
-               ("rope_theta", "rotary_base"), ("tie_word_embeddings", "untie_embeddings"),
-               ("vocab_size", "vocab_size")),
+    hf_fields=DECODER_HF_FIELDS,
     layer_tensors=LLAMA_LAYER_TENSORS,
-    embedding=TensorMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
-                        "vocab", (("vocab", "hidden"),)),
-    final_norm=TensorMap("decoder.final_layernorm.weight", ("model.norm.weight",),
-                         "replicated", (("hidden",),)),
-    output=TensorMap("output_layer.weight", ("lm_head.weight",), "vocab",
-                     (("vocab", "hidden"),)),
+    embedding=EMBEDDING,
+    final_norm=FINAL_NORM,
+    output=OUTPUT,
 )
 """The LLaMA family."""
