@@ -6,6 +6,12 @@ Each section is a dataclass whose fields carry a docstring (the string literal r
 the field); ``docs/configuration.md`` is generated from them by ``tools/gen_config_docs.py``,
 so the reference cannot drift. Values are checked field by field in ``__post_init__`` and
 across sections in :meth:`TrainConfig.validate`, before any process group or model is built.
+
+A leaf module: it imports nothing of the package beyond the error types and the data
+section's dataclass, so tools, tests and every other module can import it without pulling in
+torch, megatron-core, the Hugging Face code or the kernel probing. What needs those happens
+where a run is set up (:mod:`megatron_mile.run_config`): the model's shape and family from a
+Hugging Face ``config.json``, the kernel checks of ``model.transformer_impl`` and FP8.
 """
 
 from __future__ import annotations
@@ -21,15 +27,22 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_mile.errors import ConfigError
 from megatron_mile.data.config import DataConfig
-from megatron_mile.fusions import TRANSFORMER_IMPLS, Kernels, resolve_transformer_impl
-from megatron_mile.loss.config import LossConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+"""The values of ``model.transformer_impl`` (resolved by :mod:`megatron_mile.fusions`)."""
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or out of range."""
+LOSS_TYPES = ("cross_entropy", "focal", "mile")
+"""The values of ``loss.type``."""
+NORMALIZATIONS = ("paper", "global")
+"""The values of ``loss.normalization`` (implemented in ``megatron_mile.loss.reduction``)."""
+WEIGHTINGS = ("mile", "focal", "none")
+"""The token weightings of the loss functions (``megatron_mile.loss.vocab_parallel``)."""
+
+
 
 
 def _positive(section: str, **values: Any) -> None:
@@ -40,8 +53,8 @@ def _positive(section: str, **values: Any) -> None:
 
 @dataclass
 class ModelConfig:
-    """LLaMA-style decoder (RMSNorm, SwiGLU, RoPE, no biases) on megatron-core's GPTModel."""
-
+    """Decoder-only transformer (RMSNorm, SwiGLU, RoPE) on megatron-core's GPTModel; the
+    family's choices (biases, norms, tensor names) come from ``megatron_mile/models/``."""
     num_layers: int = 2
     """Transformer layers; divisible by pipeline_model_parallel_size (x virtual stages)."""
     hidden_size: int = 64
@@ -81,6 +94,10 @@ class ModelConfig:
     """Dropout after attention and MLP (LLaMA: 0)."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities (LLaMA: 0)."""
+    family: str = "llama"
+    """Model family (``megatron_mile/models/``): its layer choices and Hugging Face tensor
+    names. With checkpoint.init_from_hf it is inferred from config.json's architecture.
+    Known: 'llama', 'qwen2' (Qwen2 and Qwen2.5)."""
 
     def __post_init__(self) -> None:
         _positive("model", num_layers=self.num_layers, hidden_size=self.hidden_size,
@@ -98,6 +115,8 @@ class ModelConfig:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
                 f"model.num_query_groups={self.num_query_groups}")
+        if not self.family:
+            raise ConfigError("model.family must name a model family, e.g. 'llama'")
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ConfigError(f"model.transformer_impl={self.transformer_impl!r} is not one of "
                               f"{TRANSFORMER_IMPLS}")
@@ -113,6 +132,74 @@ class ModelConfig:
         if self.ffn_hidden_size is not None:
             return self.ffn_hidden_size
         return 256 * math.ceil(int(8 * self.hidden_size / 3) / 256)
+
+
+def check_weight_params(weighting: str, gamma: float, sigma: float, prefix: str = "") -> None:
+    """Argument checks that every rank evaluates identically: safe to raise before collectives.
+    ``prefix`` names the fields as the caller knows them (``"loss."`` for the config)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting={weighting!r} is not one of {WEIGHTINGS}")
+    if not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"{prefix}gamma={gamma} must be a finite number >= 0 (the paper uses 1)")
+    if not math.isfinite(sigma):
+        raise ValueError(f"{prefix}sigma={sigma} must be finite (the paper uses 1)")
+    if weighting == "mile" and sigma < 0 and gamma != int(gamma):
+        raise ValueError(
+            f"{prefix}sigma={sigma} < 0 needs an integer {prefix}gamma (got {gamma}): "
+            "(sigma + H) ** gamma is NaN wherever the entropy H < -sigma"
+        )
+
+
+@dataclass
+class LossConfig:
+    """Which objective the model trains on, and how it is normalised."""
+
+    type: str = "mile"
+    """``cross_entropy`` (megatron-core's vocab_parallel_cross_entropy), ``focal``
+    (w = (1 - p_target) ** gamma) or ``mile`` (w = (sigma + entropy) ** gamma)."""
+
+    gamma: float = 1.0
+    """Exponent of the token weight, >= 0. 0 turns focal and MiLe into cross-entropy.
+    The paper's default is 1."""
+
+    sigma: float = 1.0
+    """MiLe only: offset added to the entropy before the power. The paper's default is 1.
+    Negative values need an integer gamma."""
+
+    normalization: str = "paper"
+    """``paper``: alpha = 1 / mean(weight) per micro-batch, averaged over data-parallel ranks
+    (the official code's semantics). ``global``: exact weighted mean
+    sum(w * CE) / sum(w) over the global batch."""
+
+    validate_targets: bool = True
+    """Check that every target id is inside the vocabulary (one host sync per micro-batch on
+    GPU). Turn off only for benchmarking trusted data."""
+
+    fused_output_layer: bool = False
+    """Compute the output layer and the loss together, a chunk of tokens at a time
+    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
+    never exist; values and gradients equal the unfused path's within fp32 rounding, for
+    every parallel layout. Costs one extra GEMM of the output layer's size (the logits are
+    recomputed in backward). Off by default because it measured slower end to end on CPU:
+    tiny with a 128000 vocabulary ran at 0.82 times the unfused tokens/s for 0.56 times its
+    peak memory on a quiet 2-core machine (0.55 times when it was oversubscribed;
+    docs/benchmarks.md); not yet measured on a GPU, where tools/gpu_checks.sh measures it. Turn it on where the logits' memory is the limit. ``cross_entropy`` then runs as
+    weight-1 CE in the same kernel, not megatron-core's CE."""
+
+    @property
+    def weighting(self) -> str:
+        """The ``weighting`` argument of the loss functions for this ``type``."""
+        return {"cross_entropy": "none", "focal": "focal", "mile": "mile"}[self.type]
+
+    def __post_init__(self) -> None:
+        if self.type not in LOSS_TYPES:
+            raise ValueError(f"loss.type={self.type!r} is not one of {LOSS_TYPES}")
+        check_weight_params("mile" if self.type == "mile" else "focal", self.gamma, self.sigma,
+                            prefix="loss.")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"loss.normalization={self.normalization!r} is not one of {NORMALIZATIONS}"
+            )
 
 
 @dataclass
@@ -344,8 +431,9 @@ class CheckpointConfig:
     iterations and style, weight decay) even where the config differs (Megatron-LM's
     --use-checkpoint-opt_param-scheduler). By default a difference is an error."""
     init_from_hf: Optional[str] = None
-    """A local Hugging Face LlamaForCausalLM folder (config.json + safetensors, single or
-    sharded): a run that starts without a checkpoint of its own loads its weights into the
+    """A local Hugging Face folder of a known model family (docs/models.md: LlamaForCausalLM,
+    Qwen2ForCausalLM; config.json + safetensors, single or sharded; model.family comes from
+    config.json): a run that starts without a checkpoint of its own loads its weights into the
     configured layout (any TP/PP/VPP/DP), with a fresh optimizer and the configured schedule;
     a resumed run ignores it. The model's shape fields (hidden_size, num_layers, heads,
     num_query_groups, ffn_hidden_size, norm_epsilon, rotary_base, untie_embeddings,
@@ -447,22 +535,6 @@ class TrainConfig:
                 f"model.seq_length / parallel.context_parallel_size = {m.seq_length // cp} is "
                 "not divisible by parallel.tensor_model_parallel_size="
                 f"{p.tensor_model_parallel_size} (parallel.sequence_parallel=true)")
-        kernels = Kernels.detect()
-        impl = resolve_transformer_impl(m.transformer_impl, kernels)
-        te_usable = kernels.cuda and kernels.transformer_engine
-        needs_te = [what for what, needed in (
-            (f"precision.fp8={self.precision.fp8!r}", bool(self.precision.fp8)),
-            ("model.transformer_impl=transformer_engine", impl == "transformer_engine"),
-        ) if needed]
-        if needs_te and not te_usable:
-            raise ConfigError(
-                f"{needs_te[0]} needs Transformer Engine with CUDA, which this process cannot "
-                "load: run in NVIDIA's PyTorch container (see docker/), or set "
-                "model.transformer_impl=auto and precision.fp8=null (bf16 on the local "
-                "layer spec)")
-        if needs_te and impl != "transformer_engine":
-            raise ConfigError(f"{needs_te[0]} needs model.transformer_impl=transformer_engine "
-                              f"(or auto), not {m.transformer_impl!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -611,13 +683,13 @@ def load_config(name_or_path: Optional[str], overrides: Optional[list[str]] = No
     """Read a YAML config (a path or a shipped name), apply overrides, validate.
 
     ``world_size`` defaults to ``$WORLD_SIZE`` (1 when unset), so that the layout is checked
-    before any process group exists. With ``checkpoint.init_from_hf`` the model's shape
-    fields come from that folder's config.json (``checkpoint_hf.apply_hf_model_config``).
+    before any process group exists. Nothing outside the files is read: a run resolves
+    ``checkpoint.init_from_hf``'s shape and checks the kernels where it is set up
+    (:func:`megatron_mile.run_config.load_run_config`, the trainer); with
+    ``checkpoint.init_from_hf`` the layout check waits for that shape too.
     """
     cfg = _build(TrainConfig, read_config_tree(name_or_path, overrides), "")
-    if cfg.checkpoint.init_from_hf:
-        from megatron_mile.checkpoint_hf import apply_hf_model_config
-
-        apply_hf_model_config(cfg)  # the model's shape comes from the HF config.json
-    cfg.validate(world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    if not cfg.checkpoint.init_from_hf:  # else the shape is config.json's, known at setup
+        cfg.validate(world_size if world_size is not None
+                     else int(os.environ.get("WORLD_SIZE", "1")))
     return cfg

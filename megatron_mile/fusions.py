@@ -23,10 +23,11 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
-__all__ = ["FUSIONS", "Kernels", "fusion_settings", "kernel_notice", "resolve_transformer_impl",
-           "TRANSFORMER_IMPLS"]
+from megatron_mile.config import TRANSFORMER_IMPLS, TrainConfig
+from megatron_mile.errors import ConfigError
 
-TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+__all__ = ["FUSIONS", "Kernels", "check_kernels", "fusion_settings", "kernel_notice",
+           "resolve_transformer_impl", "TRANSFORMER_IMPLS"]
 
 
 def _importable(name: str) -> bool:
@@ -76,6 +77,34 @@ def resolve_transformer_impl(requested: str, kernels: Kernels) -> str:
     if requested != "auto":
         return requested
     return "transformer_engine" if kernels.cuda and kernels.transformer_engine else "local"
+
+
+def check_kernels(cfg: TrainConfig, kernels: Optional[Kernels] = None) -> None:
+    """What ``cfg`` asks of this machine's kernels: FP8 and ``model.transformer_impl=
+    transformer_engine`` need Transformer Engine with CUDA. Run where a run is set up
+    (:func:`megatron_mile.run_config.resolve_run_config`, ``initialize_parallel``), not in
+    the configuration's own validation, which reads no machine state.
+
+    Raises:
+        ConfigError: one line naming the field and the fix.
+    """
+    kernels = kernels or Kernels.detect()
+    m = cfg.model
+    impl = resolve_transformer_impl(m.transformer_impl, kernels)
+    te_usable = kernels.cuda and kernels.transformer_engine
+    needs_te = [what for what, needed in (
+        (f"precision.fp8={cfg.precision.fp8!r}", bool(cfg.precision.fp8)),
+        ("model.transformer_impl=transformer_engine", impl == "transformer_engine"),
+    ) if needed]
+    if needs_te and not te_usable:
+        raise ConfigError(
+            f"{needs_te[0]} needs Transformer Engine with CUDA, which this process cannot "
+            "load: run in NVIDIA's PyTorch container (see docker/), or set "
+            "model.transformer_impl=auto and precision.fp8=null (bf16 on the local "
+            "layer spec)")
+    if needs_te and impl != "transformer_engine":
+        raise ConfigError(f"{needs_te[0]} needs model.transformer_impl=transformer_engine "
+                          f"(or auto), not {m.transformer_impl!r}")
 
 
 class Fusion(NamedTuple):

@@ -1,4 +1,6 @@
-"""The LLaMA-style GPT model on megatron-core, with the configured loss hooked in once.
+"""The GPT model on megatron-core, with the configured loss hooked in once; its layer
+choices (norm, biases, qk-norm, gated MLP) come from the model family
+(``model.family``, ``megatron_mile/models/``).
 
 Shape legend: b micro-batch, s sequence, v/tp vocabulary shard.
 
@@ -40,6 +42,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron_mile.config import ConfigError, TrainConfig
 from megatron_mile.context_parallel import ContextParallelDotProductAttention
 from megatron_mile.fusions import Kernels, fusion_settings, resolve_transformer_impl
+from megatron_mile.models import get_family
 from megatron_mile.loss import (
     DeferredLogits,
     LossConfig,
@@ -57,12 +60,14 @@ def padded_vocab_size(vocab_size: int, cfg: TrainConfig) -> int:
 
 
 def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool) -> TransformerConfig:
-    """megatron-core's TransformerConfig for ``cfg`` (LLaMA: RMSNorm, SwiGLU, no biases).
+    """megatron-core's TransformerConfig for ``cfg``: the family's choices (LLaMA: RMSNorm,
+    SwiGLU, no biases) and the run's sizes, layout and precision.
 
     The fusion flags are those :func:`megatron_mile.fusions.fusion_settings` decides for the
     kernels this process can load (all off on CPU).
     """
     m, p, prec = cfg.model, cfg.parallel, cfg.precision
+    family = get_family(m.family)
     kernels = Kernels.detect()
     impl = resolve_transformer_impl(m.transformer_impl, kernels)
     fp8 = {}
@@ -76,11 +81,13 @@ def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool) -> Transf
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups,
         ffn_hidden_size=m.ffn_size,
-        normalization="RMSNorm",
+        normalization=family.normalization,
         layernorm_epsilon=m.norm_epsilon,
-        gated_linear_unit=True,
+        gated_linear_unit=family.gated_linear_unit,
         activation_func=F.silu,
-        add_bias_linear=False,
+        add_bias_linear=family.add_bias_linear,
+        add_qkv_bias=family.add_qkv_bias,
+        qk_layernorm=family.qk_layernorm,
         init_method_std=m.init_method_std,
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
@@ -193,8 +200,14 @@ def layer_spec(cfg: TrainConfig, config: TransformerConfig, vp_stage: Optional[i
                 "model.transformer_impl=transformer_engine needs Transformer Engine "
                 f"({e}); use NVIDIA's PyTorch container or model.transformer_impl=local"
             ) from None
-        return get_gpt_layer_with_transformer_engine_spec()
-    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+        return get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=get_family(cfg.model.family).qk_layernorm)
+    family = get_family(cfg.model.family)
+    if family.normalization != "RMSNorm":
+        raise ConfigError(f"model.family={family.name!r}: the local layer spec implements "
+                          f"RMSNorm only, not {family.normalization}")
+    layer = get_gpt_layer_local_spec(normalization=family.normalization,
+                                     qk_layernorm=family.qk_layernorm)
     layer.module = LayoutInvariantTransformerLayer
     layer.params = {**(layer.params or {}), "init_seed": cfg.training.seed}
     layer.submodules.input_layernorm = RMSNorm
@@ -321,6 +334,8 @@ def num_parameters(cfg: TrainConfig, vocab_size: int) -> dict[str, int]:
     h, L, ffn = m.hidden_size, m.num_layers, m.ffn_size
     kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
     per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn + 2 * h  # qkv, proj, SwiGLU, 2 norms
+    if get_family(m.family).add_qkv_bias:
+        per_layer += h + 2 * kv
     embedding = vocab_size * h
     output = vocab_size * h if m.untie_embeddings else 0
     total = L * per_layer + embedding + output + h  # + final norm

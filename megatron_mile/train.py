@@ -18,15 +18,18 @@ import json
 import os
 import sys
 
-from megatron_mile.config import ConfigError, load_config
+from megatron_mile.errors import EXIT_FAILED, INPUT_ERRORS, ConfigError, MileError, cli_error
 from megatron_mile.cpu_compat import cuda_available
 from megatron_mile.launch import default_single_process_env
 from megatron_mile.log_filters import install_warning_filters
+from megatron_mile.run_config import load_run_config
+
+PROG = "megatron-mile-train"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="megatron-mile-train", description=__doc__,
+        prog=PROG, description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True,
                         help="YAML file, or a shipped name: tiny, llama_468m, llama_1.2b, llama_6.7b")
@@ -39,29 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     default_single_process_env()  # plain `python -m`: a world of one
     install_warning_filters(cuda=cuda_available())
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_run_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"megatron-mile-train: configuration error: {e}", file=sys.stderr)
-        return 2
-    from megatron_mile.data.datasets import DataError
-    from megatron_mile.training.checkpointing import CheckpointError
-    from megatron_mile.training.trainer import NonFiniteLossError, Trainer
+        return cli_error(PROG, e, "configuration error")
+    from megatron_mile.training.trainer import Trainer
     from megatron_mile.training.watchdog import is_peer_failure
 
     try:
         trainer = Trainer(cfg)
     except ConfigError as e:
-        print(f"megatron-mile-train: configuration error: {e}", file=sys.stderr)
-        return 2
+        return cli_error(PROG, e, "configuration error")
     try:
         try:
             trainer.setup()
-        except (ConfigError, CheckpointError, DataError, FileNotFoundError, ImportError) as e:
+        except (*INPUT_ERRORS, ImportError) as e:
             # Bad input found while setting up (layout vs world size, a missing, corrupt or
             # unsafe checkpoint, bad data, an optional package the input needs, e.g.
             # `tokenizers` for a tokenizer.json): every rank reaches the same verdict.
-            print(f"megatron-mile-train: {type(e).__name__}: {e}", file=sys.stderr)
-            return 2
+            return cli_error(PROG, e)
         except Exception as e:  # noqa: BLE001 - only peer failures are handled here
             if not is_peer_failure(e):
                 raise
@@ -69,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             summary = trainer.train()
             _record_exit(trainer.rank, summary)
-        except (CheckpointError, NonFiniteLossError) as e:
+        except MileError as e:
             # The run failed (a full disk during a save, a diverged loss); the last published
             # checkpoint is intact and a restart resumes from it.
-            print(f"megatron-mile-train: {type(e).__name__}: {e}", file=sys.stderr)
-            return 1
+            cli_error(PROG, e)
+            return EXIT_FAILED
         except Exception as e:  # noqa: BLE001 - only peer failures are handled here
             if not is_peer_failure(e):
                 raise

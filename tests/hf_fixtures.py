@@ -23,6 +23,17 @@ MODELS = {
 }
 
 
+def _randomize(model: torch.nn.Module) -> None:
+    """Norm weights around 1, everything else (biases included) N(0, 0.08): a swapped norm
+    or bias changes the logits."""
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.08)
+
+
 def make_hf_model(folder: str, name: str, *, sharded: bool = False):
     """Save a random LlamaForCausalLM (fp32) into ``folder``; norm weights are randomised too,
     so a swapped norm changes the logits."""
@@ -33,20 +44,34 @@ def make_hf_model(folder: str, name: str, *, sharded: bool = False):
                                       **MODELS[name])
     torch.manual_seed(len(name))
     model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.08)
+    _randomize(model)
     model.save_pretrained(folder, max_shard_size="200KB" if sharded else "10GB")
+    return model
+
+
+def make_qwen2_model(folder: str, *, tie: bool = True):
+    """Save a random Qwen2ForCausalLM (fp32, qkv biases, tied embeddings by default as the
+    small Qwen2.5 sizes) into ``folder``; norms and biases randomised too."""
+    import transformers
+
+    config = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=176,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      num_hidden_layers=2, max_position_embeddings=256,
+                                      rms_norm_eps=1e-6, tie_word_embeddings=tie,
+                                      rope_parameters={"rope_type": "default",
+                                                       "rope_theta": 1000000.0})
+    torch.manual_seed(7)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    _randomize(model)
+    model.save_pretrained(folder)
     return model
 
 
 def hf_logits(folder: str, tokens: list) -> torch.Tensor:
     import transformers
 
-    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder,
+                                                              dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor(tokens)).logits
 
@@ -109,10 +134,12 @@ def _pipeline_outputs(trainer, batch: dict, with_labels: bool) -> list:
     return outputs
 
 
-def layout_body(rank: int, world_size: int, folders: dict, tokens: list, tmp: str) -> dict:
-    """For each (model, layout): full-vocabulary logits and per-token CE of the imported
-    model on ``tokens`` (last stage, TP-gathered), then three training steps on repeated
-    data. Then the round trip (:func:`round_trip_body`) in the same launch."""
+def layout_body(rank: int, world_size: int, folders: dict, tokens: list, tmp: str,
+                cases: list | None = None) -> dict:
+    """For each (model, layout) of ``cases`` (None: LLaMA's, every layout): full-vocabulary
+    logits and per-token CE of the imported model on ``tokens`` (last stage, TP-gathered),
+    then three training steps on repeated data. Then the round trip
+    (:func:`round_trip_body`) in the same launch."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -122,7 +149,8 @@ def layout_body(rank: int, world_size: int, folders: dict, tokens: list, tmp: st
     tokens_bs = torch.tensor(tokens)
     batch = _batch(tokens_bs)
     results = {}
-    cases = [("untied_gqa", layout) for layout in LAYOUTS] + [("tied", "pp2")]
+    if cases is None:
+        cases = [("untied_gqa", layout) for layout in LAYOUTS] + [("tied", "pp2")]
     for name, layout in cases:
         cfg = load_config("tiny", _overrides(folders[name], layout), world_size=world_size)
         trainer = Trainer(cfg)

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from megatron_mile.config import ConfigError, load_config, parse_overrides
+from megatron_mile.run_config import load_run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL = ["model.transformer_impl=local", "data.data_path=[/data/x]",
@@ -62,8 +63,8 @@ def test_paper_configs(name, world, layers, tp):
     (["bogus"], 1, r"override 'bogus' is not of the form section.field=value"),
 ])
 def test_bad_values_name_the_field(overrides, world, match):
-    with pytest.raises(ConfigError, match=match):
-        load_config("tiny", overrides, world_size=world)
+    with pytest.raises(ConfigError, match=match):  # the kernel checks too: as a run sets up
+        load_run_config("tiny", overrides, world_size=world)
 
 
 def test_transformer_engine_missing_is_a_config_error():
@@ -72,7 +73,7 @@ def test_transformer_engine_missing_is_a_config_error():
     if importlib.util.find_spec("transformer_engine") is not None:
         pytest.skip("Transformer Engine is installed here")
     with pytest.raises(ConfigError, match=r"precision.fp8='e4m3' needs Transformer Engine"):
-        load_config("tiny", ["model.transformer_impl=transformer_engine", "precision.fp8=e4m3"],
+        load_run_config("tiny", ["model.transformer_impl=transformer_engine", "precision.fp8=e4m3"],
                     world_size=1)
 
 
@@ -151,3 +152,29 @@ def test_cli_missing_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "CheckpointError" in proc.stderr and str(missing) in proc.stderr
     assert "iteration" not in proc.stdout  # no silent fresh start
+
+
+# What importing the configuration may load of the package: itself, its error types and the
+# data section's dataclass (megatron_mile.data imports nothing). Anything else (the Hugging
+# Face code, the model, the kernels, training) is imported where a run is set up.
+CONFIG_LEAF_MODULES = {"megatron_mile", "megatron_mile.config", "megatron_mile.errors",
+                       "megatron_mile.data", "megatron_mile.data.config"}
+
+
+def test_config_is_a_leaf_module():
+    """A fresh interpreter that imports only megatron_mile.config loads nothing else of the
+    package, nor torch or megatron-core: no import cycle through the HF, kernel or training
+    modules (issue 19)."""
+    code = ("import json, sys; import megatron_mile.config; "
+            "print(json.dumps(sorted(sys.modules)))")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(__import__("json").loads(proc.stdout.splitlines()[-1]))
+    ours = {m for m in loaded if m == "megatron_mile" or m.startswith("megatron_mile.")}
+    assert ours - CONFIG_LEAF_MODULES == set(), sorted(ours - CONFIG_LEAF_MODULES)
+    assert "megatron_mile.config" in ours
+    heavy = {m for m in loaded if m.split(".")[0] in ("torch", "megatron", "safetensors",
+                                                       "transformers")}
+    assert heavy == set(), sorted(heavy)[:10]

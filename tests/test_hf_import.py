@@ -197,10 +197,10 @@ def test_explicit_shape_that_disagrees_names_both(tmp_path, capsys, monkeypatch)
 
 
 def test_shape_fields_come_from_config_json(tmp_path):
-    from megatron_mile.config import load_config
+    from megatron_mile.run_config import load_run_config
 
     folder = _config_folder(tmp_path, {"rope_theta": 500000.0, "tie_word_embeddings": True})
-    cfg = load_config("tiny", [f"checkpoint.init_from_hf={folder}"])
+    cfg = load_run_config("tiny", [f"checkpoint.init_from_hf={folder}"])
     m = cfg.model
     assert (m.num_query_groups, m.norm_epsilon, m.rotary_base, m.vocab_size) == \
         (2, 1e-6, 500000, VOCAB)

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         _make(args.make)
         return 0
 
-    import megatron_mile.checkpoint_hf as checkpoint_hf
+    import megatron_mile.hf.importer as importer
     import megatron_mile.training.builders as builders
     import megatron_mile.training.checkpointing as checkpointing
     from megatron_mile.launch import default_single_process_env, initialize_distributed
@@ -71,14 +71,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # import_to_checkpoint looks these up at call time: wrap them to report each stage.
     builders.build_model = traced(builders.build_model, "before build", "model built")
-    checkpoint_hf.import_hf_weights = traced(checkpoint_hf.import_hf_weights, None,
-                                             "weights imported")
+    importer.import_hf_weights = traced(importer.import_hf_weights, None,
+                                        "weights imported")
     checkpointing.save_checkpoint = traced(checkpointing.save_checkpoint, None,
                                            "checkpoint saved")
     default_single_process_env()
     initialize_distributed()
-    checkpoint_hf.import_to_checkpoint(args.hf, args.output, dtype=args.dtype,
-                                       overrides=args.overrides)
+    importer.import_to_checkpoint(args.hf, args.output, dtype=args.dtype,
+                                  overrides=args.overrides)
     return 0
 
 

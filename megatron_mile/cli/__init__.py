@@ -6,8 +6,8 @@
 ``megatron-mile-train-tokenizer``  a SentencePiece tokenizer from text or JSONL
 ``megatron-mile-preprocess``       text or JSONL -> Megatron indexed dataset (.bin/.idx)
 ``megatron-mile-eval-frequency``   validation loss by training-frequency bucket, comparisons
-``megatron-mile-export-hf``        a checkpoint -> Hugging Face LlamaForCausalLM folder
-``megatron-mile-import-hf``        a Hugging Face LlamaForCausalLM folder -> a checkpoint
+``megatron-mile-export-hf``        a checkpoint -> Hugging Face folder of its model family
+``megatron-mile-import-hf``        a Hugging Face folder (a known model family) -> a checkpoint
 ``megatron-mile-estimate-memory``  parameters and GPU memory per rank of a configuration
 =================================  ==========================================================
 

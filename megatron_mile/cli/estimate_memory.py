@@ -16,7 +16,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from megatron_mile.config import ConfigError
+from megatron_mile.errors import ConfigError, cli_error
 from megatron_mile.memory import Run, estimate, load_run
 
 # The runs of examples/slurm/submit.sh: config and nodes of 8 GPUs (tests/test_estimate_memory.py
@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                      load_run(config, (nodes or 1) * (GPUS_PER_NODE if nodes else 1)))
                     for size, (config, nodes) in PRESETS.items()]
     except ConfigError as err:
-        print(f"{parser.prog}: configuration error: {err}", file=sys.stderr)
-        return 2
+        return cli_error(parser.prog, err, "configuration error")
     if args.local_attention:
         runs = [(label, nodes, replace(run, flash_attention=False)) for label, nodes, run in runs]
     header, rows = table(runs)

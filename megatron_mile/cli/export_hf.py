@@ -1,4 +1,5 @@
-"""Convert a megatron-mile checkpoint (any TP/PP layout) to a Hugging Face LlamaForCausalLM.
+"""Convert a megatron-mile checkpoint (any TP/PP layout) to a Hugging Face model folder of its
+model family (model.family; LlamaForCausalLM for llama, docs/models.md).
 
     megatron-mile-export-hf --load runs/mile --output hf/mile
     python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('hf/mile')"
@@ -9,7 +10,8 @@ its config) into --output, a new or empty folder outside --load (--overwrite rep
 Hugging Face files of an existing one, an older export's shards and index included; bad input:
 one line, exit 2). The vocabulary is cut to the real one (training leaves the rows
 padded for TP out of the softmax); --no-trim-vocab keeps the padded rows. See
-megatron_mile/evaluation/hf_export.py for the name map and conventions, docs/evaluation.md for
+megatron_mile/hf/export.py and the family's megatron_mile/models/<family>.py for the name map
+and conventions, docs/evaluation.md for
 lm-evaluation-harness. Needs `safetensors`.
 Also ``python -m megatron_mile.cli.export_hf`` and ``python tools/export_hf.py``.
 """
@@ -47,23 +49,19 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from megatron_mile.config import ConfigError
-    from megatron_mile.data.integrity import DataError
-    from megatron_mile.evaluation.hf_export import export_checkpoint
+    from megatron_mile.errors import INPUT_ERRORS, cli_error
+    from megatron_mile.hf.export import export_checkpoint
     from megatron_mile.launch import default_single_process_env
-    from megatron_mile.training.checkpointing import CheckpointError
 
     default_single_process_env()
     try:
         config = export_checkpoint(args.load, args.output, dtype=args.dtype,
                                    trim_vocab=args.trim_vocab, iteration=args.iteration,
                                    overrides=args.overrides, overwrite=args.overwrite)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError,
-            FileExistsError) as e:
-        print(f"megatron-mile-export-hf: {type(e).__name__}: {e}", file=sys.stderr)
+    except INPUT_ERRORS as e:
         if dist.is_initialized():
             dist.destroy_process_group()
-        return 2
+        return cli_error(parser.prog, e)
     if dist.get_rank() == 0:
         info = config["megatron_mile"]
         print(f"exported iteration {info['iteration']} of {args.load} ({info['loss']}) to "

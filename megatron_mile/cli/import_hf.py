@@ -1,4 +1,5 @@
-"""Convert a Hugging Face LlamaForCausalLM folder into a megatron-mile checkpoint.
+"""Convert a Hugging Face model folder of a known model family (LlamaForCausalLM; see
+docs/models.md) into a megatron-mile checkpoint.
 
     megatron-mile-import-hf --hf /models/llama-2-7b --output ckpt/llama2-7b-import
     megatron-mile-train --config llama_6.7b checkpoint.init_from_hf=/models/llama-2-7b \\
@@ -34,19 +35,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from megatron_mile.checkpoint_hf import import_to_checkpoint
-    from megatron_mile.config import ConfigError
+    from megatron_mile.hf.importer import import_to_checkpoint
+    from megatron_mile.errors import INPUT_ERRORS, cli_error
     from megatron_mile.launch import default_single_process_env, initialize_distributed
-    from megatron_mile.training.checkpointing import CheckpointError
 
     default_single_process_env()
     try:
         initialize_distributed()
         cfg = import_to_checkpoint(args.hf, args.output, config=args.config,
                                    overrides=args.overrides, dtype=args.dtype)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"megatron-mile-import-hf: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    except INPUT_ERRORS as e:
+        return cli_error(parser.prog, e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

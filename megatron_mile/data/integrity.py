@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from megatron.core.datasets.indexed_dataset import DType
 
+from megatron_mile.errors import DataError
 from megatron_mile.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -41,8 +42,6 @@ _SCAN_CHUNK = 1 << 24
 _SUMMARY_VERSION = 1
 
 
-class DataError(ValueError):
-    """A dataset file is malformed or does not fit the model (the message names the file)."""
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,13 @@ from megatron_mile.data.text_input import (
     iter_records, resolve_format,
 )
 from megatron_mile.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from megatron_mile.errors import DataError
 from megatron_mile.utils import fsync_path
 
 MB = 1e6
 
 
-class BadInputError(ValueError):
+class BadInputError(DataError):
     """A bad record met with ``strict=True``; the message names file, line and reason."""
 
 

@@ -1,8 +1,9 @@
 """Losses over vocabulary-parallel logits: MiLe, focal and cross-entropy.
 
 ``vocab_parallel.py`` holds the autograd Function, ``reference.py`` the dense float64
-specification, ``reduction.py`` the normalisation into a micro-batch loss, ``config.py`` the
-typed configuration, ``fused_linear.py`` the output layer and loss in one chunked Function,
+specification, ``reduction.py`` the normalisation into a micro-batch loss (the typed
+configuration, :class:`LossConfig`, lives in :mod:`megatron_mile.config`, re-exported here),
+``fused_linear.py`` the output layer and loss in one chunked Function,
 and :func:`token_losses` the one dispatch the model calls.
 """
 
@@ -13,7 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_mile.loss.config import LOSS_TYPES, LossConfig
+from megatron_mile.config import LOSS_TYPES, LossConfig  # re-exported: its old import path
 from megatron_mile.loss.fused_linear import DeferredLogits, linear_weighted_cross_entropy
 from megatron_mile.loss.reduction import (
     NORMALIZATIONS,

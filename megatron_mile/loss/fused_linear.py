@@ -43,8 +43,8 @@ from megatron_mile.loss.vocab_parallel import (
     _valid_columns,
     _valid_vocab_error,
     _TPGroup,
-    check_weight_params,
 )
+from megatron_mile.config import check_weight_params
 
 __all__ = ["linear_weighted_cross_entropy", "default_chunk_size", "DeferredLogits"]
 

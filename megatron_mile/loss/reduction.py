@@ -27,10 +27,11 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_mile.config import NORMALIZATIONS
+
 __all__ = ["NORMALIZATIONS", "LossNormalizer", "ReducedLoss", "reduce_paper", "reduce_global",
            "reduce_token_losses"]
 
-NORMALIZATIONS = ("paper", "global")
 
 
 class ReducedLoss(NamedTuple):

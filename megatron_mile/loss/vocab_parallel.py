@@ -35,6 +35,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_mile.config import check_weight_params
+
 __all__ = [
     "IGNORE_INDEX",
     "WeightedCrossEntropy",
@@ -47,7 +49,6 @@ IGNORE_INDEX = -100
 """Target id whose token counts nowhere: weighted CE 0, weight 0, zero gradient (HF convention).
 Megatron pipelines normally keep every target in range and use a loss mask instead."""
 
-_WEIGHTINGS = ("mile", "focal", "none")
 # float64 is accepted (computed in float64) so the Function can be gradchecked.
 _LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -84,22 +85,6 @@ class WeightedCrossEntropy:
         """The same statistics with ``fn`` applied to each (e.g. a transpose)."""
         return WeightedCrossEntropy(weighted_ce=fn(self.weighted_ce), weight=fn(self.weight),
                                     ce=fn(self.ce), entropy=fn(self.entropy))
-
-
-def check_weight_params(weighting: str, gamma: float, sigma: float, prefix: str = "") -> None:
-    """Argument checks that every rank evaluates identically: safe to raise before collectives.
-    ``prefix`` names the fields as the caller knows them (``"loss."`` for the config)."""
-    if weighting not in _WEIGHTINGS:
-        raise ValueError(f"weighting={weighting!r} is not one of {_WEIGHTINGS}")
-    if not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"{prefix}gamma={gamma} must be a finite number >= 0 (the paper uses 1)")
-    if not math.isfinite(sigma):
-        raise ValueError(f"{prefix}sigma={sigma} must be finite (the paper uses 1)")
-    if weighting == "mile" and sigma < 0 and gamma != int(gamma):
-        raise ValueError(
-            f"{prefix}sigma={sigma} < 0 needs an integer {prefix}gamma (got {gamma}): "
-            "(sigma + H) ** gamma is NaN wherever the entropy H < -sigma"
-        )
 
 
 def _local_tensor_error(logits: torch.Tensor, target: torch.Tensor) -> Optional[str]:

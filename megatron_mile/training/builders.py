@@ -25,6 +25,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_mile.config import TrainConfig
 from megatron_mile.cpu_compat import cuda_available
+from megatron_mile.fusions import check_kernels
 from megatron_mile.launch import initialize_distributed
 from megatron_mile.model import build_model_chunk, check_pipeline_config, transformer_config
 
@@ -49,11 +50,13 @@ def initialize_parallel(cfg: TrainConfig) -> torch.device:
     (group creation on every rank).
 
     Raises:
-        ConfigError: the layout does not fit the world size or the model.
+        ConfigError: the layout does not fit the world size or the model, or the kernels
+            it asks for are not here (:func:`megatron_mile.fusions.check_kernels`).
     """
     p = cfg.parallel
     device = initialize_distributed(timeout_minutes=p.distributed_timeout_minutes)
     cfg.validate(dist.get_world_size())
+    check_kernels(cfg)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,

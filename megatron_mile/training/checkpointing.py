@@ -111,6 +111,7 @@ from megatron.core.optimizer import DistributedOptimizer
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import unwrap_model
 
+from megatron_mile.errors import CheckpointError
 from megatron_mile.training.checkpoint_lock import CheckpointLock, LockError
 from megatron_mile.training.watchdog import report_progress, wait_for_peers
 from megatron_mile.utils import (
@@ -154,8 +155,6 @@ _TMP_DIR = re.compile(r"^iter_\d{7}\.tmp$")
 _FAILURES = (Exception, CheckpointException)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, corrupt or does not fit what is being loaded."""
 
 
 def checkpoint_path(ckpt_dir: str, iteration: int) -> str:

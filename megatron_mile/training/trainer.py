@@ -31,15 +31,18 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
 from megatron_mile import context_parallel
-from megatron_mile.checkpoint_hf import check_hf_shapes
 from megatron_mile.config import ConfigError, TrainConfig
 from megatron_mile.cpu_compat import cuda_available
 from megatron_mile.data.datasets import build_data_loader, build_datasets, build_tokenizer
 from megatron_mile.data.tokenizer import vocabulary_digest
+from megatron_mile.errors import EXIT_FAILED, MileError
+from megatron_mile.hf.tensors import check_hf_shapes
 from megatron_mile.fusions import Kernels, kernel_notice, resolve_transformer_impl
 from megatron_mile.launch import job_start_time
 from megatron_mile.loss import LossNormalizer, WeightedCrossEntropy
+from megatron_mile.models import get_family
 from megatron_mile.model import flops_per_token, num_parameters, padded_vocab_size
+from megatron_mile.run_config import resolve_model
 from megatron_mile.training import checkpointing
 from megatron_mile.training.checkpoint_lock import CheckpointLock
 from megatron_mile.training.builders import build_model, build_optimizer, initialize_parallel
@@ -51,8 +54,11 @@ _SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _PAIR_KEYS = ("lm_loss", "objective", "entropy", "weight", "alpha")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss, the gradient norm or the parameters became NaN or inf."""
+class NonFiniteLossError(MileError, RuntimeError):
+    """The loss, the gradient norm or the parameters became NaN or inf (exit 1: the run
+    failed; the last published checkpoint is intact)."""
+
+    exit_code = EXIT_FAILED
 
 
 class _WorldFlags(NamedTuple):
@@ -91,7 +97,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        cfg = self.cfg
+        cfg = resolve_model(self.cfg)  # init_from_hf's family and shape, before the layout
         self.device = initialize_parallel(cfg)
         world_size = dist.get_world_size()
         self.rank = dist.get_rank()
@@ -138,7 +144,8 @@ class Trainer:
             load_dir = self._resume_dir()
             if load_dir is None and cfg.checkpoint.init_from_hf:
                 # The safetensors headers against config.json, before the model is allocated.
-                check_hf_shapes(cfg.checkpoint.init_from_hf, cfg.model)
+                check_hf_shapes(cfg.checkpoint.init_from_hf, cfg.model,
+                                get_family(cfg.model.family))
             self.watchdog.beat(0, "building the model")
             self.model = build_model(cfg, self.vocab_size, self.device,
                                      valid_vocab_size=self.valid_vocab_size)
@@ -221,7 +228,7 @@ class Trainer:
 
     def _import_hf(self) -> None:
         """Load checkpoint.init_from_hf's weights into this rank's slices of the model."""
-        from megatron_mile.checkpoint_hf import import_hf_weights
+        from megatron_mile.hf.importer import import_hf_weights
 
         folder = self.cfg.checkpoint.init_from_hf
         start = time.time()
