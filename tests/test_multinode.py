@@ -247,8 +247,10 @@ def test_time_limit_saves_once_requeues_and_resumes_on_both_nodes(cluster, tmp_p
                           "--signal=B:USR1@5", str(PRETRAIN), *COMMON], env=env, cwd=tmp_path)
     text = _wait_for_log(cluster, job, log, r"resumed from checkpoint at iteration \d+")
     before, after = text.split(f"requeueing job {job}")
+    # The limit is the time left at the script's start minus the margin: 0.1 at most, less
+    # when the job started slowly.
     assert re.search(r"exiting \d\.\d+ minutes after the job started "
-                     r"\(training\.exit_duration_in_mins=0\.1\)", before), before
+                     r"\(training\.exit_duration_in_mins=0\.\d+\)", before), before
     saved = [int(i) for i in re.findall(r"saved checkpoint at iteration (\d+)", before)]
     assert len(saved) == 1, before
     assert "== trainers saved and stopped before the time limit" in before, before
