@@ -25,7 +25,7 @@ from megatron_mile.loss import (
     reference,
     vocab_parallel_weighted_cross_entropy,
 )
-from megatron_mile.loss.fused_linear import default_chunk_size
+from megatron_mile.loss.fused_linear import BACKWARD_PATHS, default_chunk_size
 from megatron_mile.testing import CollectiveCounter, run_distributed, tp_groups
 
 S, B, H, V = 6, 4, 16, 96
@@ -197,6 +197,147 @@ def test_weight_gradient_accumulates_into_main_grad():
             assert w.grad_added_to_main_grad and w.grad.abs().max() == 0
         else:
             assert w.grad is None
+
+
+# ------------------------------------------------- precomputed gradients (grad_factor, TP = 1)
+
+def _masked_case(seed: int, **shape):
+    """_inputs plus a 0/1 loss mask [s, b] (a third of the tokens masked) and the scalar the
+    schedule would apply (alpha / num_tokens / micro-batches x loss scale): the incoming
+    gradient is scalar * mask, as from megatron's backward on loss_sum."""
+    hidden, weight, target, _ = _inputs(seed, **shape)
+    g = torch.Generator().manual_seed(seed + 100)
+    mask = (torch.rand(target.shape, generator=g) > 0.33).float()
+    return hidden, weight, target, mask, 0.37
+
+
+def _fused_masked(hidden, weight, target, mask, scalar, **kwargs):
+    """The fused function with grad_factor=mask and backward on scalar * sum(wce * mask), as
+    loss_func + the schedule do; also which backward path it took."""
+    BACKWARD_PATHS.clear()
+    x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = linear_weighted_cross_entropy(x, w, target, grad_factor=mask, **kwargs)
+    ((out.weighted_ce * mask).sum() * scalar).backward()
+    return _stats(out), x.grad, w.grad, dict(BACKWARD_PATHS)
+
+
+@pytest.mark.parametrize("chunk_size", [5, None])
+@pytest.mark.parametrize("weighting,gamma,sigma",
+                         [("mile", 1.0, 1.0), ("focal", 2.0, 1.0), ("none", 1.0, 1.0)])
+def test_precomputed_gradients_fp32_equal_unfused_and_reference(weighting, gamma, sigma,
+                                                                 chunk_size):
+    """3 GEMMs (the gradients formed in forward, scaled in backward) give the unfused path's
+    values and gradients, masked tokens included."""
+    hidden, weight, target, mask, scalar = _masked_case(11)
+    h32, w32 = hidden.float(), weight.float()
+    kw = dict(weighting=weighting, gamma=gamma, sigma=sigma)
+    f_stats, f_gx, f_gw, paths = _fused_masked(h32, w32, target, mask, scalar,
+                                               chunk_size=chunk_size, **kw)
+    assert paths == {"precomputed": 1}
+    grad_out = mask.double() * scalar
+    u_stats, u_gx, u_gw = _unfused(h32, w32, target, grad_out, **kw)
+    r_stats, r_gx, r_gw = _reference(hidden, weight, target, grad_out, weighting, gamma, sigma)
+    for name in ("weighted_ce", "weight", "ce", "entropy"):
+        assert _rel(f_stats[name], u_stats[name]) <= FP32_RTOL, name
+    assert _rel(f_gx, u_gx) <= FP32_RTOL and _rel(f_gw, u_gw) <= FP32_RTOL
+    assert _rel(f_gx, r_gx) <= FP32_RTOL and _rel(f_gw, r_gw) <= FP32_RTOL
+    assert f_gx[mask == 0].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_precomputed_gradients_half_within_the_unfused_error(dtype):
+    """bf16/fp16 (fp16: the scalar carries the loss scale, 2^12 here): within _BF16_SLACK of
+    the unfused path's own error against float64."""
+    hidden, weight, target, mask, _ = _masked_case(12, h=64, v=500)
+    scalar = 4096.0 / 17.0 if dtype == torch.float16 else 0.37
+    hl, wl = hidden.to(dtype), weight.to(dtype)
+    f_stats, f_gx, f_gw, paths = _fused_masked(hl, wl, target, mask, scalar, chunk_size=7)
+    assert paths == {"precomputed": 1} and f_gx.dtype == f_gw.dtype == dtype
+    grad_out = mask.double() * scalar
+    u_stats, u_gx, u_gw = _unfused(hl, wl, target, grad_out)
+    r_stats, r_gx, r_gw = _reference(hidden, weight, target, grad_out, "mile")
+    assert _rel(f_gx, r_gx) <= _BF16_SLACK * _rel(u_gx, r_gx)
+    assert _rel(f_gw, r_gw) <= _BF16_SLACK * _rel(u_gw, r_gw)
+
+
+def test_precomputed_padded_vocabulary_and_main_grad():
+    """Padding rows get zero gradient; with gradient_accumulation_fusion the scaled weight
+    gradient is added to main_grad (after earlier micro-batches') and .grad gets megatron's
+    placeholder."""
+    hidden, weight, target, mask, scalar = _masked_case(13)
+    valid = V - 13
+    target = torch.where(target == IGNORE_INDEX, target, target % valid)
+    grad_out = mask.double() * scalar
+    r_stats, r_gx, r_gw = _reference(hidden, weight[:valid], target, grad_out, "mile")
+    BACKWARD_PATHS.clear()
+    x = hidden.float().requires_grad_()
+    w = weight.float().clone().requires_grad_()
+    w.main_grad = torch.ones_like(w)
+    w.grad_added_to_main_grad = False
+    out = linear_weighted_cross_entropy(x, w, target, chunk_size=5, valid_vocab_size=valid,
+                                        gradient_accumulation_fusion=True, grad_factor=mask)
+    ((out.weighted_ce * mask).sum() * scalar).backward()
+    assert dict(BACKWARD_PATHS) == {"precomputed": 1}
+    assert _rel(out.weighted_ce, r_stats["weighted_ce"]) <= FP32_RTOL
+    assert _rel(x.grad, r_gx) <= FP32_RTOL
+    assert _rel(w.main_grad[:valid] - 1.0, r_gw) <= FP32_RTOL
+    assert (w.main_grad[valid:] == 1.0).all() and w.grad_added_to_main_grad
+
+
+def test_other_incoming_gradients_fall_back_to_the_recompute():
+    """An incoming gradient that is not scalar x grad_factor (per-token weights of the
+    caller's own), or a second backward through a retained graph, recomputes: still exact."""
+    hidden, weight, target, mask, _ = _masked_case(14)
+    h32, w32 = hidden.float(), weight.float()
+    _, grad_out = _inputs(14)[2:]  # arbitrary per-token gradient
+    BACKWARD_PATHS.clear()
+    x, w = h32.clone().requires_grad_(), w32.clone().requires_grad_()
+    out = linear_weighted_cross_entropy(x, w, target, chunk_size=5, grad_factor=mask)
+    (out.weighted_ce * grad_out.float()).sum().backward(retain_graph=True)
+    assert dict(BACKWARD_PATHS) == {"recomputed": 1}
+    _, u_gx, u_gw = _unfused(h32, w32, target, grad_out)
+    assert _rel(x.grad, u_gx) <= FP32_RTOL and _rel(w.grad, u_gw) <= FP32_RTOL
+    # retain_graph, then a second backward: the forward's gradients were used up by the first.
+    BACKWARD_PATHS.clear()
+    x, w = h32.clone().requires_grad_(), w32.clone().requires_grad_()
+    out = linear_weighted_cross_entropy(x, w, target, chunk_size=5, grad_factor=mask)
+    loss = (out.weighted_ce * mask).sum()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert dict(BACKWARD_PATHS) == {"precomputed": 1, "recomputed": 1}
+    _, u_gx, u_gw = _unfused(h32, w32, target, 2.0 * mask.double())
+    assert _rel(x.grad, u_gx) <= FP32_RTOL and _rel(w.grad, u_gw) <= FP32_RTOL
+
+
+class _CountGemms(TorchDispatchMode):
+    """Matrix products (mm / addmm) issued while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out,
+                    torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
+                    torch.ops.aten.addmm.out):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_precomputed_path_issues_three_gemms_per_chunk_and_none_in_backward():
+    hidden, weight, target, mask, scalar = _masked_case(15)
+    chunks = -(-N // 5)
+    for factor, forward_gemms, backward_gemms in ((mask, 3, 0), (None, 1, 3)):
+        x, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+        with _CountGemms() as fwd:
+            out = linear_weighted_cross_entropy(x, w, target, chunk_size=5, grad_factor=factor)
+        with _CountGemms() as bwd:
+            ((out.weighted_ce * mask).sum() * scalar).backward()
+        assert (fwd.count, bwd.count) == (forward_gemms * chunks, backward_gemms * chunks)
+    with torch.no_grad(), _CountGemms() as no_grad:  # evaluation: no gradient is formed
+        linear_weighted_cross_entropy(hidden.float(), weight.float(), target, chunk_size=5,
+                                      grad_factor=mask)
+    assert no_grad.count == chunks
 
 
 class _LargestAllocation(TorchDispatchMode):
