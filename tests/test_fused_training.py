@@ -2,7 +2,9 @@
 
 One 2-process gloo launch runs every layout twice (fused off, then on) on the shipped tiny
 config with mock data, and counts the fused loss's calls so a run that silently fell back to
-the unfused path cannot pass. fp32 layouts: LM loss and grad norm within 1e-5 relative per
+the unfused path cannot pass, and its backward paths: at TP = 1 (PP 1F1B, interleaved, DP,
+fp16 loss scaling with activation recomputation) every backward must scale the gradients
+formed in forward (3 GEMMs), at TP = 2 recompute. fp32 layouts: LM loss and grad norm within 1e-5 relative per
 step (the tolerance of test_training.py's layout comparisons: only the order of
 floating-point sums differs). bf16/fp16: both paths round the logits and their gradient to
 the same dtype, but the weight gradient's partial sums differently (per chunk vs one GEMM);
@@ -39,12 +41,17 @@ LAYOUTS = {
     "dp2_distopt_tied": [*DISTOPT, *TIED],
     "tp2_distopt_bf16": [*TP2, *DISTOPT, "precision.dtype=bf16"],
     "tp2_fp16": [*TP2, "precision.dtype=fp16"],
+    "pp2_fp16_recompute": [*PP2, "precision.dtype=fp16", "model.recompute_granularity=full"],
 }
-HALF = {"tp2_distopt_bf16", "tp2_fp16"}
+HALF = {"tp2_distopt_bf16", "tp2_fp16", "pp2_fp16_recompute"}
+# TP = 1: the loss forms its gradients in forward (grad_factor = the loss mask), so every
+# backward of the fused loss takes the precomputed path; TP > 1 recomputes.
+TP1 = {name for name, layout in LAYOUTS.items() if not any(o in layout for o in TP2)}
 
 
 def _fused_vs_unfused(rank: int, world_size: int) -> dict:
     import megatron_mile.model as model_module
+    from megatron_mile.loss.fused_linear import BACKWARD_PATHS
 
     calls = {"n": 0}
     fused = model_module.fused_token_losses
@@ -58,10 +65,11 @@ def _fused_vs_unfused(rank: int, world_size: int) -> dict:
     for name, layout in LAYOUTS.items():
         for on in (False, True):
             calls["n"] = 0
+            BACKWARD_PATHS.clear()
             run = run_trainer(BASE + layout + [f"loss.fused_output_layer={str(on).lower()}"],
                               world_size)
             out[(name, on)] = {"loss": curve(run), "grad_norm": curve(run, "grad_norm"),
-                               "fused_calls": calls["n"]}
+                               "fused_calls": calls["n"], "paths": dict(BACKWARD_PATHS)}
     return out
 
 
@@ -109,6 +117,11 @@ def test_fused_output_layer_trains_like_the_unfused_one(runs, layout):
         for step, (a, e) in enumerate(zip(on[key], off[key])):
             assert abs(a - e) <= rtol * abs(e), f"{layout} {key} step {step + 1}: {a!r} vs {e!r}"
     assert on["loss"][-1] < on["loss"][0], on["loss"]  # it did train
+    paths = on["paths"]
+    if layout in TP1:  # every training backward scaled the forward's gradients
+        assert paths.get("precomputed", 0) >= STEPS and "recomputed" not in paths, paths
+    else:
+        assert paths.get("recomputed", 0) >= STEPS and "precomputed" not in paths, paths
 
 
 def test_forward_without_labels_still_returns_logits(runs):
