@@ -193,13 +193,19 @@ def _chunk_backward_gemms(buf: _ChunkBuffer, grad_cvv: torch.Tensor, hidden_ch: 
         grad_weight_acc_vvh.add_(grad_low.t() @ hidden_ch)
 
 
+PRECOMPUTE_TP_SIZES: frozenset[int] = frozenset({1, 2, 4, 8})
+"""TP sizes at which a ``grad_factor`` makes the forward form the gradients. At TP = 1 each
+chunk holds its tokens' complete softmax statistics; at TP > 1 it costs two small
+collectives per chunk (MAX of ``[c]``, SUM of ``[3, c]``) instead of two per call, against
+the recompute's extra GEMM (docs/benchmarks.md measures both)."""
+
+
 def _precompute_applies(grad_factor: Optional[torch.Tensor], tp_size: int,
                         needs_grad: bool) -> bool:
     """Whether the forward forms the gradients (3 GEMMs): a per-token factor is known, a
-    gradient is wanted and the vocabulary is not split (TP = 1: each chunk holds its tokens'
-    complete softmax statistics). TP > 1 would need two collectives per chunk; it keeps the
-    recompute."""
-    return grad_factor is not None and needs_grad and tp_size == 1
+    gradient is wanted and ``tp_size`` is in :data:`PRECOMPUTE_TP_SIZES`. Depends on nothing
+    rank-local, so every TP rank decides alike (the decision sets the collectives)."""
+    return grad_factor is not None and needs_grad and tp_size in PRECOMPUTE_TP_SIZES
 
 
 def _scalar_multiplier(grad_n: torch.Tensor, factor_n: torch.Tensor) -> Optional[torch.Tensor]:
@@ -225,6 +231,33 @@ def _scaled_softmax_(z_cvv: torch.Tensor, rowmax_c: torch.Tensor,
         block = z_cvv[r0:r1]
         block.sub_(rowmax_c[r0:r1, None]).exp_().mul_(scale_c[r0:r1, None])
     return z_cvv
+
+
+def _global_statistics(sums_3n: torch.Tensor, local_max_n: torch.Tensor,
+                       owned_n: torch.Tensor, error: Optional[str], target_n: torch.Tensor,
+                       bad_target_n: Optional[torch.Tensor], vp: int, vocab: int, vv: int,
+                       tp: _TPGroup, validate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sums_3n, rowmax_n)`` over the whole vocabulary from this rank's sums against its own
+    row max: collective 1 (MAX of ``[header(3) +] rowmax_n``, the verdict in the header), the
+    rescale to the global max, collective 2 (SUM of ``[3, n]``)."""
+    rowmax_n = _global_row_max(local_max_n, error, target_n, bad_target_n, vp, vocab, tp,
+                               validate)
+    # Rescale this rank's sums from its own row max to the global one. A rank without
+    # valid rows (all padding) has S = T = 0 and max -inf: its factor is 0, not NaN.
+    # (Non-finite logits elsewhere stay NaN: never a finite loss from them.)
+    if vv > 0:
+        shift_n = local_max_n - rowmax_n
+        f_n = torch.exp(shift_n)
+    else:
+        shift_n = f_n = torch.zeros_like(local_max_n)
+    sum_exp_n, sum_exp_z_n, z_target_n = sums_3n.unbind(0)
+    sums_3n = torch.stack([sum_exp_n * f_n, (sum_exp_z_n + sum_exp_n * shift_n) * f_n,
+                           torch.where(owned_n, z_target_n + shift_n,
+                                       torch.zeros_like(shift_n))])
+    if tp.size > 1:
+        # Collective 2: (S, T, z_target - m) are additive now that every rank uses m.
+        dist.all_reduce(sums_3n, op=dist.ReduceOp.SUM, group=tp.group)
+    return sums_3n, rowmax_n
 
 
 class _LinearWeightedCE(torch.autograd.Function):
@@ -266,33 +299,54 @@ class _LinearWeightedCE(torch.autograd.Function):
         rowmax_n = torch.full((n,), -torch.inf, dtype=cdtype, device=target_sb.device)
         sums_3n = torch.zeros(3, n, dtype=cdtype, device=target_sb.device)
         vocab_start = tp.rank * vp
-        precompute = (error is None and _precompute_applies(
-            grad_factor_sb, tp.size, ctx.needs_input_grad[0] or ctx.needs_input_grad[1]))
+        # The same decision on every TP rank (it sets the collectives): no local verdict in it.
+        precompute = _precompute_applies(grad_factor_sb, tp.size,
+                                         ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        per_chunk = precompute and tp.size > 1
+        if per_chunk:
+            # Collective 1 of the per-chunk variant: the verdict alone (a [3] MAX header), so
+            # a bad input raises on every rank before the chunk collectives.
+            _global_row_max(rowmax_n[:0], error, target_n, bad_target_n, vp, vocab, tp,
+                            validate)
+        precompute = precompute and error is None
         factor_n = grad_factor_sb.reshape(-1).to(cdtype) if precompute else None
         if precompute:
             # The gradients this forward forms for an incoming gradient of factor_n (scaled in
-            # backward): d(hidden) in hidden's dtype, d(weight) accumulated in fp32 (fp64).
+            # backward): d(hidden) in hidden's dtype (this rank's part of it at TP > 1),
+            # d(weight) accumulated in fp32 (fp64).
             pre_grad_hidden_nh = torch.zeros(n, hidden.shape[-1], dtype=hidden.dtype,
                                              device=hidden.device)
             pre_grad_weight = torch.zeros(weight.shape, dtype=cdtype, device=weight.device)
-        if error is None and vv > 0 and n > 0:
+        local = error is None and vv > 0 and n > 0  # this rank has logits to compute
+        if (local or per_chunk) and n > 0:
             hidden_nh = hidden.reshape(n, -1)
             weight_vvh = weight[:vv]
             c = chunk_size or default_chunk_size(vp, hidden.device)
-            buf = _ChunkBuffer(min(c, n), vv, hidden.dtype, hidden.device)
+            buf = _ChunkBuffer(min(c, n), vv, hidden.dtype, hidden.device) if local else None
             for r0 in range(0, n, c):
                 r1 = min(n, r0 + c)
-                z_cvv = buf.logits(hidden_nh[r0:r1], weight_vvh)
-                rowmax_n[r0:r1] = z_cvv.amax(dim=-1)
-                # This rank's (S, T, z_target) against its own row max (z_target 0 where the
-                # target is not in its valid rows); overwrites the buffer with exp(z - m).
-                sums_3c, local_t_c, owned_c = VocabParallelWeightedCE.local_sums(
-                    z_cvv, rowmax_n[r0:r1], target_n[r0:r1], vocab_start)
-                sums_3n[:, r0:r1] = sums_3c
-                if precompute:
-                    # TP = 1: the row max and sums are already global, so the chunk's
-                    # statistics are final; its gradient f w (softmax - onehot) is formed
-                    # from exp(z - m) in place and goes through the two backward GEMMs now.
+                z_cvv = buf.logits(hidden_nh[r0:r1], weight_vvh) if local else None
+                if local:
+                    rowmax_n[r0:r1] = z_cvv.amax(dim=-1)
+                if per_chunk:
+                    # Per-chunk collective a: the chunk's global row max ([c], MAX).
+                    dist.all_reduce(rowmax_n[r0:r1], op=dist.ReduceOp.MAX, group=tp.group)
+                if local:
+                    # (S, T, z_target) against the row max (this rank's own, or the global one
+                    # per chunk; z_target 0 where the target is not in this rank's valid
+                    # rows); overwrites the buffer with exp(z - m).
+                    sums_3c, local_t_c, owned_c = VocabParallelWeightedCE.local_sums(
+                        z_cvv, rowmax_n[r0:r1], target_n[r0:r1], vocab_start)
+                    sums_3n[:, r0:r1] = sums_3c
+                if per_chunk:
+                    # Per-chunk collective b: the chunk's (S, T, z_target - m), [3, c], SUM.
+                    sums_3c = sums_3n[:, r0:r1].contiguous()
+                    dist.all_reduce(sums_3c, op=dist.ReduceOp.SUM, group=tp.group)
+                    sums_3n[:, r0:r1] = sums_3c
+                if precompute and local:
+                    # The chunk's statistics are global now (TP = 1, or after a and b): its
+                    # gradient f w (softmax - onehot) is formed from exp(z - m) in place and
+                    # goes through the two backward GEMMs now.
                     ignored_c = target_n[r0:r1] == IGNORE_INDEX
                     weight_c = VocabParallelWeightedCE.token_statistics(
                         sums_3c, ignored_c, weighting, gamma, sigma)[1]
@@ -305,25 +359,9 @@ class _LinearWeightedCE(torch.autograd.Function):
         local_t_n = target_n - vocab_start
         owned_n = (local_t_n >= 0) & (local_t_n < vv)
         local_t_n = torch.where(owned_n, local_t_n, torch.zeros_like(local_t_n))
-        # Collective 1: the global row max, with the verdict of every rank in its header.
-        local_max_n = rowmax_n.clone()
-        rowmax_n = _global_row_max(local_max_n, error, target_n, bad_target_n, vp, vocab, tp,
-                                   validate)
-        # Rescale this rank's sums from its own row max to the global one. A rank without
-        # valid rows (all padding) has S = T = 0 and max -inf: its factor is 0, not NaN.
-        # (Non-finite logits elsewhere stay NaN: never a finite loss from them.)
-        if vv > 0:
-            shift_n = local_max_n - rowmax_n
-            f_n = torch.exp(shift_n)
-        else:
-            shift_n = f_n = torch.zeros_like(local_max_n)
-        sum_exp_n, sum_exp_z_n, z_target_n = sums_3n.unbind(0)
-        sums_3n = torch.stack([sum_exp_n * f_n, (sum_exp_z_n + sum_exp_n * shift_n) * f_n,
-                               torch.where(owned_n, z_target_n + shift_n,
-                                           torch.zeros_like(shift_n))])
-        if tp.size > 1:
-            # Collective 2: (S, T, z_target - m) are additive now that every rank uses m.
-            dist.all_reduce(sums_3n, op=dist.ReduceOp.SUM, group=tp.group)
+        if not per_chunk:
+            sums_3n, rowmax_n = _global_statistics(sums_3n, rowmax_n, owned_n, error, target_n,
+                                                   bad_target_n, vp, vocab, vv, tp, validate)
         ignored_n = target_n == IGNORE_INDEX
         weighted_ce_n, weight_n, ce_n, entropy_n = VocabParallelWeightedCE.token_statistics(
             sums_3n, ignored_n, weighting, gamma, sigma)
@@ -342,27 +380,14 @@ class _LinearWeightedCE(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    def backward(ctx, grad_wce_sb, *_grads_of_detached_outputs):
+    def _recompute_gradients(ctx, grad_wce_sb: torch.Tensor, main_grad: Optional[torch.Tensor]
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 4-GEMM backward: each chunk's logits recomputed and turned into
+        ``g w (softmax - onehot)`` in place. Returns this rank's unreduced d(hidden) ``[n, h]``
+        and the weight-gradient accumulator (``main_grad`` itself when given); no collective."""
         hidden, weight, rowmax_n, sum_exp_n, weight_n, local_t_n, counted_n = ctx.saved_tensors
-        tp, vv, c = ctx.tp, ctx.vv, ctx.chunk_size
+        vv, c = ctx.vv, ctx.chunk_size
         n = rowmax_n.shape[0]
-        main_grad = getattr(weight, "main_grad", None) if ctx.grad_accum_fusion else None
-        precomputed, ctx.precomputed = ctx.precomputed, None  # scaled in place: usable once
-        if precomputed is not None and n > 0:
-            factor_n, grad_hidden_nh, grad_weight_acc = precomputed
-            scalar = _scalar_multiplier(grad_wce_sb.reshape(-1).to(factor_n.dtype), factor_n)
-            if scalar is not None:
-                BACKWARD_PATHS["precomputed"] += 1
-                # Scaled in fp32 (fp64): a bf16/fp16 multiply would round the scalar first.
-                grad_hidden = grad_hidden_nh.copy_(
-                    grad_hidden_nh.to(scalar.dtype).mul_(scalar)).view(hidden.shape)
-                if main_grad is not None:
-                    main_grad.add_(grad_weight_acc.mul_(scalar))
-                    grad_weight = _main_grad_placeholder(weight)
-                else:
-                    grad_weight = grad_weight_acc.mul_(scalar).to(weight.dtype)
-                return (grad_hidden, grad_weight) + (None,) * 11
-        BACKWARD_PATHS["recomputed"] += 1
         hidden_nh = hidden.reshape(n, -1)
         # d(w * CE)/dz = g * w * (softmax - onehot) = (g w / S) * exp(z - m) - g w onehot.
         grad_n = grad_wce_sb.reshape(-1).to(weight_n.dtype) * weight_n
@@ -386,6 +411,30 @@ class _LinearWeightedCE(torch.autograd.Function):
             grad_cvv[rows_c, local_t_n[r0:r1]] -= onehot_n[r0:r1]
             _chunk_backward_gemms(buf, grad_cvv, hidden_ch, weight_vvh,
                                   grad_hidden_nh[r0:r1], grad_weight_acc[:vv])
+        return grad_hidden_nh, grad_weight_acc
+
+    @staticmethod
+    def backward(ctx, grad_wce_sb, *_grads_of_detached_outputs):
+        hidden, weight, rowmax_n = ctx.saved_tensors[:3]
+        tp, n = ctx.tp, rowmax_n.shape[0]
+        main_grad = getattr(weight, "main_grad", None) if ctx.grad_accum_fusion else None
+        precomputed, ctx.precomputed = ctx.precomputed, None  # scaled in place: usable once
+        scalar = None
+        if precomputed is not None and n > 0:
+            factor_n, grad_hidden_nh, grad_weight_acc = precomputed
+            # The same verdict on every TP rank: they hold the same loss and factor.
+            scalar = _scalar_multiplier(grad_wce_sb.reshape(-1).to(factor_n.dtype), factor_n)
+        if scalar is not None:
+            BACKWARD_PATHS["precomputed"] += 1
+            # Scaled in fp32 (fp64): a bf16/fp16 multiply would round the scalar first.
+            grad_hidden_nh.copy_(grad_hidden_nh.to(scalar.dtype).mul_(scalar))
+            grad_weight_acc.mul_(scalar)
+            if main_grad is not None:
+                main_grad.add_(grad_weight_acc)
+        else:
+            BACKWARD_PATHS["recomputed"] += 1
+            grad_hidden_nh, grad_weight_acc = _LinearWeightedCE._recompute_gradients(
+                ctx, grad_wce_sb, main_grad)
         grad_hidden = grad_hidden_nh.view(hidden.shape)
         if ctx.sequence_parallel:
             # Collective 3 (SP): reduce-scatter along s, as the gather's backward.
