@@ -25,6 +25,7 @@ from megatron_mile.loss import (
     reference,
     vocab_parallel_weighted_cross_entropy,
 )
+from megatron_mile.loss import fused_linear
 from megatron_mile.loss.fused_linear import BACKWARD_PATHS, default_chunk_size
 from megatron_mile.testing import CollectiveCounter, run_distributed, tp_groups
 
@@ -245,10 +246,15 @@ def test_precomputed_gradients_fp32_equal_unfused_and_reference(weighting, gamma
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_precomputed_gradients_half_within_the_unfused_error(dtype):
-    """bf16/fp16 (fp16: the scalar carries the loss scale, 2^12 here): within _BF16_SLACK of
-    the unfused path's own error against float64."""
+def test_precomputed_gradients_half_within_the_unfused_error(dtype, monkeypatch):
+    """bf16/fp16 (fp16: the scalar carries the loss scale, 2^12 here), the mechanism turned on
+    for them: within _BF16_SLACK of the unfused path's own error against float64. By default
+    they recompute (PRECOMPUTE_DTYPES says why)."""
     hidden, weight, target, mask, _ = _masked_case(12, h=64, v=500)
+    hl, wl = hidden.to(dtype), weight.to(dtype)
+    assert _fused_masked(hl, wl, target, mask, 0.37, chunk_size=7)[3] == {"recomputed": 1}
+    monkeypatch.setattr(fused_linear, "PRECOMPUTE_DTYPES",
+                        fused_linear.PRECOMPUTE_DTYPES | {dtype})
     scalar = 4096.0 / 17.0 if dtype == torch.float16 else 0.37
     hl, wl = hidden.to(dtype), weight.to(dtype)
     f_stats, f_gx, f_gw, paths = _fused_masked(hl, wl, target, mask, scalar, chunk_size=7)
@@ -587,8 +593,9 @@ def test_tp_equals_unfused_and_reference(results, tp, sp):
             if key in ("collectives", "collectives_precomputed"):
                 continue
             dtype = key[2]
-            if key[0] == "precomputed":
-                assert err["paths"] == {"precomputed": 1}, (rank, key, err)
+            if key[0] == "precomputed":  # bf16 recomputes (PRECOMPUTE_DTYPES)
+                path = "precomputed" if dtype == "float32" else "recomputed"
+                assert err["paths"] == {path: 1}, (rank, key, err)
             if dtype == "float32":
                 assert err["vs_unfused"] <= FP32_RTOL, (rank, key, err)
                 assert max(err["fused_vs_ref"]) <= FP32_RTOL, (rank, key, err)

@@ -200,12 +200,25 @@ collectives per chunk (MAX of ``[c]``, SUM of ``[3, c]``) instead of two per cal
 the recompute's extra GEMM (docs/benchmarks.md measures both)."""
 
 
+PRECOMPUTE_DTYPES: frozenset[torch.dtype] = frozenset({torch.float32, torch.float64})
+"""Input dtypes for which a ``grad_factor`` makes the forward form the gradients. Not bf16 or
+fp16: there the gradient ``f w (softmax - onehot)`` is rounded to the input dtype without the
+scalar ``c`` the unfused path has in it, and the result scaled after: elementwise as accurate
+(tests/test_fused_linear.py), but near initialisation, where the softmax is almost uniform,
+the roundings of the nearly equal entries are correlated, and a bf16 training step's gradient
+norm came out 1.1e-3 away from fp32 against 4e-5 for the unfused path (tests/
+test_fused_training.py, tiny). Those dtypes keep the recompute, which rounds as the unfused
+path does."""
+
+
 def _precompute_applies(grad_factor: Optional[torch.Tensor], tp_size: int,
-                        needs_grad: bool) -> bool:
+                        needs_grad: bool, dtype: torch.dtype) -> bool:
     """Whether the forward forms the gradients (3 GEMMs): a per-token factor is known, a
-    gradient is wanted and ``tp_size`` is in :data:`PRECOMPUTE_TP_SIZES`. Depends on nothing
-    rank-local, so every TP rank decides alike (the decision sets the collectives)."""
-    return grad_factor is not None and needs_grad and tp_size in PRECOMPUTE_TP_SIZES
+    gradient is wanted, ``tp_size`` is in :data:`PRECOMPUTE_TP_SIZES` and ``dtype`` in
+    :data:`PRECOMPUTE_DTYPES`: the same on every TP rank (one layer's shards share their
+    dtype), so every rank decides alike, as it must: the decision sets the collectives."""
+    return (grad_factor is not None and needs_grad and tp_size in PRECOMPUTE_TP_SIZES
+            and dtype in PRECOMPUTE_DTYPES)
 
 
 def _scalar_multiplier(grad_n: torch.Tensor, factor_n: torch.Tensor) -> Optional[torch.Tensor]:
@@ -301,7 +314,8 @@ class _LinearWeightedCE(torch.autograd.Function):
         vocab_start = tp.rank * vp
         # The same decision on every TP rank (it sets the collectives): no local verdict in it.
         precompute = _precompute_applies(grad_factor_sb, tp.size,
-                                         ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+                                         ctx.needs_input_grad[0] or ctx.needs_input_grad[1],
+                                         weight.dtype)
         per_chunk = precompute and tp.size > 1
         if per_chunk:
             # Collective 1 of the per-chunk variant: the verdict alone (a [3] MAX header), so
@@ -517,8 +531,10 @@ def linear_weighted_cross_entropy(
             for one scalar ``c`` (megatron's schedule: a backward on a scalar loss). At TP = 1
             the forward then forms the gradients for ``f`` (3 GEMMs in all, no recompute) and
             backward scales them by ``c``; an incoming gradient that is not of that form falls
-            back to the recompute, so results are the same either way. Ignored at TP > 1 or
-            without a gradient. See ``BACKWARD_PATHS``.
+            back to the recompute, so results are the same either way. Used at the TP sizes
+            of ``PRECOMPUTE_TP_SIZES`` (at TP > 1 with two small all-reduces per chunk) for
+            the dtypes of ``PRECOMPUTE_DTYPES`` (fp32), when a gradient is wanted; ignored
+            otherwise. See ``BACKWARD_PATHS``.
 
     Returns:
         The four ``[s, b]`` fp32 statistics of :class:`WeightedCrossEntropy`, equal to the
