@@ -39,12 +39,16 @@ class LossConfig:
     """Compute the output layer and the loss together, a chunk of tokens at a time
     (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
     never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. Costs one extra GEMM of the output layer's size (the logits are
-    recomputed in backward). Off by default because it measured slower end to end on CPU:
-    tiny with a 128000 vocabulary ran at 0.82 times the unfused tokens/s for 0.56 times its
-    peak memory on a quiet 2-core machine (0.55 times when it was oversubscribed;
-    docs/benchmarks.md); not yet measured on a GPU, where tools/gpu_checks.sh measures it. Turn it on where the logits' memory is the limit. ``cross_entropy`` then runs as
-    weight-1 CE in the same kernel, not megatron-core's CE."""
+    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
+    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
+    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
+    and fp16 recompute the logits in backward (one extra GEMM; see
+    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
+    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
+    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
+    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
+    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
+    the same kernel, not megatron-core's CE."""
 
     @property
     def weighting(self) -> str:
