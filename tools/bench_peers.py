@@ -7,8 +7,9 @@ hidden and weight, for:
 - ``unfused``: the logits materialised (``torch.mm``) + :func:`vocab_parallel_weighted_cross_entropy`
   (MiLe), the baseline;
 - ``mile_fused`` / ``ce_fused``: :func:`megatron_mile.loss.linear_weighted_cross_entropy`,
-  MiLe and plain CE (``weighting="none"``), with ``grad_factor`` (3 GEMMs: the gradients are
-  formed in forward and scaled in backward, as in a training step);
+  MiLe and plain CE (``weighting="none"``), with ``grad_factor`` as in a training step: in
+  fp32 the gradients are formed in forward (3 GEMMs), in bf16 the logits are recomputed in
+  backward (4 GEMMs; ``fused_linear.PRECOMPUTE_DTYPES`` says why);
 - ``liger``: Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (CE, mean);
 - ``cce``: Cut-Cross-Entropy's ``linear_cross_entropy`` (CE, mean).
 
