@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -232,7 +233,10 @@ class MileGPTModel(GPTModel):
     called as ``output_layer(hidden, weight=..., runtime_gather_output=...)`` and its result
     goes, untouched, to ``compute_language_model_loss`` when labels are given -- instead of a
     copy of ``_postprocess`` that would drift between releases. Calls without labels
-    (evaluation, generation) get real logits.
+    (evaluation, generation) get real logits. A ``loss_mask`` given to ``forward`` (the
+    trainer passes the one ``loss_func`` applies) travels in :class:`DeferredLogits` as the
+    fused loss's ``grad_factor``: at TP = 1 it lets the loss form its gradients in forward
+    (3 GEMMs, no recompute; see :func:`~megatron_mile.loss.linear_weighted_cross_entropy`).
     """
 
     _FORWARD_SIGNATURE = inspect.signature(GPTModel.forward)
@@ -261,7 +265,8 @@ class MileGPTModel(GPTModel):
         if call.get("labels") is None or call.get("runtime_gather_output"):
             return super().forward(*args, **kwargs)
         layer = self.output_layer
-        layer.forward = _deferred_output_layer.__get__(layer)  # this call only
+        layer.forward = partial(_deferred_output_layer, layer,  # this call only
+                                loss_mask=call.get("loss_mask"))
         try:
             return super().forward(*args, **kwargs)
         finally:
@@ -293,15 +298,17 @@ class MileGPTModel(GPTModel):
 
 
 def _deferred_output_layer(layer, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                           runtime_gather_output: Optional[bool] = None):
+                           runtime_gather_output: Optional[bool] = None, *,
+                           loss_mask: Optional[torch.Tensor] = None):
     """Stands in for ``ColumnParallelLinear.forward`` (same signature and ``(output, bias)``
     result) when the loss is fused: returns the layer's input and weight, no logits. The
-    tied-embedding weight arrives as ``weight=``, as megatron passes it."""
+    tied-embedding weight arrives as ``weight=``, as megatron passes it; ``loss_mask``
+    ``[b, s]`` is the model forward's, bound by :meth:`MileGPTModel.forward`."""
     del runtime_gather_output  # None here: MileGPTModel.forward does not defer otherwise
     deferred = DeferredLogits(
         hidden=input_, weight=layer.weight if weight is None else weight,
         sequence_parallel=layer.sequence_parallel, tp_group=layer.tp_group,
-        gradient_accumulation_fusion=layer.gradient_accumulation_fusion)
+        gradient_accumulation_fusion=layer.gradient_accumulation_fusion, loss_mask=loss_mask)
     return deferred, None
 
 

@@ -25,7 +25,8 @@ from megatron_mile.loss import (
     reference,
     vocab_parallel_weighted_cross_entropy,
 )
-from megatron_mile.loss.fused_linear import default_chunk_size
+from megatron_mile.loss import fused_linear
+from megatron_mile.loss.fused_linear import BACKWARD_PATHS, default_chunk_size
 from megatron_mile.testing import CollectiveCounter, run_distributed, tp_groups
 
 S, B, H, V = 6, 4, 16, 96
@@ -199,6 +200,152 @@ def test_weight_gradient_accumulates_into_main_grad():
             assert w.grad is None
 
 
+# ------------------------------------------------- precomputed gradients (grad_factor, TP = 1)
+
+def _masked_case(seed: int, **shape):
+    """_inputs plus a 0/1 loss mask [s, b] (a third of the tokens masked) and the scalar the
+    schedule would apply (alpha / num_tokens / micro-batches x loss scale): the incoming
+    gradient is scalar * mask, as from megatron's backward on loss_sum."""
+    hidden, weight, target, _ = _inputs(seed, **shape)
+    g = torch.Generator().manual_seed(seed + 100)
+    mask = (torch.rand(target.shape, generator=g) > 0.33).float()
+    return hidden, weight, target, mask, 0.37
+
+
+def _fused_masked(hidden, weight, target, mask, scalar, **kwargs):
+    """The fused function with grad_factor=mask and backward on scalar * sum(wce * mask), as
+    loss_func + the schedule do; also which backward path it took."""
+    BACKWARD_PATHS.clear()
+    x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = linear_weighted_cross_entropy(x, w, target, grad_factor=mask, **kwargs)
+    ((out.weighted_ce * mask).sum() * scalar).backward()
+    return _stats(out), x.grad, w.grad, dict(BACKWARD_PATHS)
+
+
+@pytest.mark.parametrize("chunk_size", [5, None])
+@pytest.mark.parametrize("weighting,gamma,sigma",
+                         [("mile", 1.0, 1.0), ("focal", 2.0, 1.0), ("none", 1.0, 1.0)])
+def test_precomputed_gradients_fp32_equal_unfused_and_reference(weighting, gamma, sigma,
+                                                                 chunk_size):
+    """3 GEMMs (the gradients formed in forward, scaled in backward) give the unfused path's
+    values and gradients, masked tokens included."""
+    hidden, weight, target, mask, scalar = _masked_case(11)
+    h32, w32 = hidden.float(), weight.float()
+    kw = dict(weighting=weighting, gamma=gamma, sigma=sigma)
+    f_stats, f_gx, f_gw, paths = _fused_masked(h32, w32, target, mask, scalar,
+                                               chunk_size=chunk_size, **kw)
+    assert paths == {"precomputed": 1}
+    grad_out = mask.double() * scalar
+    u_stats, u_gx, u_gw = _unfused(h32, w32, target, grad_out, **kw)
+    r_stats, r_gx, r_gw = _reference(hidden, weight, target, grad_out, weighting, gamma, sigma)
+    for name in ("weighted_ce", "weight", "ce", "entropy"):
+        assert _rel(f_stats[name], u_stats[name]) <= FP32_RTOL, name
+    assert _rel(f_gx, u_gx) <= FP32_RTOL and _rel(f_gw, u_gw) <= FP32_RTOL
+    assert _rel(f_gx, r_gx) <= FP32_RTOL and _rel(f_gw, r_gw) <= FP32_RTOL
+    assert f_gx[mask == 0].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_precomputed_gradients_half_within_the_unfused_error(dtype, monkeypatch):
+    """bf16/fp16 (fp16: the scalar carries the loss scale, 2^12 here), the mechanism turned on
+    for them: within _BF16_SLACK of the unfused path's own error against float64. By default
+    they recompute (PRECOMPUTE_DTYPES says why)."""
+    hidden, weight, target, mask, _ = _masked_case(12, h=64, v=500)
+    hl, wl = hidden.to(dtype), weight.to(dtype)
+    assert _fused_masked(hl, wl, target, mask, 0.37, chunk_size=7)[3] == {"recomputed": 1}
+    monkeypatch.setattr(fused_linear, "PRECOMPUTE_DTYPES",
+                        fused_linear.PRECOMPUTE_DTYPES | {dtype})
+    scalar = 4096.0 / 17.0 if dtype == torch.float16 else 0.37
+    hl, wl = hidden.to(dtype), weight.to(dtype)
+    f_stats, f_gx, f_gw, paths = _fused_masked(hl, wl, target, mask, scalar, chunk_size=7)
+    assert paths == {"precomputed": 1} and f_gx.dtype == f_gw.dtype == dtype
+    grad_out = mask.double() * scalar
+    u_stats, u_gx, u_gw = _unfused(hl, wl, target, grad_out)
+    r_stats, r_gx, r_gw = _reference(hidden, weight, target, grad_out, "mile")
+    assert _rel(f_gx, r_gx) <= _BF16_SLACK * _rel(u_gx, r_gx)
+    assert _rel(f_gw, r_gw) <= _BF16_SLACK * _rel(u_gw, r_gw)
+
+
+def test_precomputed_padded_vocabulary_and_main_grad():
+    """Padding rows get zero gradient; with gradient_accumulation_fusion the scaled weight
+    gradient is added to main_grad (after earlier micro-batches') and .grad gets megatron's
+    placeholder."""
+    hidden, weight, target, mask, scalar = _masked_case(13)
+    valid = V - 13
+    target = torch.where(target == IGNORE_INDEX, target, target % valid)
+    grad_out = mask.double() * scalar
+    r_stats, r_gx, r_gw = _reference(hidden, weight[:valid], target, grad_out, "mile")
+    BACKWARD_PATHS.clear()
+    x = hidden.float().requires_grad_()
+    w = weight.float().clone().requires_grad_()
+    w.main_grad = torch.ones_like(w)
+    w.grad_added_to_main_grad = False
+    out = linear_weighted_cross_entropy(x, w, target, chunk_size=5, valid_vocab_size=valid,
+                                        gradient_accumulation_fusion=True, grad_factor=mask)
+    ((out.weighted_ce * mask).sum() * scalar).backward()
+    assert dict(BACKWARD_PATHS) == {"precomputed": 1}
+    assert _rel(out.weighted_ce, r_stats["weighted_ce"]) <= FP32_RTOL
+    assert _rel(x.grad, r_gx) <= FP32_RTOL
+    assert _rel(w.main_grad[:valid] - 1.0, r_gw) <= FP32_RTOL
+    assert (w.main_grad[valid:] == 1.0).all() and w.grad_added_to_main_grad
+
+
+def test_other_incoming_gradients_fall_back_to_the_recompute():
+    """An incoming gradient that is not scalar x grad_factor (per-token weights of the
+    caller's own), or a second backward through a retained graph, recomputes: still exact."""
+    hidden, weight, target, mask, _ = _masked_case(14)
+    h32, w32 = hidden.float(), weight.float()
+    _, grad_out = _inputs(14)[2:]  # arbitrary per-token gradient
+    BACKWARD_PATHS.clear()
+    x, w = h32.clone().requires_grad_(), w32.clone().requires_grad_()
+    out = linear_weighted_cross_entropy(x, w, target, chunk_size=5, grad_factor=mask)
+    (out.weighted_ce * grad_out.float()).sum().backward(retain_graph=True)
+    assert dict(BACKWARD_PATHS) == {"recomputed": 1}
+    _, u_gx, u_gw = _unfused(h32, w32, target, grad_out)
+    assert _rel(x.grad, u_gx) <= FP32_RTOL and _rel(w.grad, u_gw) <= FP32_RTOL
+    # retain_graph, then a second backward: the forward's gradients were used up by the first.
+    BACKWARD_PATHS.clear()
+    x, w = h32.clone().requires_grad_(), w32.clone().requires_grad_()
+    out = linear_weighted_cross_entropy(x, w, target, chunk_size=5, grad_factor=mask)
+    loss = (out.weighted_ce * mask).sum()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert dict(BACKWARD_PATHS) == {"precomputed": 1, "recomputed": 1}
+    _, u_gx, u_gw = _unfused(h32, w32, target, 2.0 * mask.double())
+    assert _rel(x.grad, u_gx) <= FP32_RTOL and _rel(w.grad, u_gw) <= FP32_RTOL
+
+
+class _CountGemms(TorchDispatchMode):
+    """Matrix products (mm / addmm) issued while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out,
+                    torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
+                    torch.ops.aten.addmm.out):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_precomputed_path_issues_three_gemms_per_chunk_and_none_in_backward():
+    hidden, weight, target, mask, scalar = _masked_case(15)
+    chunks = -(-N // 5)
+    for factor, forward_gemms, backward_gemms in ((mask, 3, 0), (None, 1, 3)):
+        x, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+        with _CountGemms() as fwd:
+            out = linear_weighted_cross_entropy(x, w, target, chunk_size=5, grad_factor=factor)
+        with _CountGemms() as bwd:
+            ((out.weighted_ce * mask).sum() * scalar).backward()
+        assert (fwd.count, bwd.count) == (forward_gemms * chunks, backward_gemms * chunks)
+    with torch.no_grad(), _CountGemms() as no_grad:  # evaluation: no gradient is formed
+        linear_weighted_cross_entropy(hidden.float(), weight.float(), target, chunk_size=5,
+                                      grad_factor=mask)
+    assert no_grad.count == chunks
+
+
 class _LargestAllocation(TorchDispatchMode):
     """Largest number of elements of any tensor an op returns while active."""
 
@@ -307,16 +454,45 @@ def _tp_case(tp_group, tp_rank, tp_size, sp, seed) -> dict:
                                        _rel(u[0]["weight"], r_stats["weight"]),
                                        _rel(u[1], r_gx), _rel(u[2], r_gw)],
                 }
+    # The gradients formed in forward (grad_factor = the loss mask, per-chunk collectives at
+    # TP > 1), against the unfused path on the same scalar x mask gradient.
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(target.shape, generator=g) > 0.33).float()
+    for weighting in ("mile", "focal", "none"):
+        for dtype in ((torch.float32, torch.bfloat16) if weighting == "mile"
+                      else (torch.float32,)):
+            x, w = _local(hidden.to(dtype), weight.to(dtype), tp_rank, tp_size, sp)
+            kw = dict(weighting=weighting, tp_group=tp_group, sequence_parallel=sp)
+            f_stats, f_gx, f_gw, paths = _fused_masked(x, w, target, mask, 0.37, chunk_size=5,
+                                                       **kw)
+            u = _unfused(x, w, target, 0.37 * mask.double(), **kw)
+            r_stats, r_gx, r_gw = _reference(hidden, weight, target, 0.37 * mask.double(),
+                                             weighting)
+            r_gx, r_gw = _local(r_gx, r_gw, tp_rank, tp_size, sp)
+            out[("precomputed", weighting, str(dtype).split(".")[-1])] = {
+                "paths": paths,
+                "vs_unfused": max([_rel(f_stats[k], u[0][k]) for k in f_stats]
+                                  + [_rel(f_gx, u[1]), _rel(f_gw, u[2])]),
+                "fused_vs_ref": [_rel(f_stats["weighted_ce"], r_stats["weighted_ce"]),
+                                 _rel(f_stats["weight"], r_stats["weight"]),
+                                 _rel(f_gx, r_gx), _rel(f_gw, r_gw)],
+                "unfused_vs_ref": [_rel(u[0]["weighted_ce"], r_stats["weighted_ce"]),
+                                   _rel(u[0]["weight"], r_stats["weight"]),
+                                   _rel(u[1], r_gx), _rel(u[2], r_gw)],
+            }
     # Collectives of one call, forward and backward, with several chunks.
-    x, w = _local(hidden.float(), weight.float(), tp_rank, tp_size, sp)
-    x.requires_grad_()
-    w.requires_grad_()
-    with CollectiveCounter() as fwd:
-        res = linear_weighted_cross_entropy(x, w, target, tp_group=tp_group,
-                                            sequence_parallel=sp, chunk_size=3)
-    with CollectiveCounter() as bwd:
-        res.weighted_ce.sum().backward()
-    out["collectives"] = (fwd.calls, bwd.calls)
+    for factor in (None, mask):
+        x, w = _local(hidden.float(), weight.float(), tp_rank, tp_size, sp)
+        x.requires_grad_()
+        w.requires_grad_()
+        with CollectiveCounter() as fwd:
+            res = linear_weighted_cross_entropy(x, w, target, tp_group=tp_group,
+                                                sequence_parallel=sp, chunk_size=3,
+                                                grad_factor=factor)
+        with CollectiveCounter() as bwd:
+            (res.weighted_ce * mask).sum().backward()
+        out["collectives" if factor is None else "collectives_precomputed"] = (fwd.calls,
+                                                                               bwd.calls)
     return out
 
 
@@ -332,9 +508,24 @@ def _padded_case(tp_group, tp_rank, tp_size) -> dict:
     full_gw = torch.zeros_like(weight)
     full_gw[:valid] = r_gw
     _, r_gw_local = _local(r_gx, full_gw, tp_rank, tp_size, False)
-    return {"errors": [_rel(stats["weighted_ce"], r_stats["weighted_ce"]),
-                       _rel(stats["weight"], r_stats["weight"]), _rel(gx, r_gx)],
-            "grad_weight": (gw.double() - r_gw_local).abs().max().item()}
+    out = {"errors": [_rel(stats["weighted_ce"], r_stats["weighted_ce"]),
+                      _rel(stats["weight"], r_stats["weight"]), _rel(gx, r_gx)],
+           "grad_weight": (gw.double() - r_gw_local).abs().max().item()}
+    # The same with the gradients formed in forward: the padding-only ranks still join the
+    # per-chunk collectives.
+    mask = (grad_out > -0.5).float()
+    stats, gx, gw, paths = _fused_masked(x, w, target, mask, 0.37, tp_group=tp_group,
+                                         chunk_size=5, valid_vocab_size=valid)
+    r_stats, r_gx, r_gw = _reference(hidden, weight[:valid], target, 0.37 * mask.double(),
+                                     "mile")
+    full_gw = torch.zeros_like(weight)
+    full_gw[:valid] = r_gw
+    _, r_gw_local = _local(r_gx, full_gw, tp_rank, tp_size, False)
+    out["precomputed"] = {"paths": paths,
+                          "errors": [_rel(stats["weighted_ce"], r_stats["weighted_ce"]),
+                                     _rel(gx, r_gx)],
+                          "grad_weight": (gw.double() - r_gw_local).abs().max().item()}
+    return out
 
 
 def _errors_on_one_rank(tp_group, tp_rank) -> dict:
@@ -348,11 +539,14 @@ def _errors_on_one_rank(tp_group, tp_rank) -> dict:
             tgt[2, 0] = V + 7
         if tp_rank == 1 and name == "shape_sp":
             x = x[:-1]
-        try:
-            linear_weighted_cross_entropy(x, w, tgt, tp_group=tp_group, sequence_parallel=sp)
-            messages[name] = None
-        except ValueError as e:
-            messages[name] = str(e)
+        for factor in (None, torch.ones(tgt.shape)):  # with it: the per-chunk variant
+            key = name if factor is None else name + "_precomputed"
+            try:
+                linear_weighted_cross_entropy(x.requires_grad_(), w, tgt, tp_group=tp_group,
+                                              sequence_parallel=sp, grad_factor=factor)
+                messages[key] = None
+            except ValueError as e:
+                messages[key] = str(e)
     return messages
 
 
@@ -396,9 +590,12 @@ def results():
 def test_tp_equals_unfused_and_reference(results, tp, sp):
     for rank, res in enumerate(results):
         for key, err in res[(tp, sp)].items():
-            if key == "collectives":
+            if key in ("collectives", "collectives_precomputed"):
                 continue
-            weighting, chunk, dtype = key
+            dtype = key[2]
+            if key[0] == "precomputed":  # bf16 recomputes (PRECOMPUTE_DTYPES)
+                path = "precomputed" if dtype == "float32" else "recomputed"
+                assert err["paths"] == {path: 1}, (rank, key, err)
             if dtype == "float32":
                 assert err["vs_unfused"] <= FP32_RTOL, (rank, key, err)
                 assert max(err["fused_vs_ref"]) <= FP32_RTOL, (rank, key, err)
@@ -425,18 +622,34 @@ def test_collectives_whatever_the_number_of_chunks(results, tp, sp):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tp,sp", [c for c in TP_CASES if c[0] > 1], ids=lambda x: str(x))
+def test_precomputed_collectives_per_chunk(results, tp, sp):
+    """With grad_factor at TP > 1: the verdict's MAX all-reduce, then per chunk (11 of 3 tokens)
+    a MAX and a SUM all-reduce; backward the output layer's own, as without it."""
+    for res in results:
+        fwd, bwd = res[(tp, sp)]["collectives_precomputed"]
+        gather = ["all_gather_into_tensor"] if sp else []
+        assert fwd == gather + ["all_reduce"] * (1 + 2 * 11), fwd
+        assert bwd == (["reduce_scatter_tensor"] if sp else ["all_reduce"]), bwd
+
+
+@pytest.mark.slow
 def test_padded_vocabulary_over_tp4(results):
     for rank, res in enumerate(results):
         assert max(res["padded"]["errors"]) <= FP32_RTOL, (rank, res["padded"])
         assert res["padded"]["grad_weight"] <= 1e-5, (rank, res["padded"])
+        pre = res["padded"]["precomputed"]
+        assert pre["paths"] == {"precomputed": 1}, (rank, pre)
+        assert max(pre["errors"]) <= FP32_RTOL and pre["grad_weight"] <= 1e-5, (rank, pre)
 
 
 @pytest.mark.slow
 def test_bad_input_on_one_rank_raises_on_every_rank(results):
     for res in results:
-        assert all(res["errors"][k] is not None for k in ("target", "target_sp", "shape_sp"))
+        assert all(v is not None for v in res["errors"].values()), res["errors"]
+        assert len(res["errors"]) == 6
     # TP=2 groups are (0, 1) and (2, 3): ranks 1 and 3 had the bad input.
-    for k in ("target", "target_sp"):
+    for k in ("target", "target_sp", "target_precomputed", "target_sp_precomputed"):
         assert f"target id {V + 7} is outside the vocabulary [0, {V})" in results[1]["errors"][k]
         assert "another tensor-parallel rank reported invalid input" in results[0]["errors"][k]
     assert "target shape (8, 4) does not match hidden shape (3, 4, 16)" in \

@@ -2,7 +2,11 @@
 
 One 2-process gloo launch runs every layout twice (fused off, then on) on the shipped tiny
 config with mock data, and counts the fused loss's calls so a run that silently fell back to
-the unfused path cannot pass. fp32 layouts: LM loss and grad norm within 1e-5 relative per
+the unfused path cannot pass, and its backward paths: in fp32 at the TP sizes of
+``PRECOMPUTE_TP_SIZES`` (PP 1F1B, interleaved, DP, TP + SP, activation recomputation) every
+backward must scale the gradients formed in forward (3 GEMMs); bf16/fp16 (and other TP sizes)
+recompute, and their step-1 gradient norm must be as close to an fp32 run's as the unfused
+path's. fp32 layouts: LM loss and grad norm within 1e-5 relative per
 step (the tolerance of test_training.py's layout comparisons: only the order of
 floating-point sums differs). bf16/fp16: both paths round the logits and their gradient to
 the same dtype, but the weight gradient's partial sums differently (per chunk vs one GEMM);
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import pytest
 
+from megatron_mile.loss.fused_linear import PRECOMPUTE_TP_SIZES
 from megatron_mile.testing import run_distributed
 from trainer_runs import curve, run_trainer
 
@@ -39,12 +44,19 @@ LAYOUTS = {
     "dp2_distopt_tied": [*DISTOPT, *TIED],
     "tp2_distopt_bf16": [*TP2, *DISTOPT, "precision.dtype=bf16"],
     "tp2_fp16": [*TP2, "precision.dtype=fp16"],
+    "pp2_fp16_recompute": [*PP2, "precision.dtype=fp16", "model.recompute_granularity=full"],
 }
-HALF = {"tp2_distopt_bf16", "tp2_fp16"}
+HALF = {"tp2_distopt_bf16", "tp2_fp16", "pp2_fp16_recompute"}
+_HALF_SLACK = 2.0
+# The loss forms its gradients in forward (grad_factor = the loss mask) at the TP sizes of
+# PRECOMPUTE_TP_SIZES, so every backward of the fused loss takes the precomputed path there;
+# other TP sizes recompute.
+TP_SIZE = {name: 2 if any(o in layout for o in TP2) else 1 for name, layout in LAYOUTS.items()}
 
 
 def _fused_vs_unfused(rank: int, world_size: int) -> dict:
     import megatron_mile.model as model_module
+    from megatron_mile.loss.fused_linear import BACKWARD_PATHS
 
     calls = {"n": 0}
     fused = model_module.fused_token_losses
@@ -56,12 +68,17 @@ def _fused_vs_unfused(rank: int, world_size: int) -> dict:
     model_module.fused_token_losses = counting
     out: dict = {"no_labels": _forward_without_labels(world_size)}
     for name, layout in LAYOUTS.items():
+        if name in HALF:  # the fp32 reference of the half-precision runs
+            fp32 = [o for o in layout if not o.startswith("precision.dtype=")]
+            run = run_trainer(BASE + fp32, world_size)
+            out[(name, "fp32")] = {"grad_norm": curve(run, "grad_norm")}
         for on in (False, True):
             calls["n"] = 0
+            BACKWARD_PATHS.clear()
             run = run_trainer(BASE + layout + [f"loss.fused_output_layer={str(on).lower()}"],
                               world_size)
             out[(name, on)] = {"loss": curve(run), "grad_norm": curve(run, "grad_norm"),
-                               "fused_calls": calls["n"]}
+                               "fused_calls": calls["n"], "paths": dict(BACKWARD_PATHS)}
     return out
 
 
@@ -104,11 +121,24 @@ def test_fused_output_layer_trains_like_the_unfused_one(runs, layout):
     off, on = runs[(layout, False)], runs[(layout, True)]
     assert off["fused_calls"] == 0 and on["fused_calls"] >= STEPS, (off, on)
     rtol = HALF_RTOL if layout in HALF else RTOL
+    if layout in HALF:
+        # Step 1 (same weights): the fused gradient norm's error against the fp32 run within
+        # _HALF_SLACK of the unfused one's (the check that keeps bf16/fp16 off the
+        # precomputed path: PRECOMPUTE_DTYPES).
+        ref = runs[(layout, "fp32")]["grad_norm"][0]
+        assert abs(on["grad_norm"][0] - ref) <= _HALF_SLACK * abs(off["grad_norm"][0] - ref), (
+            on["grad_norm"][0], off["grad_norm"][0], ref)
     for key in ("loss", "grad_norm"):
         assert len(on[key]) == len(off[key]) == STEPS, (key, on, off)
         for step, (a, e) in enumerate(zip(on[key], off[key])):
             assert abs(a - e) <= rtol * abs(e), f"{layout} {key} step {step + 1}: {a!r} vs {e!r}"
     assert on["loss"][-1] < on["loss"][0], on["loss"]  # it did train
+    paths = on["paths"]
+    if TP_SIZE[layout] in PRECOMPUTE_TP_SIZES and layout not in HALF:
+        # every backward scaled the forward's gradients (bf16/fp16: see PRECOMPUTE_DTYPES)
+        assert paths.get("precomputed", 0) >= STEPS and "recomputed" not in paths, paths
+    else:
+        assert paths.get("recomputed", 0) >= STEPS and "precomputed" not in paths, paths
 
 
 def test_forward_without_labels_still_returns_logits(runs):

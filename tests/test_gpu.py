@@ -44,11 +44,13 @@ def test_loss_on_cuda_matches_dense_reference(dtype, grad_rtol, weighting):
     assert ((x.grad.cpu().double() - ref_x.grad).abs().max() / gscale) < grad_rtol
 
 
+@pytest.mark.parametrize("precompute", [False, True], ids=["recompute", "3gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_output_layer_on_cuda_matches_the_unfused_path(dtype):
+def test_fused_output_layer_on_cuda_matches_the_unfused_path(dtype, precompute):
     """linear_weighted_cross_entropy on the device vs hidden @ weight.T + the unfused loss, in
     chunks that do not divide n: fp32 within 1e-5; bf16 within twice the unfused path's own
-    error against float64 (as tests/test_fused_linear.py on CPU)."""
+    error against float64 (as tests/test_fused_linear.py on CPU). ``3gemm``: with
+    grad_factor (ones: the backward is on a sum), the gradients formed in forward."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(256, 4, 512, generator=g, dtype=torch.float64)
     weight = torch.randn(32000, 512, generator=g, dtype=torch.float64) * (3 / 512 ** 0.5)
@@ -61,7 +63,9 @@ def test_fused_output_layer_on_cuda_matches_the_unfused_path(dtype):
         x = hidden.to(dtype).cuda().requires_grad_()
         w = weight.to(dtype).cuda().requires_grad_()
         if fused:
-            out = linear_weighted_cross_entropy(x, w, target.cuda(), chunk_size=300)
+            factor = torch.ones(target.shape, device="cuda") if precompute else None
+            out = linear_weighted_cross_entropy(x, w, target.cuda(), chunk_size=300,
+                                                grad_factor=factor)
         else:
             out = vocab_parallel_weighted_cross_entropy(x @ w.t(), target.cuda())
         out.weighted_ce.sum().backward()

@@ -9,7 +9,9 @@
 # torch is never downloaded: the GPU machine's own CUDA build is used (megatron-core's wheel
 # declares torch, so the list below is explicit, --no-deps). Only what the GPU checks import
 # is fetched: megatron-core 0.16.1 with numpy and packaging, pyyaml, sentencepiece, pytest
-# and its dependencies; tools/gpu_checks.sh installs them with --no-deps too.
+# and its dependencies, and the fused loss's peers for tools/bench_peers.py (liger-kernel and
+# cut-cross-entropy: pure Python + Triton, requiring only torch and triton, which the GPU
+# machine has); tools/gpu_checks.sh installs them with --no-deps too.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON_VERSION=${PYTHON_VERSION:-3.12}

@@ -104,13 +104,18 @@ def fused_token_losses(
     (:class:`DeferredLogits`) by :func:`linear_weighted_cross_entropy`, with the layer's own
     TP group, sequence parallelism and gradient-accumulation fusion; ``[s, b]`` target.
 
-    ``cross_entropy`` is weight-1 CE there (its entropy is computed, not NaN). Collectives:
-    those of :func:`linear_weighted_cross_entropy`.
+    ``cross_entropy`` is weight-1 CE there (its entropy is computed, not NaN). The deferred
+    ``loss_mask`` ``[b, s]``, when the model had one, is the ``grad_factor`` (transposed to
+    ``[s, b]``): the per-token factor ``loss_func`` applies before the schedule's scalar.
+    Collectives: those of :func:`linear_weighted_cross_entropy`.
     """
+    mask = deferred.loss_mask
+    grad_factor = None if mask is None else mask.transpose(0, 1)
     return linear_weighted_cross_entropy(
         deferred.hidden, deferred.weight, target, weighting=cfg.weighting, gamma=cfg.gamma,
         sigma=cfg.sigma, tp_group=deferred.tp_group,
         sequence_parallel=deferred.sequence_parallel, valid_vocab_size=valid_vocab_size,
         validate=cfg.validate_targets,
         gradient_accumulation_fusion=deferred.gradient_accumulation_fusion,
+        grad_factor=grad_factor,
     )

@@ -21,10 +21,22 @@ them into ``g w (softmax - onehot)`` in place, from which the chunk's rows of th
 gradient and its contribution to the weight gradient follow. Nothing of size ``n x vp``
 exists at any time: beyond the inputs, the weight and their gradients, each pass holds one
 ``[c, vp]`` fp32 buffer, reused by every chunk (and its bf16/fp16 twin for such inputs).
+
+Precomputed gradients (3 GEMMs instead of 4; TP = 1 only): megatron's schedule calls backward
+on a scalar, so the gradient reaching ``weighted_ce`` is ``c * f`` with ``f`` the per-token
+factor the loss applies (the loss mask: alpha, 1/num_tokens, the number of micro-batches and
+the fp16 loss scale are all one scalar ``c``). Given ``grad_factor = f``, the forward turns
+each chunk's ``exp(z - m)`` at once into ``f w (softmax - onehot)`` and forms that chunk's rows
+of d(hidden) and its share of d(weight) (as Liger-Kernel's fused linear cross-entropy does);
+backward only checks that the incoming gradient is ``c * f`` and scales by ``c``. If it is
+not (a caller that weights tokens otherwise), backward falls back to the recompute above, so
+the result is exact either way. At TP > 1 a token's softmax needs every rank's shard, so the
+recompute path is kept there (see ``_precompute_applies``).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -46,7 +58,12 @@ from megatron_mile.loss.vocab_parallel import (
 )
 from megatron_mile.config import check_weight_params
 
-__all__ = ["linear_weighted_cross_entropy", "default_chunk_size", "DeferredLogits"]
+__all__ = ["linear_weighted_cross_entropy", "default_chunk_size", "DeferredLogits",
+           "BACKWARD_PATHS"]
+
+BACKWARD_PATHS: Counter = Counter()
+"""How many backwards took each path: ``"precomputed"`` (scaled the forward's gradients, 3
+GEMMs in all) or ``"recomputed"`` (recomputed the logits, 4 GEMMs). For tests and logs."""
 
 # Elements of one [c, v/tp] fp32 logits chunk when chunk_size is None, and the fewest tokens a
 # chunk may have. Each chunk's GEMMs stream the whole [v/tp, h] weight from memory, so short
@@ -79,6 +96,9 @@ class DeferredLogits:
     sequence_parallel: bool
     tp_group: Optional[dist.ProcessGroup]
     gradient_accumulation_fusion: bool
+    loss_mask: Optional[torch.Tensor] = None
+    """``[b, s]``: the loss mask ``loss_func`` will apply (megatron's layout), when the model
+    was given it; lets the fused loss precompute its gradients (``grad_factor``)."""
 
 
 def _local_input_error(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -158,6 +178,61 @@ class _ChunkBuffer:
         return grad_cvv if self.low is None else self.low[:grad_cvv.shape[0]].copy_(grad_cvv)
 
 
+def _chunk_backward_gemms(buf: _ChunkBuffer, grad_cvv: torch.Tensor, hidden_ch: torch.Tensor,
+                          weight_vvh: torch.Tensor, grad_hidden_ch: torch.Tensor,
+                          grad_weight_acc_vvh: torch.Tensor) -> None:
+    """The two backward GEMMs of one chunk, from its ``[c, vv]`` fp32 logits gradient:
+    ``grad_hidden_ch [c, h] = grad @ weight`` (written) and ``grad_weight_acc_vvh [vv, h] +=
+    grad^T @ hidden_ch`` (accumulated, fp32 or fp64). The gradient is first rounded to the
+    inputs' dtype, as the unfused layer receives it."""
+    grad_low = buf.in_input_dtype(grad_cvv)
+    torch.mm(grad_low, weight_vvh, out=grad_hidden_ch)
+    if grad_low.dtype == grad_weight_acc_vvh.dtype:
+        grad_weight_acc_vvh.addmm_(grad_low.t(), hidden_ch)
+    else:  # bf16/fp16 GEMM, accumulated over chunks in the fp32 buffer
+        grad_weight_acc_vvh.add_(grad_low.t() @ hidden_ch)
+
+
+PRECOMPUTE_TP_SIZES: frozenset[int] = frozenset({1, 2, 4, 8})
+"""TP sizes at which a ``grad_factor`` makes the forward form the gradients. At TP = 1 each
+chunk holds its tokens' complete softmax statistics; at TP > 1 it costs two small
+collectives per chunk (MAX of ``[c]``, SUM of ``[3, c]``) instead of two per call, against
+the recompute's extra GEMM (docs/benchmarks.md measures both)."""
+
+
+PRECOMPUTE_DTYPES: frozenset[torch.dtype] = frozenset({torch.float32, torch.float64})
+"""Input dtypes for which a ``grad_factor`` makes the forward form the gradients. Not bf16 or
+fp16: there the gradient ``f w (softmax - onehot)`` is rounded to the input dtype without the
+scalar ``c`` the unfused path has in it, and the result scaled after: elementwise as accurate
+(tests/test_fused_linear.py), but near initialisation, where the softmax is almost uniform,
+the roundings of the nearly equal entries are correlated, and a bf16 training step's gradient
+norm came out 1.1e-3 away from fp32 against 4e-5 for the unfused path (tests/
+test_fused_training.py, tiny). Those dtypes keep the recompute, which rounds as the unfused
+path does."""
+
+
+def _precompute_applies(grad_factor: Optional[torch.Tensor], tp_size: int,
+                        needs_grad: bool, dtype: torch.dtype) -> bool:
+    """Whether the forward forms the gradients (3 GEMMs): a per-token factor is known, a
+    gradient is wanted, ``tp_size`` is in :data:`PRECOMPUTE_TP_SIZES` and ``dtype`` in
+    :data:`PRECOMPUTE_DTYPES`: the same on every TP rank (one layer's shards share their
+    dtype), so every rank decides alike, as it must: the decision sets the collectives."""
+    return (grad_factor is not None and needs_grad and tp_size in PRECOMPUTE_TP_SIZES
+            and dtype in PRECOMPUTE_DTYPES)
+
+
+def _scalar_multiplier(grad_n: torch.Tensor, factor_n: torch.Tensor) -> Optional[torch.Tensor]:
+    """``c`` (0-dim, on the device) with ``grad_n == c * factor_n`` to within rounding, or None
+    if the incoming gradient is not a multiple of the factor. One host sync (the verdict)."""
+    k = factor_n.abs().argmax()
+    f_k = factor_n[k]
+    c = torch.where(f_k != 0, grad_n[k] / torch.where(f_k != 0, f_k, torch.ones_like(f_k)),
+                    torch.zeros_like(f_k))
+    residual = (grad_n - c * factor_n).abs().max()
+    tolerance = 4 * torch.finfo(grad_n.dtype).eps * grad_n.abs().max()
+    return c if bool(residual <= tolerance) else None
+
+
 def _scaled_softmax_(z_cvv: torch.Tensor, rowmax_c: torch.Tensor,
                      scale_c: torch.Tensor) -> torch.Tensor:
     """``z <- exp(z - m) * scale`` in place, in row blocks small enough to stay in cache (the
@@ -169,6 +244,33 @@ def _scaled_softmax_(z_cvv: torch.Tensor, rowmax_c: torch.Tensor,
         block = z_cvv[r0:r1]
         block.sub_(rowmax_c[r0:r1, None]).exp_().mul_(scale_c[r0:r1, None])
     return z_cvv
+
+
+def _global_statistics(sums_3n: torch.Tensor, local_max_n: torch.Tensor,
+                       owned_n: torch.Tensor, error: Optional[str], target_n: torch.Tensor,
+                       bad_target_n: Optional[torch.Tensor], vp: int, vocab: int, vv: int,
+                       tp: _TPGroup, validate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sums_3n, rowmax_n)`` over the whole vocabulary from this rank's sums against its own
+    row max: collective 1 (MAX of ``[header(3) +] rowmax_n``, the verdict in the header), the
+    rescale to the global max, collective 2 (SUM of ``[3, n]``)."""
+    rowmax_n = _global_row_max(local_max_n, error, target_n, bad_target_n, vp, vocab, tp,
+                               validate)
+    # Rescale this rank's sums from its own row max to the global one. A rank without
+    # valid rows (all padding) has S = T = 0 and max -inf: its factor is 0, not NaN.
+    # (Non-finite logits elsewhere stay NaN: never a finite loss from them.)
+    if vv > 0:
+        shift_n = local_max_n - rowmax_n
+        f_n = torch.exp(shift_n)
+    else:
+        shift_n = f_n = torch.zeros_like(local_max_n)
+    sum_exp_n, sum_exp_z_n, z_target_n = sums_3n.unbind(0)
+    sums_3n = torch.stack([sum_exp_n * f_n, (sum_exp_z_n + sum_exp_n * shift_n) * f_n,
+                           torch.where(owned_n, z_target_n + shift_n,
+                                       torch.zeros_like(shift_n))])
+    if tp.size > 1:
+        # Collective 2: (S, T, z_target - m) are additive now that every rank uses m.
+        dist.all_reduce(sums_3n, op=dist.ReduceOp.SUM, group=tp.group)
+    return sums_3n, rowmax_n
 
 
 class _LinearWeightedCE(torch.autograd.Function):
@@ -185,7 +287,8 @@ class _LinearWeightedCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, target_sb, weighting, gamma, sigma, tp_group,
-                sequence_parallel, chunk_size, valid_vocab_size, validate, grad_accum_fusion):
+                sequence_parallel, chunk_size, valid_vocab_size, validate, grad_accum_fusion,
+                grad_factor_sb):
         tp = _tp_info(tp_group)
         sequence_parallel = sequence_parallel and tp.size > 1
         error = _local_input_error(hidden, weight, target_sb, sequence_parallel, tp.size)
@@ -209,42 +312,70 @@ class _LinearWeightedCE(torch.autograd.Function):
         rowmax_n = torch.full((n,), -torch.inf, dtype=cdtype, device=target_sb.device)
         sums_3n = torch.zeros(3, n, dtype=cdtype, device=target_sb.device)
         vocab_start = tp.rank * vp
-        if error is None and vv > 0 and n > 0:
+        # The same decision on every TP rank (it sets the collectives): no local verdict in it.
+        precompute = _precompute_applies(grad_factor_sb, tp.size,
+                                         ctx.needs_input_grad[0] or ctx.needs_input_grad[1],
+                                         weight.dtype)
+        per_chunk = precompute and tp.size > 1
+        if per_chunk:
+            # Collective 1 of the per-chunk variant: the verdict alone (a [3] MAX header), so
+            # a bad input raises on every rank before the chunk collectives.
+            _global_row_max(rowmax_n[:0], error, target_n, bad_target_n, vp, vocab, tp,
+                            validate)
+        precompute = precompute and error is None
+        factor_n = grad_factor_sb.reshape(-1).to(cdtype) if precompute else None
+        if precompute:
+            # The gradients this forward forms for an incoming gradient of factor_n (scaled in
+            # backward): d(hidden) in hidden's dtype (this rank's part of it at TP > 1),
+            # d(weight) accumulated in fp32 (fp64).
+            pre_grad_hidden_nh = torch.zeros(n, hidden.shape[-1], dtype=hidden.dtype,
+                                             device=hidden.device)
+            pre_grad_weight = torch.zeros(weight.shape, dtype=cdtype, device=weight.device)
+        local = error is None and vv > 0 and n > 0  # this rank has logits to compute
+        if (local or per_chunk) and n > 0:
             hidden_nh = hidden.reshape(n, -1)
             weight_vvh = weight[:vv]
             c = chunk_size or default_chunk_size(vp, hidden.device)
-            buf = _ChunkBuffer(min(c, n), vv, hidden.dtype, hidden.device)
+            buf = _ChunkBuffer(min(c, n), vv, hidden.dtype, hidden.device) if local else None
             for r0 in range(0, n, c):
                 r1 = min(n, r0 + c)
-                z_cvv = buf.logits(hidden_nh[r0:r1], weight_vvh)
-                rowmax_n[r0:r1] = z_cvv.amax(dim=-1)
-                # This rank's (S, T, z_target) against its own row max (z_target 0 where the
-                # target is not in its valid rows); overwrites the buffer, which is reused.
-                sums_3n[:, r0:r1] = VocabParallelWeightedCE.local_sums(
-                    z_cvv, rowmax_n[r0:r1], target_n[r0:r1], vocab_start)[0]
+                z_cvv = buf.logits(hidden_nh[r0:r1], weight_vvh) if local else None
+                if local:
+                    rowmax_n[r0:r1] = z_cvv.amax(dim=-1)
+                if per_chunk:
+                    # Per-chunk collective a: the chunk's global row max ([c], MAX).
+                    dist.all_reduce(rowmax_n[r0:r1], op=dist.ReduceOp.MAX, group=tp.group)
+                if local:
+                    # (S, T, z_target) against the row max (this rank's own, or the global one
+                    # per chunk; z_target 0 where the target is not in this rank's valid
+                    # rows); overwrites the buffer with exp(z - m).
+                    sums_3c, local_t_c, owned_c = VocabParallelWeightedCE.local_sums(
+                        z_cvv, rowmax_n[r0:r1], target_n[r0:r1], vocab_start)
+                    sums_3n[:, r0:r1] = sums_3c
+                if per_chunk:
+                    # Per-chunk collective b: the chunk's (S, T, z_target - m), [3, c], SUM.
+                    sums_3c = sums_3n[:, r0:r1].contiguous()
+                    dist.all_reduce(sums_3c, op=dist.ReduceOp.SUM, group=tp.group)
+                    sums_3n[:, r0:r1] = sums_3c
+                if precompute and local:
+                    # The chunk's statistics are global now (TP = 1, or after a and b): its
+                    # gradient f w (softmax - onehot) is formed from exp(z - m) in place and
+                    # goes through the two backward GEMMs now.
+                    ignored_c = target_n[r0:r1] == IGNORE_INDEX
+                    weight_c = VocabParallelWeightedCE.token_statistics(
+                        sums_3c, ignored_c, weighting, gamma, sigma)[1]
+                    grad_cvv = VocabParallelWeightedCE.gradient(
+                        z_cvv, sums_3c[0], weight_c, local_t_c, owned_c & ~ignored_c,
+                        factor_n[r0:r1])
+                    _chunk_backward_gemms(buf, grad_cvv, hidden_nh[r0:r1], weight_vvh,
+                                          pre_grad_hidden_nh[r0:r1], pre_grad_weight[:vv])
             del buf
         local_t_n = target_n - vocab_start
         owned_n = (local_t_n >= 0) & (local_t_n < vv)
         local_t_n = torch.where(owned_n, local_t_n, torch.zeros_like(local_t_n))
-        # Collective 1: the global row max, with the verdict of every rank in its header.
-        local_max_n = rowmax_n.clone()
-        rowmax_n = _global_row_max(local_max_n, error, target_n, bad_target_n, vp, vocab, tp,
-                                   validate)
-        # Rescale this rank's sums from its own row max to the global one. A rank without
-        # valid rows (all padding) has S = T = 0 and max -inf: its factor is 0, not NaN.
-        # (Non-finite logits elsewhere stay NaN: never a finite loss from them.)
-        if vv > 0:
-            shift_n = local_max_n - rowmax_n
-            f_n = torch.exp(shift_n)
-        else:
-            shift_n = f_n = torch.zeros_like(local_max_n)
-        sum_exp_n, sum_exp_z_n, z_target_n = sums_3n.unbind(0)
-        sums_3n = torch.stack([sum_exp_n * f_n, (sum_exp_z_n + sum_exp_n * shift_n) * f_n,
-                               torch.where(owned_n, z_target_n + shift_n,
-                                           torch.zeros_like(shift_n))])
-        if tp.size > 1:
-            # Collective 2: (S, T, z_target - m) are additive now that every rank uses m.
-            dist.all_reduce(sums_3n, op=dist.ReduceOp.SUM, group=tp.group)
+        if not per_chunk:
+            sums_3n, rowmax_n = _global_statistics(sums_3n, rowmax_n, owned_n, error, target_n,
+                                                   bad_target_n, vp, vocab, vv, tp, validate)
         ignored_n = target_n == IGNORE_INDEX
         weighted_ce_n, weight_n, ce_n, entropy_n = VocabParallelWeightedCE.token_statistics(
             sums_3n, ignored_n, weighting, gamma, sigma)
@@ -254,15 +385,22 @@ class _LinearWeightedCE(torch.autograd.Function):
         ctx.tp, ctx.sequence_parallel, ctx.vv = tp, sequence_parallel, vv
         ctx.chunk_size = chunk_size or default_chunk_size(vp, hidden.device)
         ctx.grad_accum_fusion = grad_accum_fusion
+        # Attributes, not saved tensors: neither is an input or output of this Function.
+        ctx.precomputed = ((factor_n, pre_grad_hidden_nh, pre_grad_weight) if precompute
+                           else None)
         shape = target_sb.shape
         outputs = tuple(t.view(shape) for t in (weighted_ce_n, weight_n, ce_n, entropy_n))
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
 
     @staticmethod
-    def backward(ctx, grad_wce_sb, *_grads_of_detached_outputs):
+    def _recompute_gradients(ctx, grad_wce_sb: torch.Tensor, main_grad: Optional[torch.Tensor]
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 4-GEMM backward: each chunk's logits recomputed and turned into
+        ``g w (softmax - onehot)`` in place. Returns this rank's unreduced d(hidden) ``[n, h]``
+        and the weight-gradient accumulator (``main_grad`` itself when given); no collective."""
         hidden, weight, rowmax_n, sum_exp_n, weight_n, local_t_n, counted_n = ctx.saved_tensors
-        tp, vv, c = ctx.tp, ctx.vv, ctx.chunk_size
+        vv, c = ctx.vv, ctx.chunk_size
         n = rowmax_n.shape[0]
         hidden_nh = hidden.reshape(n, -1)
         # d(w * CE)/dz = g * w * (softmax - onehot) = (g w / S) * exp(z - m) - g w onehot.
@@ -270,7 +408,6 @@ class _LinearWeightedCE(torch.autograd.Function):
         scale_n = grad_n / sum_exp_n
         onehot_n = torch.where(counted_n, grad_n, torch.zeros_like(grad_n))
         grad_hidden_nh = torch.zeros_like(hidden_nh)
-        main_grad = getattr(weight, "main_grad", None) if ctx.grad_accum_fusion else None
         if main_grad is not None:
             grad_weight_acc = main_grad  # accumulated in place, as megatron's fused wgrad
         else:
@@ -286,12 +423,32 @@ class _LinearWeightedCE(torch.autograd.Function):
                                         scale_n[r0:r1])
             rows_c = torch.arange(r1 - r0, device=grad_cvv.device)
             grad_cvv[rows_c, local_t_n[r0:r1]] -= onehot_n[r0:r1]
-            grad_low = buf.in_input_dtype(grad_cvv)
-            torch.mm(grad_low, weight_vvh, out=grad_hidden_nh[r0:r1])
-            if grad_low.dtype == grad_weight_acc.dtype:
-                grad_weight_acc[:vv].addmm_(grad_low.t(), hidden_ch)
-            else:  # bf16/fp16 GEMM, accumulated over chunks in the fp32 buffer
-                grad_weight_acc[:vv].add_(grad_low.t() @ hidden_ch)
+            _chunk_backward_gemms(buf, grad_cvv, hidden_ch, weight_vvh,
+                                  grad_hidden_nh[r0:r1], grad_weight_acc[:vv])
+        return grad_hidden_nh, grad_weight_acc
+
+    @staticmethod
+    def backward(ctx, grad_wce_sb, *_grads_of_detached_outputs):
+        hidden, weight, rowmax_n = ctx.saved_tensors[:3]
+        tp, n = ctx.tp, rowmax_n.shape[0]
+        main_grad = getattr(weight, "main_grad", None) if ctx.grad_accum_fusion else None
+        precomputed, ctx.precomputed = ctx.precomputed, None  # scaled in place: usable once
+        scalar = None
+        if precomputed is not None and n > 0:
+            factor_n, grad_hidden_nh, grad_weight_acc = precomputed
+            # The same verdict on every TP rank: they hold the same loss and factor.
+            scalar = _scalar_multiplier(grad_wce_sb.reshape(-1).to(factor_n.dtype), factor_n)
+        if scalar is not None:
+            BACKWARD_PATHS["precomputed"] += 1
+            # Scaled in fp32 (fp64): a bf16/fp16 multiply would round the scalar first.
+            grad_hidden_nh.copy_(grad_hidden_nh.to(scalar.dtype).mul_(scalar))
+            grad_weight_acc.mul_(scalar)
+            if main_grad is not None:
+                main_grad.add_(grad_weight_acc)
+        else:
+            BACKWARD_PATHS["recomputed"] += 1
+            grad_hidden_nh, grad_weight_acc = _LinearWeightedCE._recompute_gradients(
+                ctx, grad_wce_sb, main_grad)
         grad_hidden = grad_hidden_nh.view(hidden.shape)
         if ctx.sequence_parallel:
             # Collective 3 (SP): reduce-scatter along s, as the gather's backward.
@@ -306,7 +463,7 @@ class _LinearWeightedCE(torch.autograd.Function):
             grad_weight = grad_weight_acc.to(weight.dtype)
         else:
             grad_weight = _main_grad_placeholder(weight)
-        return (grad_hidden, grad_weight) + (None,) * 10
+        return (grad_hidden, grad_weight) + (None,) * 11
 
 
 def _main_grad_placeholder(weight: torch.Tensor) -> Optional[torch.Tensor]:
@@ -320,6 +477,17 @@ def _main_grad_placeholder(weight: torch.Tensor) -> Optional[torch.Tensor]:
     if getattr(weight, "zero_out_wgrad", False):
         return torch.zeros(weight.main_grad.shape, dtype=weight.dtype, device=weight.device)
     return torch.empty(weight.main_grad.shape, dtype=weight.dtype, device=weight.device)
+
+
+def _checked_grad_factor(grad_factor: Optional[torch.Tensor],
+                         target: torch.Tensor) -> Optional[torch.Tensor]:
+    """``grad_factor`` detached, after checking it has the target's shape and device."""
+    if grad_factor is None:
+        return None
+    if grad_factor.shape != target.shape or grad_factor.device != target.device:
+        raise ValueError(f"grad_factor {tuple(grad_factor.shape)} on {grad_factor.device} must "
+                         f"have the target's shape {tuple(target.shape)} and device")
+    return grad_factor.detach()
 
 
 def linear_weighted_cross_entropy(
@@ -336,6 +504,7 @@ def linear_weighted_cross_entropy(
     valid_vocab_size: Optional[int] = None,
     validate: bool = True,
     gradient_accumulation_fusion: bool = False,
+    grad_factor: Optional[torch.Tensor] = None,
 ) -> WeightedCrossEntropy:
     """The vocabulary-parallel output layer ``hidden @ weight.T`` and the weighted CE of
     :func:`vocab_parallel_weighted_cross_entropy` on its logits, without materialising them.
@@ -357,6 +526,15 @@ def linear_weighted_cross_entropy(
         gradient_accumulation_fusion: when ``weight`` has ``main_grad``, accumulate the weight
             gradient into it (fp32) and return megatron's placeholder, as
             ``LinearWithGradAccumulationAndAsyncCommunication`` does.
+        grad_factor: ``[s, b]``, the per-token factor ``f`` the caller's loss applies to
+            ``weighted_ce`` (the loss mask) when the gradient that will reach it is ``c * f``
+            for one scalar ``c`` (megatron's schedule: a backward on a scalar loss). At TP = 1
+            the forward then forms the gradients for ``f`` (3 GEMMs in all, no recompute) and
+            backward scales them by ``c``; an incoming gradient that is not of that form falls
+            back to the recompute, so results are the same either way. Used at the TP sizes
+            of ``PRECOMPUTE_TP_SIZES`` (at TP > 1 with two small all-reduces per chunk) for
+            the dtypes of ``PRECOMPUTE_DTYPES`` (fp32), when a gradient is wanted; ignored
+            otherwise. See ``BACKWARD_PATHS``.
 
     Returns:
         The four ``[s, b]`` fp32 statistics of :class:`WeightedCrossEntropy`, equal to the
@@ -373,7 +551,10 @@ def linear_weighted_cross_entropy(
     Memory: the logits exist one ``[chunk_size, v/tp]`` fp32 chunk at a time, in one buffer
     reused by every chunk (plus its bf16/fp16 twin for such inputs) and cache-sized
     temporaries; backward adds the fp32 weight-gradient accumulator ``[v/tp, h]`` (the
-    gradient itself for fp32) unless it goes to ``main_grad``.
+    gradient itself for fp32) unless it goes to ``main_grad``. With ``grad_factor`` (TP = 1)
+    that accumulator and d(hidden) ``[s, b, h]`` are made in forward and live until backward:
+    one pair per micro-batch in flight (several with interleaved pipelining), each scaled and
+    added to ``.grad`` / ``main_grad`` by its own backward, so the order does not matter.
 
     Raises:
         ValueError: the errors of :func:`vocab_parallel_weighted_cross_entropy` (agreed across
@@ -387,6 +568,7 @@ def linear_weighted_cross_entropy(
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive number of tokens")
     weighted_ce, weight_sb, ce, entropy = _LinearWeightedCE.apply(
         hidden, weight, target, weighting, float(gamma), float(sigma), tp_group,
-        sequence_parallel, chunk_size, valid_vocab_size, validate, gradient_accumulation_fusion)
+        sequence_parallel, chunk_size, valid_vocab_size, validate, gradient_accumulation_fusion,
+        _checked_grad_factor(grad_factor, target))
     return WeightedCrossEntropy(weighted_ce=weighted_ce, weight=weight_sb, ce=ce,
                                 entropy=entropy)

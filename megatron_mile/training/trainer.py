@@ -380,7 +380,10 @@ class Trainer:
         attention_mask = batch.get("attention_mask")
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
-        stats_bs = model(tokens_bs, position_ids_bs, attention_mask, labels=labels_bs)
+        # loss_mask: megatron's GPTModel uses it only for multi-token prediction (off here);
+        # the fused loss takes it as the factor loss_func applies (MileGPTModel).
+        stats_bs = model(tokens_bs, position_ids_bs, attention_mask, labels=labels_bs,
+                         loss_mask=loss_mask_bs)
         return stats_bs, partial(self._loss_func, loss_mask_bs)
 
     def _loss_func(self, loss_mask_bs: torch.Tensor, stats_bs: WeightedCrossEntropy):
