@@ -53,277 +53,49 @@ def _positive(section: str, **values: Any) -> None:
 
 @dataclass
 class ModelConfig:
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Decoder-only transformer (RMSNorm, SwiGLU, RoPE) on megatron-core's GPTModel; the
+    """Decoder-only transformer (RMSNorm, SwiGLU, RoPE) on megatron-core's GPTModel; the
     family's choices (biases, norms, tensor names) come from ``megatron_mile/models/``."""
     num_layers: int = 2
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Transformer layers; divisible by pipeline_model_parallel_size (x virtual stages)."""
+    """Transformer layers; divisible by pipeline_model_parallel_size (x virtual stages)."""
     hidden_size: int = 64
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Model width h."""
+    """Model width h."""
     num_attention_heads: int = 4
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Query heads; divisible by tensor_model_parallel_size; hidden_size divisible by it."""
+    """Query heads; divisible by tensor_model_parallel_size; hidden_size divisible by it."""
     num_query_groups: Optional[int] = None
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Key/value heads for grouped-query attention; None means multi-head (= heads)."""
+    """Key/value heads for grouped-query attention; None means multi-head (= heads)."""
     ffn_hidden_size: Optional[int] = None
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""SwiGLU inner width; None means LLaMA's rule: 2/3 * 4h rounded up to a multiple of 256."""
+    """SwiGLU inner width; None means LLaMA's rule: 2/3 * 4h rounded up to a multiple of 256."""
     seq_length: int = 128
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Tokens per training sample."""
+    """Tokens per training sample."""
     vocab_size: Optional[int] = None
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""None: the tokenizer's vocabulary. The embedding is padded to a multiple of
+    """None: the tokenizer's vocabulary. The embedding is padded to a multiple of
     make_vocab_size_divisible_by x tensor_model_parallel_size."""
     make_vocab_size_divisible_by: int = 128
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Padding multiple of the embedding rows (per TP rank), as in Megatron-LM."""
+    """Padding multiple of the embedding rows (per TP rank), as in Megatron-LM."""
     init_method_std: float = 0.01
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Std of the normal weight init (the paper: 0.01)."""
+    """Std of the normal weight init (the paper: 0.01)."""
     norm_epsilon: float = 1e-5
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""RMSNorm epsilon (the paper: 1e-5)."""
+    """RMSNorm epsilon (the paper: 1e-5)."""
     rotary_base: int = 10000
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""RoPE base."""
+    """RoPE base."""
     untie_embeddings: bool = True
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Separate input embedding and output layer weights (LLaMA, the paper)."""
+    """Separate input embedding and output layer weights (LLaMA, the paper)."""
     transformer_impl: str = "auto"
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Layer implementation: 'auto' (Transformer Engine where it is importable with CUDA,
+    """Layer implementation: 'auto' (Transformer Engine where it is importable with CUDA,
     else 'local'), 'local' (megatron-core modules, CPU or GPU) or 'transformer_engine' (GPU,
     needs Transformer Engine; required for FP8; runs context parallelism with TE's attention,
     where 'local' uses the project's all-gather attention). The fused kernels
     follow from it and from what is installed (megatron_mile/fusions.py, docs/launching.md)."""
     recompute_granularity: Optional[str] = None
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Activation recomputation: None, 'selective' (attention core) or 'full'."""
+    """Activation recomputation: None, 'selective' (attention core) or 'full'."""
     recompute_num_layers: int = 1
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""With 'full': layers per recomputed block (uniform method)."""
+    """With 'full': layers per recomputed block (uniform method)."""
     hidden_dropout: float = 0.0
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Dropout after attention and MLP (LLaMA: 0)."""
+    """Dropout after attention and MLP (LLaMA: 0)."""
     attention_dropout: float = 0.0
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Dropout on attention probabilities (LLaMA: 0)."""
+    """Dropout on attention probabilities (LLaMA: 0)."""
     family: str = "llama"
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Model family (``megatron_mile/models/``): its layer choices and Hugging Face tensor
+    """Model family (``megatron_mile/models/``): its layer choices and Hugging Face tensor
     names. With checkpoint.init_from_hf it is inferred from config.json's architecture.
     Known: 'llama', 'qwen2' (Qwen2 and Qwen2.5)."""
 
@@ -363,19 +135,7 @@ class ModelConfig:
 
 
 def check_weight_params(weighting: str, gamma: float, sigma: float, prefix: str = "") -> None:
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Argument checks that every rank evaluates identically: safe to raise before collectives.
+    """Argument checks that every rank evaluates identically: safe to raise before collectives.
     ``prefix`` names the fields as the caller knows them (``"loss."`` for the config)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting={weighting!r} is not one of {WEIGHTINGS}")
@@ -392,99 +152,27 @@ def check_weight_params(weighting: str, gamma: float, sigma: float, prefix: str 
 
 @dataclass
 class LossConfig:
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Which objective the model trains on, and how it is normalised."""
+    """Which objective the model trains on, and how it is normalised."""
 
     type: str = "mile"
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""``cross_entropy`` (megatron-core's vocab_parallel_cross_entropy), ``focal``
+    """``cross_entropy`` (megatron-core's vocab_parallel_cross_entropy), ``focal``
     (w = (1 - p_target) ** gamma) or ``mile`` (w = (sigma + entropy) ** gamma)."""
 
     gamma: float = 1.0
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Exponent of the token weight, >= 0. 0 turns focal and MiLe into cross-entropy.
+    """Exponent of the token weight, >= 0. 0 turns focal and MiLe into cross-entropy.
     The paper's default is 1."""
 
     sigma: float = 1.0
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""MiLe only: offset added to the entropy before the power. The paper's default is 1.
+    """MiLe only: offset added to the entropy before the power. The paper's default is 1.
     Negative values need an integer gamma."""
 
     normalization: str = "paper"
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""``paper``: alpha = 1 / mean(weight) per micro-batch, averaged over data-parallel ranks
+    """``paper``: alpha = 1 / mean(weight) per micro-batch, averaged over data-parallel ranks
     (the official code's semantics). ``global``: exact weighted mean
     sum(w * CE) / sum(w) over the global batch."""
 
     validate_targets: bool = True
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Check that every target id is inside the vocabulary (one host sync per micro-batch on
+    """Check that every target id is inside the vocabulary (one host sync per micro-batch on
     GPU). Turn off only for benchmarking trusted data."""
 
     fused_output_layer: bool = False
@@ -500,31 +188,11 @@ class LossConfig:
     shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
     tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
     memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. Costs one extra GEMM of the output layer's size (the logits are
-    recomputed in backward). Off by default because it measured slower end to end on CPU:
-    tiny with a 128000 vocabulary ran at 0.82 times the unfused tokens/s for 0.56 times its
-    peak memory on a quiet 2-core machine (0.55 times when it was oversubscribed;
-    docs/benchmarks.md); not yet measured on a GPU, where tools/gpu_checks.sh measures it. Turn it on where the logits' memory is the limit. ``cross_entropy`` then runs as
-    weight-1 CE in the same kernel, not megatron-core's CE."""
+    the same kernel, not megatron-core's CE."""
 
     @property
     def weighting(self) -> str:
-        """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""The ``weighting`` argument of the loss functions for this ``type``."""
+        """The ``weighting`` argument of the loss functions for this ``type``."""
         return {"cross_entropy": "none", "focal": "focal", "mile": "mile"}[self.type]
 
     def __post_init__(self) -> None:
@@ -540,137 +208,29 @@ class LossConfig:
 
 @dataclass
 class ParallelConfig:
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""How the model and the batch are split over processes. Data parallel size is derived:
+    """How the model and the batch are split over processes. Data parallel size is derived:
     world_size / (tensor x pipeline x context)."""
 
     tensor_model_parallel_size: int = 1
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""TP: splits attention heads, MLP and the vocabulary (the loss reduces over it)."""
+    """TP: splits attention heads, MLP and the vocabulary (the loss reduces over it)."""
     pipeline_model_parallel_size: int = 1
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""PP: splits layers into stages run with the 1F1B schedule."""
+    """PP: splits layers into stages run with the 1F1B schedule."""
     virtual_pipeline_model_parallel_size: Optional[int] = None
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Model chunks per pipeline stage for the interleaved schedule (None: plain 1F1B)."""
+    """Model chunks per pipeline stage for the interleaved schedule (None: plain 1F1B)."""
     sequence_parallel: bool = False
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Shard activations along the sequence in norm/dropout regions (needs TP > 1)."""
+    """Shard activations along the sequence in norm/dropout regions (needs TP > 1)."""
     context_parallel_size: int = 1
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""CP: each rank of a CP group holds 2 of the 2 x CP equal chunks of every sequence
+    """CP: each rank of a CP group holds 2 of the 2 x CP equal chunks of every sequence
     (megatron-core's load-balanced order: rank r has chunks r and 2CP-1-r); attention sees the
     whole sequence through Transformer Engine's CP, or on the local layer spec through an
     all-gather of keys and values (CPU and GPU; see docs/launching.md). model.seq_length
     must be a multiple of 2 x CP."""
     use_distributed_optimizer: bool = False
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Shard optimizer state and fp32 master weights over data-parallel ranks (ZeRO-1)."""
+    """Shard optimizer state and fp32 master weights over data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Overlap the data-parallel gradient reduction with the backward pass."""
+    """Overlap the data-parallel gradient reduction with the backward pass."""
     distributed_timeout_minutes: float = 10.0
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Longest wait on another rank (Megatron-LM's --distributed-timeout-minutes): the process
+    """Longest wait on another rank (Megatron-LM's --distributed-timeout-minutes): the process
     group timeout, and the trainer's watchdog bound on any phase without progress (a step, an
     evaluation, a save). A rank that stalls longer exits with one line naming the iteration and
     phase (exit code 3), so a hung or dead peer cannot hold the job forever."""
@@ -691,134 +251,26 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Numeric formats. The loss always computes in fp32, whatever the logits' dtype."""
+    """Numeric formats. The loss always computes in fp32, whatever the logits' dtype."""
 
     dtype: str = "bf16"
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Parameter/activation dtype: 'fp32', 'bf16' (fp32 master weights in the optimizer) or
+    """Parameter/activation dtype: 'fp32', 'bf16' (fp32 master weights in the optimizer) or
     'fp16' (plus dynamic loss scaling)."""
     fp8: Optional[str] = None
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""FP8 GEMMs through Transformer Engine: None, 'hybrid' (e4m3 forward, e5m2 backward) or
+    """FP8 GEMMs through Transformer Engine: None, 'hybrid' (e4m3 forward, e5m2 backward) or
     'e4m3'. Needs model.transformer_impl='transformer_engine' and a GPU with FP8."""
     fp8_amax_history_len: int = 1024
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Delayed-scaling recipe: amax history length."""
+    """Delayed-scaling recipe: amax history length."""
     fp8_amax_compute_algo: str = "max"
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Delayed-scaling recipe: 'max' or 'most_recent'."""
+    """Delayed-scaling recipe: 'max' or 'most_recent'."""
     fp8_margin: int = 0
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Delayed-scaling recipe: scaling-factor margin (powers of 2)."""
+    """Delayed-scaling recipe: scaling-factor margin (powers of 2)."""
     initial_loss_scale: float = 65536.0
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""fp16 only: initial dynamic loss scale."""
+    """fp16 only: initial dynamic loss scale."""
     min_loss_scale: float = 1.0
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""fp16 only: floor of the dynamic loss scale."""
+    """fp16 only: floor of the dynamic loss scale."""
     loss_scale_window: int = 1000
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""fp16 only: iterations without overflow before the scale doubles."""
+    """fp16 only: iterations without overflow before the scale doubles."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("fp32", "bf16", "fp16"):
@@ -842,160 +294,28 @@ class PrecisionConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""AdamW through megatron-core's optimizer, with its OptimizerParamScheduler."""
+    """AdamW through megatron-core's optimizer, with its OptimizerParamScheduler."""
 
     lr: float = 3e-4
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Peak learning rate (the paper: 3e-4)."""
+    """Peak learning rate (the paper: 3e-4)."""
     min_lr: float = 3e-5
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Learning rate at the end of the decay."""
+    """Learning rate at the end of the decay."""
     lr_warmup_iters: int = 2000
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Linear warm-up iterations (the paper: 2000)."""
+    """Linear warm-up iterations (the paper: 2000)."""
     lr_decay_iters: Optional[int] = None
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Iterations over which the lr decays to min_lr; None means training.train_iters."""
+    """Iterations over which the lr decays to min_lr; None means training.train_iters."""
     lr_decay_style: str = "cosine"
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""'cosine', 'linear' or 'constant'."""
+    """'cosine', 'linear' or 'constant'."""
     weight_decay: float = 0.1
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Decoupled weight decay (the paper: 0.1)."""
+    """Decoupled weight decay (the paper: 0.1)."""
     adam_beta1: float = 0.9
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Adam beta1 (the paper: 0.9)."""
+    """Adam beta1 (the paper: 0.9)."""
     adam_beta2: float = 0.95
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Adam beta2 (the paper: 0.95)."""
+    """Adam beta2 (the paper: 0.95)."""
     adam_eps: float = 1e-8
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Adam epsilon."""
+    """Adam epsilon."""
     clip_grad: float = 1.0
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Global gradient-norm clipping threshold (0 disables)."""
+    """Global gradient-norm clipping threshold (0 disables)."""
 
     def __post_init__(self) -> None:
         _positive("optimizer", lr=self.lr, lr_decay_iters=self.lr_decay_iters,
@@ -1018,201 +338,45 @@ class OptimizerConfig:
 
 @dataclass
 class TrainingConfig:
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Batch sizes, length of the run, evaluation and logging cadence."""
+    """Batch sizes, length of the run, evaluation and logging cadence."""
 
     micro_batch_size: int = 2
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Samples per micro-batch per data-parallel rank."""
+    """Samples per micro-batch per data-parallel rank."""
     global_batch_size: int = 8
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Samples per optimizer step: micro_batch_size x data-parallel size x micro-batches."""
+    """Samples per optimizer step: micro_batch_size x data-parallel size x micro-batches."""
     train_iters: int = 100
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Optimizer steps."""
+    """Optimizer steps."""
     seed: int = 1234
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Seed of initialisation, dropout and data order; in [0, 2**32)."""
+    """Seed of initialisation, dropout and data order; in [0, 2**32)."""
     log_interval: int = 10
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Iterations between console/TensorBoard logs."""
+    """Iterations between console/TensorBoard logs."""
     eval_interval: int = 100
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Iterations between validation runs (also run at the end); 0 disables."""
+    """Iterations between validation runs (also run at the end); 0 disables."""
     eval_iters: int = 10
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Global batches per validation run."""
+    """Global batches per validation run."""
     exit_on_signal: bool = True
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""On SIGTERM/SIGUSR1/SIGINT: finish the iteration, save a checkpoint, exit 0 (for
+    """On SIGTERM/SIGUSR1/SIGINT: finish the iteration, save a checkpoint, exit 0 (for
     requeue). A second SIGTERM/SIGINT exits at once, without saving."""
     exit_duration_in_mins: Optional[float] = None
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Save a checkpoint and exit 0 after the first iteration that ends this many minutes
+    """Save a checkpoint and exit 0 after the first iteration that ends this many minutes
     after the job started (Megatron-LM's --exit-duration-in-mins): the environment variable
     MILE_JOB_START_TIME (Unix seconds; examples/slurm/pretrain.sbatch sets it and derives this
     value from the job's time limit) or else the trainer's start, the earliest over ranks.
     Ranks decide together: the elapsed time rides on the per-iteration MAX all-reduce the
     trainer already does (no extra collective). None: no limit."""
     exit_interval: Optional[int] = None
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Save a checkpoint and exit 0 at the first iteration of this run that is a multiple of
+    """Save a checkpoint and exit 0 at the first iteration of this run that is a multiple of
     this (Megatron-LM's --exit-interval), e.g. to train a long schedule in slices of jobs.
     None: off."""
     on_non_finite: str = "stop"
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""An iteration whose gradient norm or loss is NaN/inf: its update is never applied (the
+    """An iteration whose gradient norm or loss is NaN/inf: its update is never applied (the
     norm is checked before the optimizer step, as Megatron-LM's --check-for-nan-in-loss-and-grad
     does), and no checkpoint is ever written from non-finite parameters. "stop": exit 1 naming
     the iteration; the last published checkpoint is intact. "skip": count the iteration as
     skipped in the log and go on, stopping after max_consecutive_skips in a row. (fp16's loss
     scaler skips its overflow steps in either mode, lowering the scale, as megatron does.)"""
     max_consecutive_skips: int = 10
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""With on_non_finite="skip": this many non-finite iterations in a row stop the run (the
+    """With on_non_finite="skip": this many non-finite iterations in a row stop the run (the
     data or the learning rate is at fault, not a rare spike)."""
 
     def __post_init__(self) -> None:
@@ -1235,175 +399,43 @@ class TrainingConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Where checkpoints go and where a run resumes from."""
+    """Where checkpoints go and where a run resumes from."""
 
     save: Optional[str] = None
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Directory to save checkpoints into (None: never save)."""
+    """Directory to save checkpoints into (None: never save)."""
     save_interval: Optional[int] = None
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Iterations between saves; the last iteration is always saved when save is set."""
+    """Iterations between saves; the last iteration is always saved when save is set."""
     load: Optional[str] = None
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Directory to resume from. It MUST hold a complete checkpoint: a missing or corrupt one
+    """Directory to resume from. It MUST hold a complete checkpoint: a missing or corrupt one
     is an error, never a silent fresh start."""
     auto_resume: bool = True
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""If load is unset: resume from save when it holds a complete checkpoint, else start
+    """If load is unset: resume from save when it holds a complete checkpoint, else start
     fresh (what requeued Slurm jobs need)."""
     load_optimizer: bool = True
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Restore optimizer and scheduler state. false: weights, step and data position only
+    """Restore optimizer and scheduler state. false: weights, step and data position only
     (fresh Adam moments, lr schedule placed at the step), e.g. to resume in another TP/PP
     layout: weights reshard freely, the distributed optimizer's state does not."""
     verify_checksums: bool = True
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Record the SHA-256 digest of every checkpoint file at save, and check them before a load
+    """Record the SHA-256 digest of every checkpoint file at save, and check them before a load
     (each rank hashes a share), so corrupted bytes are refused, not trained on. false: neither
     (a checkpoint saved so is loaded unverified, with a warning). Cost: docs/benchmarks.md."""
     allow_vocab_change: bool = False
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Resume from a checkpoint trained with another vocabulary (its size and the digest of the
+    """Resume from a checkpoint trained with another vocabulary (its size and the digest of the
     tokenizer's id -> piece table are kept in every checkpoint and compared on resume; a
     mismatch is an error by default). true: a deliberate change, e.g. a vocabulary extension:
     the embedding and output rows of the common ids are loaded, new rows start at zero; with
     another size it needs checkpoint.load_optimizer=false (the Adam state has the old shape)."""
     lock_stale_minutes: float = 5.0
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""The run saving into checkpoint.save holds save/mile.lock (refreshed every 1/10 of this);
+    """The run saving into checkpoint.save holds save/mile.lock (refreshed every 1/10 of this);
     another run is refused. A lock of a process gone from this host is taken over at once; a
     lock of another host only once it has not been refreshed for this long (its holder's
     node died or froze: a frozen holder that wakes up later refuses to publish)."""
     use_checkpoint_opt_param_scheduler: bool = False
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""On resume, keep the checkpoint's learning-rate schedule (lr, min_lr, warm-up, decay
+    """On resume, keep the checkpoint's learning-rate schedule (lr, min_lr, warm-up, decay
     iterations and style, weight decay) even where the config differs (Megatron-LM's
     --use-checkpoint-opt_param-scheduler). By default a difference is an error."""
     init_from_hf: Optional[str] = None
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""A local Hugging Face folder of a known model family (docs/models.md: LlamaForCausalLM,
+    """A local Hugging Face folder of a known model family (docs/models.md: LlamaForCausalLM,
     Qwen2ForCausalLM; config.json + safetensors, single or sharded; model.family comes from
     config.json): a run that starts without a checkpoint of its own loads its weights into the
     configured layout (any TP/PP/VPP/DP), with a fresh optimizer and the configured schedule;
@@ -1413,19 +445,7 @@ class CheckpointConfig:
     they must agree with it. Biases, rope scaling, MoE, sliding windows and other
     architectures are refused. See README, "Continue pretraining a Hugging Face model"."""
     override_opt_param_scheduler: bool = False
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""On resume, take the schedule from the config instead of the checkpoint, e.g. to extend
+    """On resume, take the schedule from the config instead of the checkpoint, e.g. to extend
     training.train_iters (Megatron-LM's --override-opt_param-scheduler); the step count still
     comes from the checkpoint. By default a difference is an error."""
 
@@ -1439,178 +459,34 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Console and TensorBoard output."""
+    """Console and TensorBoard output."""
 
     tensorboard_dir: Optional[str] = None
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""TensorBoard event directory (None: console only)."""
+    """TensorBoard event directory (None: console only)."""
 
 
 @dataclass
 class TrainConfig:
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""A whole run. Load with :func:`load_config`."""
+    """A whole run. Load with :func:`load_config`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Architecture."""
+    """Architecture."""
     loss: LossConfig = field(default_factory=LossConfig)
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Training objective."""
+    """Training objective."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Parallel layout."""
+    """Parallel layout."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Numeric formats."""
+    """Numeric formats."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Optimizer and learning-rate schedule."""
+    """Optimizer and learning-rate schedule."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Run length, batches, cadence."""
+    """Run length, batches, cadence."""
     data: DataConfig = field(default_factory=DataConfig)
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Datasets and tokenizer."""
+    """Datasets and tokenizer."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Checkpointing."""
+    """Checkpointing."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Logging."""
+    """Logging."""
 
     def data_parallel_size(self, world_size: int) -> int:
         p = self.parallel
@@ -1618,19 +494,7 @@ class TrainConfig:
                               * p.context_parallel_size)
 
     def validate(self, world_size: int) -> None:
-        """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Cross-section checks for a run on ``world_size`` processes."""
+        """Cross-section checks for a run on ``world_size`` processes."""
         p, m, t = self.parallel, self.model, self.training
         model_parallel = (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
                           * p.context_parallel_size)
@@ -1705,19 +569,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""``["a.b=1", "c.d=[x, y]"]`` -> nested dict; values are parsed as YAML."""
+    """``["a.b=1", "c.d=[x, y]"]`` -> nested dict; values are parsed as YAML."""
     tree: dict = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -1804,38 +656,14 @@ def _build(cls: type, values: dict, where: str) -> Any:
 
 
 def config_from_dict(tree: dict, overrides: Optional[list[str]] = None) -> TrainConfig:
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""A TrainConfig from a nested dict (e.g. the one a checkpoint saved) plus overrides;
+    """A TrainConfig from a nested dict (e.g. the one a checkpoint saved) plus overrides;
     field checks run, the layout check (:meth:`TrainConfig.validate`) does not."""
     return _build(TrainConfig, _merge(tree, parse_overrides(overrides or [])), "")
 
 
 def read_config_tree(name_or_path: Optional[str],
                      overrides: Optional[list[str]] = None) -> dict:
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""The nested dict of a YAML config (a path or a shipped name; None: no file, the
+    """The nested dict of a YAML config (a path or a shipped name; None: no file, the
     defaults) with the overrides merged in, before any check: what :func:`load_config`
     builds its TrainConfig from."""
     if name_or_path is None:  # the dataclass defaults only
@@ -1856,38 +684,14 @@ def read_config_tree(name_or_path: Optional[str],
 
 def load_config(name_or_path: Optional[str], overrides: Optional[list[str]] = None,
                 world_size: Optional[int] = None) -> TrainConfig:
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""Read a YAML config (a path or a shipped name), apply overrides, validate.
+    """Read a YAML config (a path or a shipped name), apply overrides, validate.
 
     ``world_size`` defaults to ``$WORLD_SIZE`` (1 when unset), so that the layout is checked
     before any process group exists. Nothing outside the files is read: a run resolves
     ``checkpoint.init_from_hf``'s shape and checks the kernels where it is set up
     (:func:`megatron_mile.run_config.load_run_config`, the trainer); with
     ``checkpoint.init_from_hf`` the layout check waits for that shape too.
-    """Compute the output layer and the loss together, a chunk of tokens at a time
-    (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
-    never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""
+    """
     cfg = _build(TrainConfig, read_config_tree(name_or_path, overrides), "")
     if not cfg.checkpoint.init_from_hf:  # else the shape is config.json's, known at setup
         cfg.validate(world_size if world_size is not None
