@@ -65,7 +65,7 @@ def test_slow_save_load_and_evaluation_finish(slow_mount, tmp_path):
     save = str(slow_mount / "mnt" / "run")
     procs = launch(tmp_path, "save", [*TIMEOUT, *BIGGER, "training.train_iters=2",
                                       f"checkpoint.save={save}", "training.eval_interval=2",
-                                      "training.eval_iters=120"])
+                                      "training.eval_iters=300"])
     codes = _wait(procs)
     log = (tmp_path / "save1.out").read_text()
     assert codes == [0, 0], (tmp_path / "save0.err").read_text() + log
