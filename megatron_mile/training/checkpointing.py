@@ -254,34 +254,36 @@ class _ProgressFileSystem(FileSystem):
             yield _ProgressStream(stream)
 
 
-class _ProgressWriter(dcp.FileSystemWriter):
-    """Writes with progress, then waits for the slower ranks' files (``wait_for_peers``)
+class _ProgressStorage:
+    """Mixin for torch DCP's filesystem writer and reader: streams with progress
+    (:class:`_ProgressFileSystem`), then a wait for the slower ranks' I/O (``wait_for_peers``)
     before torch DCP's results gather, whose process-group timeout would otherwise end a rank
-    whose peer is still writing to a slow filesystem."""
+    whose peer is still writing to or reading from a slow filesystem."""
+
+    _phase = ""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fs = _ProgressFileSystem()
+
+    def _after_io(self, future: Any) -> Any:
+        future.wait()
+        wait_for_peers(self._phase)
+        return future
+
+
+class _ProgressWriter(_ProgressStorage, dcp.FileSystemWriter):
+    _phase = "writing the checkpoint files"
 
     def write_data(self, plan: Any, planner: Any) -> Any:
-        future = super().write_data(plan, planner)
-        future.wait()
-        wait_for_peers("writing the checkpoint files")
-        return future
+        return self._after_io(super().write_data(plan, planner))
 
 
-class _ProgressReader(dcp.FileSystemReader):
-    """Reads with progress, then waits for the slower ranks' reads (as :class:`_ProgressWriter`)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.fs = _ProgressFileSystem()
+class _ProgressReader(_ProgressStorage, dcp.FileSystemReader):
+    _phase = "reading the checkpoint files"
 
     def read_data(self, plan: Any, planner: Any) -> Any:
-        future = super().read_data(plan, planner)
-        future.wait()
-        wait_for_peers("reading the checkpoint files")
-        return future
+        return self._after_io(super().read_data(plan, planner))
 
 
 class ProgressTorchDistLoadStrategy(TorchDistLoadShardedStrategy):
