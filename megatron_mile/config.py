@@ -179,11 +179,11 @@ class LossConfig:
     """Compute the output layer and the loss together, a chunk of tokens at a time
     (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
     never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 the trainer hands the loss mask to the fused loss, which
-    then forms the gradients in forward (3 GEMMs of the output layer's size, as unfused;
-    at TP > 1 with two small all-reduces per chunk) and only scales them in backward; bf16
-    and fp16 recompute the logits in backward (one extra GEMM; see
-    ``fused_linear.PRECOMPUTE_DTYPES`` for why). Off by default: the issue-20 goals (time
+    every parallel layout. In fp32 and bf16 the trainer hands the loss mask to the fused
+    loss, which then forms the gradients in forward (3 GEMMs of the output layer's size, as
+    unfused; at TP > 1 with two small all-reduces per chunk) and only scales them in
+    backward; fp16 recomputes the logits in backward (one extra GEMM: its gradients need the
+    loss scale before rounding; see ``fused_linear.PRECOMPUTE_DTYPES``). Off by default: the issue-20 goals (time
     <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
     shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
     tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'

@@ -2,16 +2,21 @@
 
 One 2-process gloo launch runs every layout twice (fused off, then on) on the shipped tiny
 config with mock data, and counts the fused loss's calls so a run that silently fell back to
-the unfused path cannot pass, and its backward paths: in fp32 at the TP sizes of
+the unfused path cannot pass, and its backward paths: in fp32 and bf16 at the TP sizes of
 ``PRECOMPUTE_TP_SIZES`` (PP 1F1B, interleaved, DP, TP + SP, activation recomputation) every
-backward must scale the gradients formed in forward (3 GEMMs); bf16/fp16 (and other TP sizes)
-recompute, and their step-1 gradient norm must be as close to an fp32 run's as the unfused
-path's. fp32 layouts: LM loss and grad norm within 1e-5 relative per
-step (the tolerance of test_training.py's layout comparisons: only the order of
-floating-point sums differs). bf16/fp16: both paths round the logits and their gradient to
-the same dtype, but the weight gradient's partial sums differently (per chunk vs one GEMM);
-within 5e-5 relative per step over 6 steps (measured: at most 6e-6 for bf16 and 7e-6 for
-fp16, on the loss and the grad norm).
+backward must scale the gradients formed in forward (3 GEMMs); fp16 (and other TP sizes)
+recompute. fp32 layouts: LM loss and grad norm within 1e-5 relative per step (the tolerance
+of test_training.py's layout comparisons: only the order of floating-point sums differs).
+fp16: both paths round the logits and their gradient alike, the weight gradient's partial
+sums differently (per chunk vs one GEMM): within 5e-5 relative per step over 6 steps
+(measured: at most 7e-6), and the step-1 gradient norm's error against an fp32 run within
+2x of the unfused path's. bf16 (3 GEMMs): the fused path rounds the gradient without the
+schedule's scalar, the unfused path with it, so at initialisation (softmax almost uniform,
+a row's roundings correlated) their step-1 gradient norms differ by about 1e-3 (unfused
+0.2e-4 to 3e-4 from fp32 over six seeds, set by the scalar's mantissa; fused about 1e-3:
+``fused_linear.PRECOMPUTE_DTYPES``; tests/test_fused_linear.py compares the two over a sweep
+of scalars). Here: per step within bf16's unit roundoff (2^-8) of the unfused path and of
+the fp32 run at step 1; a wiring error (mask, scalar, main_grad) is far larger.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ LAYOUTS = {
     "pp2_fp16_recompute": [*PP2, "precision.dtype=fp16", "model.recompute_granularity=full"],
 }
 HALF = {"tp2_distopt_bf16", "tp2_fp16", "pp2_fp16_recompute"}
+BF16 = {"tp2_distopt_bf16"}  # the half-precision layouts on the 3-GEMM path
+BF16_RTOL = 2.0 ** -8
 _HALF_SLACK = 2.0
 # The loss forms its gradients in forward (grad_factor = the loss mask) at the TP sizes of
 # PRECOMPUTE_TP_SIZES, so every backward of the fused loss takes the precomputed path there;
@@ -120,13 +127,15 @@ def runs() -> dict:
 def test_fused_output_layer_trains_like_the_unfused_one(runs, layout):
     off, on = runs[(layout, False)], runs[(layout, True)]
     assert off["fused_calls"] == 0 and on["fused_calls"] >= STEPS, (off, on)
-    rtol = HALF_RTOL if layout in HALF else RTOL
+    rtol = BF16_RTOL if layout in BF16 else HALF_RTOL if layout in HALF else RTOL
     if layout in HALF:
-        # Step 1 (same weights): the fused gradient norm's error against the fp32 run within
-        # _HALF_SLACK of the unfused one's (the check that keeps bf16/fp16 off the
-        # precomputed path: PRECOMPUTE_DTYPES).
+        # Step 1 (same weights): the fused gradient norm's error against the fp32 run. fp16:
+        # within _HALF_SLACK of the unfused one's (the check that keeps fp16 off the
+        # precomputed path: PRECOMPUTE_DTYPES); bf16: within its unit roundoff (docstring).
         ref = runs[(layout, "fp32")]["grad_norm"][0]
-        assert abs(on["grad_norm"][0] - ref) <= _HALF_SLACK * abs(off["grad_norm"][0] - ref), (
+        bound = (BF16_RTOL * ref if layout in BF16
+                 else _HALF_SLACK * abs(off["grad_norm"][0] - ref))
+        assert abs(on["grad_norm"][0] - ref) <= bound, (
             on["grad_norm"][0], off["grad_norm"][0], ref)
     for key in ("loss", "grad_norm"):
         assert len(on[key]) == len(off[key]) == STEPS, (key, on, off)
@@ -134,8 +143,8 @@ def test_fused_output_layer_trains_like_the_unfused_one(runs, layout):
             assert abs(a - e) <= rtol * abs(e), f"{layout} {key} step {step + 1}: {a!r} vs {e!r}"
     assert on["loss"][-1] < on["loss"][0], on["loss"]  # it did train
     paths = on["paths"]
-    if TP_SIZE[layout] in PRECOMPUTE_TP_SIZES and layout not in HALF:
-        # every backward scaled the forward's gradients (bf16/fp16: see PRECOMPUTE_DTYPES)
+    if TP_SIZE[layout] in PRECOMPUTE_TP_SIZES and (layout not in HALF or layout in BF16):
+        # every backward scaled the forward's gradients (fp16: see PRECOMPUTE_DTYPES)
         assert paths.get("precomputed", 0) >= STEPS and "recomputed" not in paths, paths
     else:
         assert paths.get("recomputed", 0) >= STEPS and "precomputed" not in paths, paths
