@@ -540,18 +540,15 @@ class Trainer:
     def _world_flags(self, metrics: dict) -> _WorldFlags:
         """Signal, non-finite loss and elapsed time over all ranks: one MAX all-reduce, and
         the step's one host transfer (the loss report's finiteness is checked on the device)."""
-        non_finite = torch.zeros((), dtype=torch.float64, device=self.device)
+        flags = torch.tensor([float(self._signal_received), 0.0,
+                              (time.time() - self.job_start) / 60.0],
+                             dtype=torch.float64, device=self.device)
         for key in ("objective", "lm_loss", "grad_norm"):
             value = metrics.get(key, 0.0)
-            if isinstance(value, torch.Tensor):
-                non_finite = torch.maximum(non_finite, (~torch.isfinite(value)).double())
+            if isinstance(value, torch.Tensor):  # on the device: no host transfer
+                flags[1] = torch.maximum(flags[1], (~torch.isfinite(value)).double())
             elif not math.isfinite(value):
-                non_finite = torch.ones_like(non_finite)
-        flags = torch.stack([
-            torch.tensor(float(self._signal_received), dtype=torch.float64, device=self.device),
-            non_finite,
-            torch.tensor((time.time() - self.job_start) / 60.0, dtype=torch.float64,
-                         device=self.device)])
+                flags[1] = 1.0
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         signal_flag, non_finite, elapsed = flags.tolist()
         return _WorldFlags(bool(signal_flag), bool(non_finite), elapsed)
