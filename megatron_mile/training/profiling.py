@@ -93,8 +93,9 @@ class NvtxTimers:
     call ``timers("forward-compute").start()`` / ``.stop()`` around each micro-batch's forward,
     ``"backward-compute"`` around its backward, ``"forward-backward"`` around the step, the
     p2p send/recv names around pipeline communication, and ``finalize_model_grads`` calls
-    ``"all-grads-sync"`` (and the embedding/non-TP all-reduces) around gradient reduction. Ranges are started and ended by handle
-    (``range_start`` / ``range_end``), so they need not nest."""
+    ``"all-grads-sync"`` (and the embedding/non-TP all-reduces) around gradient reduction.
+    Ranges are started and ended by handle (``range_start`` / ``range_end``), so they need
+    not nest."""
 
     def __init__(self):
         self._open: dict[str, int] = {}
