@@ -25,7 +25,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "transformers", "safetensors", "tokenizers",
-                 "matplotlib", "mfusepy"],
+                 "matplotlib", "mfusepy", "wandb"],
+        # Weights & Biases logging (logging.wandb_project; docs/observability.md).
+        "wandb": ["wandb"],
         # Hugging Face interop: import/export of checkpoints, tokenizer.json tokenizers.
         "hf": ["safetensors", "tokenizers"],
         # Evaluation tools: per-frequency plots, Hugging Face export.

@@ -457,12 +457,84 @@ class CheckpointConfig:
                               "override_opt_param_scheduler are exclusive: set one")
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+"""The values of ``logging.wandb_mode`` (wandb's own ``mode`` argument)."""
+
+
 @dataclass
 class LoggingConfig:
-    """Console and TensorBoard output."""
+    """Where each logged step's metrics go (docs/observability.md). The console line is
+    always written; every other sink is off until named here. One rank writes them all: the
+    last global rank, which is on the last pipeline stage, where the loss is."""
 
     tensorboard_dir: Optional[str] = None
-    """TensorBoard event directory (None: console only)."""
+    """TensorBoard event directory (None: no TensorBoard events)."""
+    metrics_jsonl: Optional[str] = None
+    """A JSON Lines file: one object per logged step ({"kind": "train", "iteration", ...every
+    metric of the console line}) and per validation ({"kind": "valid", ...}); appended to, so a
+    resumed run continues the file. None: not written."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project to log to (needs the optional `wandb` package: pip install
+    megatron-mile[wandb]). None: no wandb."""
+    wandb_entity: Optional[str] = None
+    """wandb team or user owning the project (None: the logged-in user's default)."""
+    wandb_run_name: Optional[str] = None
+    """Display name of the wandb run (None: wandb picks one)."""
+    wandb_mode: str = "online"
+    """"online" (streams to the server; needs `wandb login` or WANDB_API_KEY), "offline"
+    (writes the run under wandb_dir only, no network; upload later with `wandb sync`) or
+    "disabled"."""
+    wandb_dir: Optional[str] = None
+    """Directory wandb writes its run files into (None: wandb's default, ./wandb)."""
+    peak_tflops: Optional[float] = None
+    """The device's peak dense TFLOP/s, for MFU in the progress line (model FLOPs per second
+    per device / this peak). None: looked up by the GPU's name (H100, H200, A100, B200, ...;
+    megatron_mile/throughput.py); no MFU on CPU or an unknown GPU."""
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in WANDB_MODES:
+            raise ConfigError(f"logging.wandb_mode={self.wandb_mode!r} must be one of "
+                              f"{', '.join(WANDB_MODES)}")
+        _positive("logging", peak_tflops=self.peak_tflops)
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler traces of a window of iterations on chosen ranks, and NVTX ranges for
+    Nsight Systems (docs/observability.md)."""
+
+    enabled: bool = False
+    """Record a torch.profiler trace (CPU activity, and CUDA kernels on GPU) of iterations
+    start_step .. end_step - 1 on the ranks listed in ranks. Outside that window the profiler
+    is not running and costs nothing."""
+    start_step: int = 2
+    """First profiled iteration (numbered as in the log, from 1); later than the first so the
+    warm-up is not in the trace."""
+    end_step: int = 4
+    """The profiler stops before this iteration (exclusive, as Megatron-LM's
+    --profile-step-end); greater than start_step."""
+    ranks: list[int] = field(default_factory=lambda: [0])
+    """Global ranks that record a trace (each a file of its own)."""
+    dir: str = "profile"
+    """Directory of the traces: rank<r>.<time>.pt.trace.json per profiled rank, Chrome trace
+    JSON that both TensorBoard's profiler plugin (`tensorboard --logdir <dir>`) and
+    chrome://tracing / Perfetto open."""
+    record_shapes: bool = False
+    """Record operator input shapes in the trace (larger trace, more overhead)."""
+    nvtx: bool = False
+    """On GPU: NVTX ranges around each micro-batch's forward, backward and loss, the pipeline
+    sends/receives, the optimizer step, and cudaProfilerStart/Stop around the profile window,
+    for `nsys profile --capture-range=cudaProfilerApi`. Ignored on CPU."""
+
+    def __post_init__(self) -> None:
+        _positive("profile", start_step=self.start_step)
+        if self.end_step <= self.start_step:
+            raise ConfigError(f"profile.end_step={self.end_step} must be greater than "
+                              f"profile.start_step={self.start_step} (the window is start_step "
+                              "..end_step - 1)")
+        if not self.ranks or any(r < 0 for r in self.ranks):
+            raise ConfigError(f"profile.ranks={self.ranks} must be a non-empty list of global "
+                              "ranks (>= 0), e.g. [0]")
 
 
 @dataclass
@@ -487,6 +559,8 @@ class TrainConfig:
     """Checkpointing."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Logging."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """Profiling."""
 
     def data_parallel_size(self, world_size: int) -> int:
         p = self.parallel
@@ -534,6 +608,9 @@ class TrainConfig:
                 f"model.seq_length={m.seq_length} is not divisible by 2 x parallel."
                 f"context_parallel_size = {2 * cp}: each CP rank holds 2 of 2 x {cp} equal "
                 "chunks of the sequence")
+        if self.profile.enabled and max(self.profile.ranks) >= world_size:
+            raise ConfigError(f"profile.ranks={self.profile.ranks} names a rank outside the "
+                              f"world of {world_size} processes; use ranks 0..{world_size - 1}")
         if p.sequence_parallel and (m.seq_length // cp) % p.tensor_model_parallel_size:
             raise ConfigError(
                 f"model.seq_length / parallel.context_parallel_size = {m.seq_length // cp} is "

@@ -21,7 +21,8 @@ optimizer state and the process. Medians over rounds are printed.
 Mock data (vocabulary 4096, as the quickstart tokenizer, unless ``data.vocab_size=`` says
 otherwise), so the data path costs the same for every loss. It also reports model TFLOP/s per
 device (``megatron_mile.model.flops_per_token``: 6 x matmul parameters + attention) and, on a
-GPU, MFU against the device's dense BF16 peak (``--peak-tflops``; known for A100, H100, H200).
+GPU, MFU against the device's dense BF16 peak (``--peak-tflops``, else the table in
+``megatron_mile/throughput.py``, which the trainer's progress line uses too).
 """
 
 from __future__ import annotations
@@ -31,9 +32,7 @@ import statistics
 import sys
 import time
 
-
-# Dense BF16 peak TFLOP/s of SXM parts (NVIDIA's data sheets), by a substring of the name.
-_PEAK_TFLOPS = {"H200": 989.5, "H100": 989.5, "A100": 312.0}
+from megatron_mile.throughput import mfu, model_tflops_per_device, peak_tflops as known_peak
 
 
 def _reset_peak(device) -> None:
@@ -177,8 +176,7 @@ def main(argv=None) -> int:
     base_peak = variants[first]["peak"]
     base_added = variants[first]["added"]
     device = results["device"]
-    peak_tflops = args.peak_tflops or next(
-        (v for k, v in _PEAK_TFLOPS.items() if k in device), None)
+    peak_tflops = args.peak_tflops or known_peak(device)
     print(f"{device}; config {args.config} {' '.join(args.overrides)}; {args.rounds} rounds x "
           f"{args.iters} steps; ratio = median over rounds of (tokens/s / {first}'s "
           "tokens/s in the same round), robust to drift of the machine's speed"
@@ -192,14 +190,15 @@ def main(argv=None) -> int:
         peak_ratio = statistics.median(p / b for p, b in zip(peaks, base_peak))
         added = r["added"]
         added_ratio = statistics.median(a / max(b, 1.0) for a, b in zip(added, base_added))
-        tflops = (statistics.median(vals) * results["flops_per_token"]
-                  / results["world_size"] / 1e12)
-        mfu = f"{tflops / peak_tflops:.1%}" if peak_tflops else "n/a"
+        tflops = model_tflops_per_device(results["flops_per_token"], statistics.median(vals),
+                                         results["world_size"])
+        utilisation = mfu(tflops, peak_tflops)
+        utilisation = "n/a" if utilisation is None else f"{utilisation:.1%}"
         print(f"| {label} | {statistics.median(vals):,.0f} | "
               f"{', '.join(f'{v:,.0f}' for v in vals)} | {ratio:.3f} | "
               f"{statistics.median(peaks) / 2**30:.3f} | {peak_ratio:.3f} | "
               f"{statistics.median(added) / 2**30:.3f} | {added_ratio:.3f} | {tflops:.3f} | "
-              f"{mfu} |")
+              f"{utilisation} |")
     return 0
 
 

@@ -10,6 +10,11 @@ Per iteration, collectives beyond the model's own: megatron's schedule (p2p betw
 DP gradient reduction in ``finalize_model_grads``), one SUM all-reduce of the loss report
 over DP (x CP), one MAX all-reduce of [signal, non-finite, elapsed minutes] over the world,
 which is how every rank reaches the same decision to stop (signal, time limit).
+
+Host syncs per iteration: the gradient norm (megatron returns it as a float; the update is
+skipped on NaN/inf) and the stop flags above. The loss report stays on the device until a
+step is logged: logged steps move the metrics of every step since the last log to the host
+in one transfer (``_to_host``).
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ from megatron_mile.training import checkpointing
 from megatron_mile.training.checkpoint_lock import CheckpointLock
 from megatron_mile.training.builders import build_model, build_optimizer, initialize_parallel
 from megatron_mile.training.logger import MetricsLogger
+from megatron_mile.training.profiling import NvtxTimers, StepProfiler, nvtx_range
+from megatron_mile.training.sinks import check_sinks_available
+from megatron_mile.throughput import device_peak, mfu, model_tflops_per_device
 from megatron_mile.training.watchdog import Watchdog, report_progress
 
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -79,7 +87,10 @@ class Trainer:
                  step_callbacks: Sequence[Callable[["Trainer", dict], None]] = ()):
         """``step_callbacks`` run on every rank after each optimizer step, with the trainer and
         that step's metrics (which they may change), before the ranks agree on stopping:
-        custom logging, or a test injecting a signal or a non-finite loss."""
+        custom logging, or a test injecting a signal or a non-finite loss. The loss report's
+        values are 0-dim device tensors there until the step is logged (``float()`` one to
+        read it, at the cost of a host sync)."""
+        check_sinks_available(cfg)  # a missing optional package, before anything starts
         self.cfg = cfg
         self.step_callbacks = list(step_callbacks)
         self.rank = 0  # global rank, set by setup()
@@ -116,6 +127,8 @@ class Trainer:
             cfg.training.micro_batch_size * self.dp_size)
 
         self.logger = MetricsLogger(cfg, is_logging_rank=dist.get_rank() == world_size - 1)
+        self.profiler = StepProfiler(cfg.profile, self.rank, cuda_available())
+        self._nvtx = cfg.profile.nvtx and cuda_available()  # NVTX ranges for nsys (GPU only)
         self.tokenizer = build_tokenizer(cfg.data)
         if cfg.model.vocab_size is not None and cfg.model.vocab_size < self.tokenizer.vocab_size:
             raise ConfigError(
@@ -159,6 +172,8 @@ class Trainer:
             model_config.finalize_model_grads_func = self._finalize_model_grads
             no_sync = [c.no_sync for c in self.model]
             model_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+            if self._nvtx:  # megatron's schedules time forward/backward/p2p through this hook
+                model_config.timers = NvtxTimers()
             self.watchdog.beat(0, "loading the checkpoint")
             self._resume(load_dir)
             self.train_iterator = self._iterators(self.train_dataset, self.consumed_samples,
@@ -391,6 +406,10 @@ class Trainer:
 
         Collectives: "paper" mode all-reduces (alpha_r, has_tokens) over DP x CP.
         """
+        with nvtx_range("loss", self._nvtx):
+            return self._loss_terms(loss_mask_bs, stats_bs)
+
+    def _loss_terms(self, loss_mask_bs: torch.Tensor, stats_bs: WeightedCrossEntropy):
         weight_bs, ce_bs, entropy_bs = stats_bs.weight, stats_bs.ce, stats_bs.entropy
         red = self.normalizer.micro_batch(stats_bs.weighted_ce, weight_bs, loss_mask_bs)
         mask = loss_mask_bs.float()
@@ -414,8 +433,9 @@ class Trainer:
         finalize_model_grads(model, num_tokens=self.normalizer.grad_denominator(num_tokens),
                              **kwargs)
 
-    def _reduce_report(self, reports: list[dict]) -> dict[str, float]:
-        """Sum pairs over micro-batches and DP x CP ranks; min/max likewise. Last stage only."""
+    def _reduce_report(self, reports: list[dict]) -> dict[str, torch.Tensor]:
+        """Sum pairs over micro-batches and DP x CP ranks; min/max likewise. Last stage only.
+        The values stay on the device (0-dim tensors): no host sync here."""
         if not reports:
             return {}
         pairs = torch.stack([sum(r[k] for r in reports) for k in _PAIR_KEYS])  # [keys, 2]
@@ -424,10 +444,9 @@ class Trainer:
             torch.stack([r["weight_max"] for r in reports]).max()])
         dist.all_reduce(pairs, group=self.dp_cp_group)
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.dp_cp_group)
-        # One host transfer for every logged value (one sync per step on GPU).
-        values = torch.cat([pairs[:, 0] / pairs[:, 1].clamp_min(1e-30), extremes]).tolist()
-        out = dict(zip(_PAIR_KEYS, values))
-        out["weight_min"], out["weight_max"] = -values[-2], values[-1]
+        values = torch.cat([pairs[:, 0] / pairs[:, 1].clamp_min(1e-30),
+                            -extremes[:1], extremes[1:]])
+        out = dict(zip(_PAIR_KEYS + ("weight_min", "weight_max"), values.unbind()))
         if self.cfg.loss.type == "cross_entropy":
             out.pop("entropy")  # megatron's CE does not compute it
         return out
@@ -451,7 +470,8 @@ class Trainer:
         self.optimizer.zero_grad()
         self.normalizer.start_step(self.device)
         reports = self._forward_backward(self.train_iterator, forward_only=False)
-        update_successful, grad_norm = self._optimizer_step()
+        with nvtx_range("optimizer", self._nvtx):
+            update_successful, grad_norm = self._optimizer_step()
         if update_successful:
             self.scheduler.step(increment=1)
         self.normalizer.end_step()
@@ -464,7 +484,7 @@ class Trainer:
             metrics["grad_norm"] = grad_norm
         metrics["skipped"] = float(not update_successful)
         if self.cfg.precision.dtype == "fp16":
-            metrics["loss_scale"] = float(self.optimizer.get_loss_scale())
+            metrics["loss_scale"] = self.optimizer.get_loss_scale().detach().reshape(())
         return metrics
 
     @torch.no_grad()
@@ -518,12 +538,17 @@ class Trainer:
         return value.item()
 
     def _world_flags(self, metrics: dict) -> _WorldFlags:
-        """Signal, non-finite loss and elapsed time over all ranks: one MAX all-reduce."""
-        non_finite = not all(math.isfinite(metrics.get(key, 0.0))
-                             for key in ("objective", "lm_loss", "grad_norm"))
-        flags = torch.tensor([float(self._signal_received), float(non_finite),
+        """Signal, non-finite loss and elapsed time over all ranks: one MAX all-reduce, and
+        the step's one host transfer (the loss report's finiteness is checked on the device)."""
+        flags = torch.tensor([float(self._signal_received), 0.0,
                               (time.time() - self.job_start) / 60.0],
                              dtype=torch.float64, device=self.device)
+        for key in ("objective", "lm_loss", "grad_norm"):
+            value = metrics.get(key, 0.0)
+            if isinstance(value, torch.Tensor):  # on the device: no host transfer
+                flags[1] = torch.maximum(flags[1], (~torch.isfinite(value)).double())
+            elif not math.isfinite(value):
+                flags[1] = 1.0
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         signal_flag, non_finite, elapsed = flags.tolist()
         return _WorldFlags(bool(signal_flag), bool(non_finite), elapsed)
@@ -535,6 +560,7 @@ class Trainer:
         if not flags.non_finite:
             self.consecutive_skips = 0
             return
+        _to_host([metrics])  # for the message
         self.consecutive_skips += 1
         self.skipped_iterations += 1
         what = (f"non-finite loss or gradient at iteration {self.iteration} (lm_loss "
@@ -580,28 +606,40 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.training
         tokens_per_step = t.global_batch_size * cfg.model.seq_length
-        flops_per_step = flops_per_token(cfg, self.vocab_size) * tokens_per_step
+        model_flops_per_token = flops_per_token(cfg, self.vocab_size)
+        peak = device_peak(self.device, cfg.logging.peak_tflops)
         start_iteration = self.iteration
         start = time.time()
         history: list[dict] = []
+        pending = 0  # history entries since the last log, still holding device tensors
         exit_reason = "completed"
-        self.logger.info(f"training from iteration {self.iteration} to {t.train_iters}")
+        self.logger.info(f"training from iteration {self.iteration} to {t.train_iters}; "
+                         f"{peak.describe()}")
         window_start, window_iters = time.time(), 0
         while self.iteration < t.train_iters:
             self.watchdog.beat(self.iteration + 1, "train step")
+            self.profiler.before_step(self.iteration + 1)
             metrics = self.train_step()
             for callback in self.step_callbacks:
                 callback(self, metrics)
             window_iters += 1
             flags = self._world_flags(metrics)
             self._check_finite(flags, metrics)
+            self.profiler.after_step(self.iteration)
             history.append({"iteration": self.iteration, **metrics})
+            pending += 1
             if self.iteration % t.log_interval == 0 or self.iteration == t.train_iters:
+                _to_host(history[-pending:])  # one host transfer for the whole window
+                pending = 0
+                metrics = dict(history[-1])
+                del metrics["iteration"]
                 elapsed = time.time() - window_start
                 metrics["iteration_time"] = elapsed / window_iters
                 metrics["tokens_per_s"] = tokens_per_step * window_iters / elapsed
-                metrics["tflops_per_device"] = (flops_per_step * window_iters / elapsed
-                                                / dist.get_world_size() / 1e12)
+                metrics["tflops_per_device"] = model_tflops_per_device(
+                    model_flops_per_token, metrics["tokens_per_s"], dist.get_world_size())
+                if peak.tflops is not None:
+                    metrics["mfu"] = mfu(metrics["tflops_per_device"], peak.tflops)
                 metrics["memory_gib"] = _memory_gib()
                 self.logger.log_train(self.iteration, t.train_iters, self.consumed_samples,
                                       metrics, time.time() - start,
@@ -627,6 +665,8 @@ class Trainer:
                 exit_reason = stop
                 self.logger.info(self._stop_message(stop, flags))
                 break
+        self.profiler.stop()  # a run that stopped inside the profile window
+        _to_host(history[len(history) - pending:])
         self.logger.close()
         return {"history": history, "exit_reason": exit_reason, "iteration": self.iteration}
 
@@ -657,8 +697,25 @@ class Trainer:
         self._previous_handlers = {}
 
     def shutdown(self) -> None:
+        if hasattr(self, "logger"):  # flush and close the sinks of a run that failed
+            self.logger.close()
+        if hasattr(self, "profiler"):
+            self.profiler.stop()
         self._release_process_hooks()
         parallel_state.destroy_model_parallel()
+
+
+def _to_host(entries: list[dict]) -> None:
+    """Replace the device tensors among ``entries``' values by floats, in place, with one
+    host transfer for all of them."""
+    where = [(entry, key) for entry in entries for key, value in entry.items()
+             if isinstance(value, torch.Tensor)]
+    if not where:
+        return
+    values = torch.stack([entry[key].detach().to(torch.float64).reshape(())
+                          for entry, key in where]).tolist()
+    for (entry, key), value in zip(where, values):
+        entry[key] = value
 
 
 def _memory_gib() -> float:
