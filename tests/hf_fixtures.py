@@ -289,6 +289,12 @@ def family_matrix_body(rank: int, world_size: int, folders: dict, tokens: list, 
                 steps = [trainer.train_step() for _ in range(2)]
                 res["lm_loss"] = [s.get("lm_loss") for s in steps]
                 res["objective"] = [s.get("objective") for s in steps]
+                if layout == "tp1":  # the whole model on each rank
+                    from megatron_mile.model import num_parameters
+
+                    res["parameters"] = [
+                        sum(p.numel() for chunk in trainer.model for p in chunk.parameters()),
+                        num_parameters(cfg, trainer.vocab_size)["total"]]
                 results[(name, layout)] = res
             finally:
                 trainer.shutdown()

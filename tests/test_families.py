@@ -121,6 +121,15 @@ def test_second_step_agrees_across_layouts(matrix, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
+def test_parameter_count_is_the_models(matrix, name):
+    """model.num_parameters (logs, FLOPs, memory estimates) counts Qwen2's biases, Qwen3's
+    q/k norms and head width: the built model's own count."""
+    built, counted = matrix[1][(name, "tp1")]["parameters"]
+    assert built == counted, (built, counted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
 def test_export_of_import_is_bit_exact(folders, matrix, hf_reference, tokens, name):
     tmp, _, configs = matrix
     exported_folder = os.path.join(tmp, f"export_{name}")
