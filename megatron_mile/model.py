@@ -382,5 +382,6 @@ def flops_per_token(cfg: TrainConfig, vocab_size: int) -> float:
     matmul_params = num_parameters(cfg, vocab_size)["non_embedding"]
     if not m.untie_embeddings:
         matmul_params += vocab_size * m.hidden_size
-    attention = 12 * m.num_layers * m.hidden_size * m.seq_length
+    attention = 12 * m.num_layers * m.num_attention_heads * (
+        m.head_dim or m.hidden_size // m.num_attention_heads) * m.seq_length
     return 6.0 * matmul_params + attention

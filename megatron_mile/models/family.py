@@ -31,10 +31,10 @@ class TensorMap:
     """One megatron parameter and the HF tensor(s) it is made of.
 
     ``layout`` says how the full megatron tensor is split over TP and assembled from HF's:
-    ``replicated`` (norms, per-head q/k norms too), ``rows`` / ``columns`` (column- / row-parallel linear), ``qkv``
-    (rows grouped per query group: ``[q heads of g; k_g; v_g]`` for each group g, from
-    q_proj, k_proj, v_proj), ``gate_up`` (``[gate; up]`` halves, each split over TP rows),
-    ``vocab`` (rows, padded past the real vocabulary).
+    ``replicated`` (norms, the per-head q/k norms too), ``rows`` / ``columns`` (column- /
+    row-parallel linear), ``qkv`` (rows grouped per query group: ``[q heads of g; k_g;
+    v_g]`` for each group g, from q_proj, k_proj, v_proj), ``gate_up`` (``[gate; up]``
+    halves, each split over TP rows), ``vocab`` (rows, padded past the real vocabulary).
     """
 
     megatron: str

@@ -118,7 +118,7 @@ def llama_model_fields(hf: dict, path: str = "config.json") -> dict[str, Any]:
     if hf.get("sliding_window") is not None:
         raise ConfigError(f"{path}: sliding_window={hf['sliding_window']} is not supported "
                           "(full causal attention only)")
-    return decoder_fields(hf, path, rope_scaling="llama3")
+    return decoder_fields(hf, path, rope_scaling=LLAMA.rope_scaling)
 
 
 def decoder_fields(hf: dict, path: str, rope_scaling: Optional[str] = None) -> dict[str, Any]:
