@@ -60,7 +60,8 @@ class ModelConfig:
     hidden_size: int = 64
     """Model width h."""
     num_attention_heads: int = 4
-    """Query heads; divisible by tensor_model_parallel_size; hidden_size divisible by it."""
+    """Query heads; divisible by tensor_model_parallel_size; hidden_size divisible by it
+    unless head_dim is set."""
     num_query_groups: Optional[int] = None
     """Key/value heads for grouped-query attention; None means multi-head (= heads)."""
     ffn_hidden_size: Optional[int] = None
@@ -97,7 +98,21 @@ class ModelConfig:
     family: str = "llama"
     """Model family (``megatron_mile/models/``): its layer choices and Hugging Face tensor
     names. With checkpoint.init_from_hf it is inferred from config.json's architecture.
-    Known: 'llama', 'qwen2' (Qwen2 and Qwen2.5)."""
+    Known: 'llama' (Llama-2, Llama-3, 3.1, 3.2), 'qwen2' (Qwen2 and Qwen2.5), 'qwen3',
+    'mistral'."""
+    head_dim: Optional[int] = None
+    """Width of one attention head (megatron's ``kv_channels``); None: hidden_size /
+    num_attention_heads. Qwen3 sets it independently of hidden_size (config.json's
+    ``head_dim``)."""
+    rope_scaling_factor: Optional[float] = None
+    """Llama-3.1/3.2 RoPE frequency scaling (config.json ``rope_type: llama3``) with this
+    factor, and megatron-core's fixed low_freq_factor 1, high_freq_factor 4,
+    original_max_position_embeddings 8192; None: plain RoPE."""
+    sliding_window: Optional[int] = None
+    """Mistral's attention window in tokens (config.json's ``sliding_window``): a token sees
+    the previous sliding_window - 1 and itself. None: full causal attention. A window of at
+    least seq_length is full causal attention; a shorter one needs Transformer Engine
+    (model.transformer_impl)."""
 
     def __post_init__(self) -> None:
         _positive("model", num_layers=self.num_layers, hidden_size=self.hidden_size,
@@ -107,7 +122,9 @@ class ModelConfig:
                   make_vocab_size_divisible_by=self.make_vocab_size_divisible_by,
                   init_method_std=self.init_method_std, norm_epsilon=self.norm_epsilon,
                   rotary_base=self.rotary_base, recompute_num_layers=self.recompute_num_layers)
-        if self.hidden_size % self.num_attention_heads:
+        _positive("model", head_dim=self.head_dim, rope_scaling_factor=self.rope_scaling_factor,
+                  sliding_window=self.sliding_window)
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "
                 f"model.num_attention_heads={self.num_attention_heads}")

@@ -80,8 +80,9 @@ def resolve_transformer_impl(requested: str, kernels: Kernels) -> str:
 
 
 def check_kernels(cfg: TrainConfig, kernels: Optional[Kernels] = None) -> None:
-    """What ``cfg`` asks of this machine's kernels: FP8 and ``model.transformer_impl=
-    transformer_engine`` need Transformer Engine with CUDA. Run where a run is set up
+    """What ``cfg`` asks of this machine's kernels: FP8, ``model.transformer_impl=
+    transformer_engine`` and a ``model.sliding_window`` shorter than ``model.seq_length``
+    need Transformer Engine with CUDA. Run where a run is set up
     (:func:`megatron_mile.run_config.resolve_run_config`, ``initialize_parallel``), not in
     the configuration's own validation, which reads no machine state.
 
@@ -105,6 +106,15 @@ def check_kernels(cfg: TrainConfig, kernels: Optional[Kernels] = None) -> None:
     if needs_te and impl != "transformer_engine":
         raise ConfigError(f"{needs_te[0]} needs model.transformer_impl=transformer_engine "
                           f"(or auto), not {m.transformer_impl!r}")
+    if m.sliding_window is not None and m.sliding_window < m.seq_length \
+            and impl != "transformer_engine":
+        raise ConfigError(
+            f"model.sliding_window={m.sliding_window} (config.json's sliding_window) is "
+            f"shorter than model.seq_length={m.seq_length}: the window then masks tokens, "
+            "which only Transformer Engine's attention implements here; set "
+            f"model.seq_length<={m.sliding_window} (the attention is then plain causal), or "
+            "run with Transformer Engine (model.transformer_impl=auto on a GPU in NVIDIA's "
+            "container)")
 
 
 class Fusion(NamedTuple):

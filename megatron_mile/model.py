@@ -62,7 +62,8 @@ def padded_vocab_size(vocab_size: int, cfg: TrainConfig) -> int:
 
 def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool) -> TransformerConfig:
     """megatron-core's TransformerConfig for ``cfg``: the family's choices (LLaMA: RMSNorm,
-    SwiGLU, no biases) and the run's sizes, layout and precision.
+    SwiGLU, no biases; Qwen2's q/k/v biases, Qwen3's q/k norms) and the run's sizes (head
+    width, sliding window included), layout and precision.
 
     The fusion flags are those :func:`megatron_mile.fusions.fusion_settings` decides for the
     kernels this process can load (all off on CPU).
@@ -81,6 +82,7 @@ def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool) -> Transf
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
         ffn_hidden_size=m.ffn_size,
         normalization=family.normalization,
         layernorm_epsilon=m.norm_epsilon,
@@ -109,12 +111,27 @@ def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool) -> Transf
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=True,
         **fusion_settings(impl, kernels),
+        **_attention_window(m, impl),
         # Interleaved 1F1B: unbatched, overlapped p2p, as Megatron-LM sets it (batched p2p
         # pairs the wrong messages at PP=2; see check_pipeline_config).
         overlap_p2p_comm=bool(p.virtual_pipeline_model_parallel_size),
         batch_p2p_comm=not p.virtual_pipeline_model_parallel_size,
         **fp8,
     )
+
+
+def _attention_window(m: Any, impl: str) -> dict[str, Any]:
+    """``window_size`` for a sliding window shorter than the sequence (Transformer Engine
+    only: TE's ``(left, right)`` = ``(window - 1, 0)``, the token and the window - 1 before it,
+    as transformers' Mistral mask); nothing for a window that covers the sequence, which is
+    plain causal attention. :func:`megatron_mile.fusions.check_kernels` refuses a shorter
+    window without TE before any model is built."""
+    if m.sliding_window is None or m.sliding_window >= m.seq_length:
+        return {}
+    if impl != "transformer_engine":
+        raise ConfigError(f"model.sliding_window={m.sliding_window} < model.seq_length="
+                          f"{m.seq_length} needs model.transformer_impl=transformer_engine")
+    return {"window_size": (m.sliding_window - 1, 0)}
 
 
 def check_pipeline_config(config: Any) -> None:
@@ -213,6 +230,9 @@ def layer_spec(cfg: TrainConfig, config: TransformerConfig, vp_stage: Optional[i
     layer.params = {**(layer.params or {}), "init_seed": cfg.training.seed}
     layer.submodules.input_layernorm = RMSNorm
     layer.submodules.pre_mlp_layernorm = RMSNorm
+    if family.qk_layernorm:  # per head, inside the TP region: megatron sums their grads over TP
+        attention = layer.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = RMSNorm
     if config.context_parallel_size > 1:  # megatron's local attention refuses CP
         layer.submodules.self_attention.submodules.core_attention = \
             ContextParallelDotProductAttention
@@ -329,6 +349,8 @@ def build_model_chunk(cfg: TrainConfig, config: TransformerConfig, vocab_size: i
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings,
         position_embedding_type="rope",
         rotary_base=cfg.model.rotary_base,
+        rope_scaling=cfg.model.rope_scaling_factor is not None,
+        rope_scaling_factor=cfg.model.rope_scaling_factor or 8.0,  # megatron's default, unused
         vp_stage=vp_stage,
         loss_config=cfg.loss,
         valid_vocab_size=valid_vocab_size,
@@ -339,10 +361,15 @@ def num_parameters(cfg: TrainConfig, vocab_size: int) -> dict[str, int]:
     """Analytic parameter counts of the full (unsharded) model."""
     m = cfg.model
     h, L, ffn = m.hidden_size, m.num_layers, m.ffn_size
-    kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn + 2 * h  # qkv, proj, SwiGLU, 2 norms
-    if get_family(m.family).add_qkv_bias:
-        per_layer += h + 2 * kv
+    head_dim = m.head_dim or h // m.num_attention_heads
+    q = m.num_attention_heads * head_dim
+    kv = (m.num_query_groups or m.num_attention_heads) * head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * ffn + 2 * h  # qkv, proj, SwiGLU, 2 norms
+    family = get_family(m.family)
+    if family.add_qkv_bias:
+        per_layer += q + 2 * kv
+    if family.qk_layernorm:
+        per_layer += 2 * head_dim
     embedding = vocab_size * h
     output = vocab_size * h if m.untie_embeddings else 0
     total = L * per_layer + embedding + output + h  # + final norm
@@ -355,5 +382,6 @@ def flops_per_token(cfg: TrainConfig, vocab_size: int) -> float:
     matmul_params = num_parameters(cfg, vocab_size)["non_embedding"]
     if not m.untie_embeddings:
         matmul_params += vocab_size * m.hidden_size
-    attention = 12 * m.num_layers * m.hidden_size * m.seq_length
+    attention = 12 * m.num_layers * m.num_attention_heads * (
+        m.head_dim or m.hidden_size // m.num_attention_heads) * m.seq_length
     return 6.0 * matmul_params + attention

@@ -1,5 +1,6 @@
-"""Tiny Hugging Face LlamaForCausalLM folders built locally (no downloads), and the worker
-bodies of tests/test_hf_import.py (importable by spawned workers, unlike a test module)."""
+"""Tiny Hugging Face folders built locally with transformers' own classes (no downloads), and
+the worker bodies of tests/test_hf_import.py and tests/test_families.py (importable by spawned
+workers, unlike a test module)."""
 
 from __future__ import annotations
 
@@ -49,24 +50,6 @@ def make_hf_model(folder: str, name: str, *, sharded: bool = False):
     return model
 
 
-def make_qwen2_model(folder: str, *, tie: bool = True):
-    """Save a random Qwen2ForCausalLM (fp32, qkv biases, tied embeddings by default as the
-    small Qwen2.5 sizes) into ``folder``; norms and biases randomised too."""
-    import transformers
-
-    config = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=176,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      num_hidden_layers=2, max_position_embeddings=256,
-                                      rms_norm_eps=1e-6, tie_word_embeddings=tie,
-                                      rope_parameters={"rope_type": "default",
-                                                       "rope_theta": 1000000.0})
-    torch.manual_seed(7)
-    model = transformers.Qwen2ForCausalLM(config).eval()
-    _randomize(model)
-    model.save_pretrained(folder)
-    return model
-
-
 def hf_logits(folder: str, tokens: list) -> torch.Tensor:
     import transformers
 
@@ -102,7 +85,7 @@ def _batch(tokens_bs: torch.Tensor) -> dict:
             .contiguous()}
 
 
-def _pipeline_outputs(trainer, batch: dict, with_labels: bool) -> list:
+def _pipeline_outputs(trainer, batch: dict, with_labels: bool, seq: int = SEQ) -> list:
     """The last stage's model outputs for one micro-batch through megatron's schedule (so
     PP and VPP work): logits ``[b, s, v/tp]`` or, with labels, the loss statistics, once
     per micro-batch (the same batch twice)."""
@@ -127,7 +110,7 @@ def _pipeline_outputs(trainer, batch: dict, with_labels: bool) -> list:
     get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
-        model=trainer.model, num_microbatches=2, seq_length=SEQ, micro_batch_size=MICRO,
+        model=trainer.model, num_microbatches=2, seq_length=seq, micro_batch_size=MICRO,
         forward_only=True)
     for chunk in trainer.model:
         chunk.train()
@@ -179,7 +162,8 @@ def layout_body(rank: int, world_size: int, folders: dict, tokens: list, tmp: st
     return {"layouts": results, "round_trip": round_trip_body(rank, world_size, folders, tmp)}
 
 
-def round_trip_body(rank: int, world_size: int, folders: dict, tmp: str) -> dict:
+def round_trip_body(rank: int, world_size: int, folders: dict, tmp: str,
+                    overrides: tuple = ()) -> dict:
     """import_to_checkpoint then export_checkpoint(trim_vocab) for each model (TP=1, the
     ranks are data-parallel)."""
     from megatron_mile.checkpoint_hf import import_to_checkpoint
@@ -188,7 +172,8 @@ def round_trip_body(rank: int, world_size: int, folders: dict, tmp: str) -> dict
     out = {}
     for name, folder in folders.items():
         ckpt = os.path.join(tmp, f"ckpt_{name}")
-        import_to_checkpoint(folder, ckpt, dtype="fp32")  # the default config
+        import_to_checkpoint(folder, ckpt, dtype="fp32",  # the default config
+                             overrides=list(overrides))
         out[name] = export_checkpoint(ckpt, os.path.join(tmp, f"export_{name}"),
                                       trim_vocab=True)
     return out
@@ -204,3 +189,116 @@ def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
     for f in files:
         out.update(load_file(os.path.join(folder, f)))
     return out
+
+
+# ---------------------------------------------------------------- the family matrix
+
+FAMILY_VOCAB = 200  # padded to 256 (128 x TP rows): the padded rows count nowhere
+FAMILY_SEQ = 32  # long enough that Llama-3.1's factor 8 vs 3.2's 32 moves the logits ~1e-3
+LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+
+FAMILY_MODELS = {
+    # name: (transformers config class, model class, its fields); hidden 64, 4 heads, 2 layers
+    "llama2": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=4, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=2, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    "llama3.1": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=16384,
+        rope_parameters={**LLAMA3_ROPE, "factor": 8.0})),
+    "llama3.2": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=16384,
+        rope_parameters={**LLAMA3_ROPE, "factor": 32.0})),
+    "qwen2.5": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        num_key_value_heads=2, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(  # 4 heads x 32 != hidden 64
+        num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(  # the window covers the sequence
+        num_key_value_heads=2, tie_word_embeddings=False, sliding_window=FAMILY_SEQ,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+}
+"""The families of docs/models.md as transformers builds them, small and random; llama3 is
+saved as sharded safetensors."""
+
+FAMILY_LAYOUTS = {
+    "tp1": [],  # DP=2
+    "tp2-sp": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+    "pp2": ["parallel.pipeline_model_parallel_size=2"],
+}
+
+
+def make_family_model(folder: str, name: str) -> dict:
+    """Save transformers' own model of family ``name`` (fp32, random; norms, biases and q/k
+    norms randomised too) into ``folder``; returns its config.json."""
+    import transformers
+
+    config_cls, model_cls, fields = FAMILY_MODELS[name]
+    fields = {"max_position_embeddings": 256, **fields}
+    config = getattr(transformers, config_cls)(
+        vocab_size=FAMILY_VOCAB, hidden_size=64, intermediate_size=176, num_attention_heads=4,
+        num_hidden_layers=2, rms_norm_eps=1e-6, **fields)
+    torch.manual_seed(sum(map(ord, name)))
+    model = getattr(transformers, model_cls)(config).eval()
+    _randomize(model)
+    model.save_pretrained(folder, max_shard_size="100KB" if name == "llama3" else "10GB")
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def family_matrix_body(rank: int, world_size: int, folders: dict, tokens: list, tmp: str) -> dict:
+    """For each layout of :data:`FAMILY_LAYOUTS`, each family of ``folders``: the imported
+    model's full-vocabulary logits on ``tokens`` (last stage, TP-gathered) and the lm_loss and
+    objective of two training steps on them, through the trainer; then the round trip of
+    each folder (:func:`round_trip_body`)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_mile.config import load_config
+    from megatron_mile.training.trainer import Trainer
+
+    batch = _batch(torch.tensor(tokens))
+    results = {}
+    for layout, extra in FAMILY_LAYOUTS.items():
+        for name, folder in folders.items():
+            cfg = load_config("tiny", [
+                f"checkpoint.init_from_hf={folder}", f"data.vocab_size={FAMILY_VOCAB}",
+                f"model.seq_length={FAMILY_SEQ}", f"training.micro_batch_size={MICRO}",
+                "training.global_batch_size=4", "training.train_iters=2",
+                "training.eval_interval=0", "optimizer.lr_warmup_iters=0", "optimizer.lr=1e-3",
+                "loss.type=mile", *extra], world_size=world_size)
+            trainer = Trainer(cfg)
+            trainer.setup()
+            try:
+                res = {}
+                logits = _pipeline_outputs(trainer, {k: v.clone() for k, v in batch.items()},
+                                           False, FAMILY_SEQ)
+                if logits:  # last stage: gather the vocabulary shards
+                    logits_bsv = logits[0].detach().contiguous()
+                    tp_group = parallel_state.get_tensor_model_parallel_group()
+                    shards = [torch.empty_like(logits_bsv)
+                              for _ in range(dist.get_world_size(tp_group))]
+                    dist.all_gather(shards, logits_bsv, group=tp_group)
+                    res["logits"] = torch.cat(shards, dim=-1).tolist()
+                trainer.train_iterator = ([itertools.repeat(batch) for _ in trainer.model]
+                                          if len(trainer.model) > 1 else itertools.repeat(batch))
+                steps = [trainer.train_step() for _ in range(2)]
+                res["lm_loss"] = [s.get("lm_loss") for s in steps]
+                res["objective"] = [s.get("objective") for s in steps]
+                if layout == "tp1":  # the whole model on each rank
+                    from megatron_mile.model import num_parameters
+
+                    res["parameters"] = [
+                        sum(p.numel() for chunk in trainer.model for p in chunk.parameters()),
+                        num_parameters(cfg, trainer.vocab_size)["total"]]
+                results[(name, layout)] = res
+            finally:
+                trainer.shutdown()
+    # the tiny Mistral's window is the sequence: the default config's 128 tokens would not fit
+    round_trip = round_trip_body(rank, world_size, folders, tmp,
+                                 (f"model.seq_length={FAMILY_SEQ}",))
+    return {"layouts": results, "round_trip": round_trip}

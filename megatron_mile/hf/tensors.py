@@ -29,15 +29,18 @@ class Shapes:
     groups: int
     ffn: int
     vocab: Optional[int] = None
+    head_dim: int = 0
+    """Width of one head; 0: hidden / heads."""
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
 
     @classmethod
     def of(cls, m: ModelConfig) -> "Shapes":
         return cls(m.hidden_size, m.num_attention_heads,
-                   m.num_query_groups or m.num_attention_heads, m.ffn_size, m.vocab_size)
+                   m.num_query_groups or m.num_attention_heads, m.ffn_size, m.vocab_size,
+                   m.head_dim or 0)
 
     def sizes(self) -> dict[str, tuple[int, str]]:
         """Each :data:`~megatron_mile.models.family.DIMENSIONS` name -> (size, the config.json
@@ -48,6 +51,7 @@ class Shapes:
                        f"num_attention_heads={self.heads} x head_dim={self.head_dim}"),
             "kv_rows": (self.groups * self.head_dim,
                         f"num_key_value_heads={self.groups} x head_dim={self.head_dim}"),
+            "head": (self.head_dim, f"head_dim={self.head_dim}"),
             "ffn": (self.ffn, f"intermediate_size={self.ffn}"),
             "vocab": (self.vocab or 0, f"vocab_size={self.vocab}"),
         }

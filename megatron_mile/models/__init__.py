@@ -10,12 +10,14 @@ from __future__ import annotations
 from megatron_mile.errors import ConfigError
 from megatron_mile.models.family import ModelFamily, TensorMap
 from megatron_mile.models.llama import LLAMA
+from megatron_mile.models.mistral import MISTRAL
 from megatron_mile.models.qwen2 import QWEN2
+from megatron_mile.models.qwen3 import QWEN3
 
-__all__ = ["FAMILIES", "LLAMA", "QWEN2", "ModelFamily", "TensorMap", "family_for_hf_config",
-           "get_family"]
+__all__ = ["FAMILIES", "LLAMA", "MISTRAL", "QWEN2", "QWEN3", "ModelFamily", "TensorMap",
+           "family_for_hf_config", "get_family"]
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLAMA, QWEN2)}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLAMA, QWEN2, QWEN3, MISTRAL)}
 """Every known family by ``model.family`` name."""
 
 

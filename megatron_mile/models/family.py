@@ -20,9 +20,10 @@ LAYOUTS = ("replicated", "rows", "columns", "qkv", "gate_up", "vocab")
 """How a megatron tensor is split over TP and assembled from its HF tensor(s): see
 :class:`TensorMap`."""
 
-DIMENSIONS = ("hidden", "q_rows", "kv_rows", "ffn", "vocab")
+DIMENSIONS = ("hidden", "q_rows", "kv_rows", "head", "ffn", "vocab")
 """The symbolic sizes of :attr:`TensorMap.dims`: ``hidden_size``, ``heads x head_dim``,
-``query groups x head_dim``, the MLP's inner width, the vocabulary."""
+``query groups x head_dim``, ``head_dim`` (per-head norms), the MLP's inner width, the
+vocabulary."""
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,10 @@ class TensorMap:
     """One megatron parameter and the HF tensor(s) it is made of.
 
     ``layout`` says how the full megatron tensor is split over TP and assembled from HF's:
-    ``replicated`` (norms), ``rows`` / ``columns`` (column- / row-parallel linear), ``qkv``
-    (rows grouped per query group: ``[q heads of g; k_g; v_g]`` for each group g, from
-    q_proj, k_proj, v_proj), ``gate_up`` (``[gate; up]`` halves, each split over TP rows),
-    ``vocab`` (rows, padded past the real vocabulary).
+    ``replicated`` (norms, the per-head q/k norms too), ``rows`` / ``columns`` (column- /
+    row-parallel linear), ``qkv`` (rows grouped per query group: ``[q heads of g; k_g;
+    v_g]`` for each group g, from q_proj, k_proj, v_proj), ``gate_up`` (``[gate; up]``
+    halves, each split over TP rows), ``vocab`` (rows, padded past the real vocabulary).
     """
 
     megatron: str
@@ -97,10 +98,11 @@ class ModelFamily:
     add_qkv_bias: bool = False
     """Biases on the QKV projection only (megatron's ``add_qkv_bias``)."""
     qk_layernorm: bool = False
-    """A norm on queries and keys per head."""
+    """A norm (``normalization``) on each query and key head before RoPE (megatron's
+    ``qk_layernorm``; Qwen3's q_norm / k_norm)."""
     rope_scaling: Optional[str] = None
-    """The RoPE scaling the family implements (None: plain RoPE; config.json asking for any
-    other is refused)."""
+    """The RoPE scaling the family implements besides plain RoPE ('llama3'; None: none;
+    config.json asking for any other is refused)."""
 
     def tensor_names(self) -> list[TensorMap]:
         """Every table entry, global ones first (for messages and checks)."""

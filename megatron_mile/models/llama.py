@@ -1,5 +1,10 @@
-"""LLaMA (``LlamaForCausalLM``): RMSNorm, SwiGLU, plain RoPE, no biases, untied embeddings
-unless config.json ties them. The paper's models and megatron-mile's shipped configs.
+"""LLaMA (``LlamaForCausalLM``): RMSNorm, SwiGLU, RoPE, no biases, untied embeddings unless
+config.json ties them. The paper's models and megatron-mile's shipped configs; Llama-2 (multi-
+head), Llama-3 (GQA, rope_theta 500000) and Llama-3.1/3.2, whose RoPE frequencies are scaled
+(``rope_type: llama3``, factor 8 and 32; 3.2 ties the embeddings): megatron-core's
+``rope_scaling`` computes that scaling with fixed low/high frequency factors and original
+context (:data:`LLAMA3_ROPE`, Llama-3.1's and 3.2's values); config.json asking for others is
+refused naming the field.
 
 Conventions of the table (checked by tests/test_export_hf.py, logits equal to 1e-4 in fp32):
 
@@ -17,13 +22,13 @@ Conventions of the table (checked by tests/test_export_hf.py, logits equal to 1e
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from megatron_mile.errors import ConfigError
 from megatron_mile.models.family import ModelFamily, TensorMap
 
-__all__ = ["LLAMA", "LLAMA_LAYER_TENSORS", "decoder_fields", "decoder_hf_config",
-           "llama_hf_config", "llama_model_fields"]
+__all__ = ["LLAMA", "LLAMA3_ROPE", "LLAMA_LAYER_TENSORS", "decoder_fields",
+           "decoder_hf_config", "llama_hf_config", "llama_model_fields", "rope_fields"]
 
 LLAMA_LAYER_TENSORS = (
     TensorMap("input_layernorm.weight", ("input_layernorm.weight",), "replicated",
@@ -51,28 +56,57 @@ OUTPUT = TensorMap("output_layer.weight", ("lm_head.weight",), "vocab", (("vocab
 DECODER_HF_FIELDS = (
     ("hidden_size", "hidden_size"), ("num_hidden_layers", "num_layers"),
     ("num_attention_heads", "num_attention_heads"), ("num_key_value_heads", "num_query_groups"),
-    ("intermediate_size", "ffn_hidden_size"), ("rms_norm_eps", "norm_epsilon"),
-    ("rope_theta", "rotary_base"), ("tie_word_embeddings", "untie_embeddings"),
-    ("vocab_size", "vocab_size"))
+    ("head_dim", "head_dim"), ("intermediate_size", "ffn_hidden_size"),
+    ("rms_norm_eps", "norm_epsilon"), ("rope_theta", "rotary_base"),
+    ("rope_scaling", "rope_scaling_factor"), ("sliding_window", "sliding_window"),
+    ("tie_word_embeddings", "untie_embeddings"), ("vocab_size", "vocab_size"))
 """(config.json key, ModelConfig field) of :func:`decoder_fields`."""
 
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok",
              "moe_intermediate_size")
 
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+"""The ``rope_type: llama3`` parameters megatron-core computes with besides the factor
+(``RotaryEmbedding._apply_scaling`` in megatron/core/models/common/embeddings/
+rotary_pos_embedding.py takes only ``factor`` from GPTModel): Llama-3.1's and 3.2's."""
 
-def rope_theta(hf: dict, path: str) -> float:
-    """rope_theta from config.json (top level in transformers 4, ``rope_parameters`` in 5);
-    any rope scaling type other than 'default' is refused."""
+
+def rope_fields(hf: dict, path: str, scaling: Optional[str] = None) -> dict[str, Any]:
+    """``rotary_base`` and ``rope_scaling_factor`` from config.json: transformers 4 writes
+    ``rope_theta`` and ``rope_scaling`` at the top level, 5 one ``rope_parameters``. A
+    scaling other than 'default' is accepted only when it is the family's ``scaling``
+    ('llama3') with megatron-core's :data:`LLAMA3_ROPE`; ConfigError naming the field
+    otherwise."""
     params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    for where, spec in (("rope_parameters", params), ("rope_scaling", scaling)):
-        if isinstance(spec, dict):
-            kind = spec.get("rope_type", spec.get("type", "default"))
-            if kind != "default":
-                raise ConfigError(f"{path}: {where}.rope_type={kind!r} is not supported "
-                                  "(megatron-mile implements plain RoPE only)")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return float(theta)
+    factor = None
+    for where in ("rope_scaling", "rope_parameters"):
+        spec = hf.get(where)
+        if not isinstance(spec, dict):
+            continue
+        kind = spec.get("rope_type", spec.get("type", "default"))
+        if kind == "default":
+            continue
+        if kind != scaling:
+            supported = "plain RoPE" + (f" and rope_type={scaling!r}" if scaling else " only")
+            raise ConfigError(f"{path}: {where}.rope_type={kind!r} is not supported (this "
+                              f"family implements {supported})")
+        if isinstance(spec.get("factor"), bool) or not isinstance(spec.get("factor"),
+                                                                   (int, float)) \
+                or spec["factor"] < 1:
+            raise ConfigError(f"{path}: {where}.factor={spec.get('factor')!r} must be a number "
+                              f">= 1 for rope_type={kind!r}")
+        for key, value in LLAMA3_ROPE.items():
+            if spec.get(key) != value:
+                raise ConfigError(f"{path}: {where}.{key}={spec.get(key)!r} is not supported "
+                                  f"(megatron-core's llama3 RoPE scaling computes with {key}="
+                                  f"{value}, as Llama-3.1 and 3.2)")
+        factor = float(spec["factor"])
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if theta != int(theta):
+        raise ConfigError(f"{path}: rope_theta={theta} is not an integer (model.rotary_base "
+                          "is)")
+    return {"rotary_base": int(theta), "rope_scaling_factor": factor}
 
 
 def llama_model_fields(hf: dict, path: str = "config.json") -> dict[str, Any]:
@@ -84,13 +118,14 @@ def llama_model_fields(hf: dict, path: str = "config.json") -> dict[str, Any]:
     if hf.get("sliding_window") is not None:
         raise ConfigError(f"{path}: sliding_window={hf['sliding_window']} is not supported "
                           "(full causal attention only)")
-    return decoder_fields(hf, path)
+    return decoder_fields(hf, path, rope_scaling=LLAMA.rope_scaling)
 
 
-def decoder_fields(hf: dict, path: str) -> dict[str, Any]:
-    """The ``ModelConfig`` fields of a LLaMA-like decoder's config.json (sizes, RMSNorm eps,
-    plain RoPE, tied or not), refusing MoE, activations other than silu and rope scaling:
-    what the families built on LLaMA's layer share; each adds its own refusals."""
+def decoder_fields(hf: dict, path: str, rope_scaling: Optional[str] = None) -> dict[str, Any]:
+    """The ``ModelConfig`` fields of a LLaMA-like decoder's config.json (sizes, head width,
+    RMSNorm eps, RoPE, tied or not; no sliding window), refusing MoE, activations other than
+    silu and any RoPE scaling but ``rope_scaling`` (see :func:`rope_fields`): what the
+    families built on LLaMA's layer share; each adds its own refusals."""
     for key in _MOE_KEYS:
         if hf.get(key):
             raise ConfigError(f"{path}: {key}={hf[key]!r}: mixture-of-experts models are not "
@@ -104,21 +139,16 @@ def decoder_fields(hf: dict, path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: missing {', '.join(missing)}")
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    if head_dim * heads != hf["hidden_size"]:
-        raise ConfigError(f"{path}: head_dim={head_dim} x num_attention_heads={heads} != "
-                          f"hidden_size={hf['hidden_size']} is not supported")
-    theta = rope_theta(hf, path)
-    if theta != int(theta):
-        raise ConfigError(f"{path}: rope_theta={theta} is not an integer (model.rotary_base "
-                          "is)")
     return {
         "hidden_size": hf["hidden_size"],
         "num_layers": hf["num_hidden_layers"],
         "num_attention_heads": heads,
         "num_query_groups": hf.get("num_key_value_heads") or heads,
+        "head_dim": None if head_dim * heads == hf["hidden_size"] else head_dim,
         "ffn_hidden_size": hf["intermediate_size"],
         "norm_epsilon": float(hf.get("rms_norm_eps", 1e-6)),
-        "rotary_base": int(theta),
+        **rope_fields(hf, path, rope_scaling),
+        "sliding_window": None,
         "untie_embeddings": not hf.get("tie_word_embeddings", False),
         "vocab_size": hf["vocab_size"],
     }
@@ -130,7 +160,8 @@ def llama_hf_config(m: Any) -> dict[str, Any]:
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         **decoder_hf_config(m),
-        "rope_scaling": None,
+        "rope_scaling": ({"rope_type": "llama3", "factor": m.rope_scaling_factor, **LLAMA3_ROPE}
+                         if m.rope_scaling_factor else None),
         "attention_bias": False,
         "mlp_bias": False,
     }
@@ -144,7 +175,7 @@ def decoder_hf_config(m: Any) -> dict[str, Any]:
         "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_attention_heads,
         "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
-        "head_dim": m.hidden_size // m.num_attention_heads,
+        "head_dim": m.head_dim or m.hidden_size // m.num_attention_heads,
         "hidden_act": "silu",
         "max_position_embeddings": m.seq_length,
         "rms_norm_eps": m.norm_epsilon,
@@ -161,6 +192,7 @@ LLAMA = ModelFamily(
     hf_model_type="llama",
     model_fields=llama_model_fields,
     hf_config=llama_hf_config,
+    rope_scaling="llama3",
     hf_fields=DECODER_HF_FIELDS,
     layer_tensors=LLAMA_LAYER_TENSORS,
     embedding=EMBEDDING,

@@ -183,6 +183,11 @@ class Watchdog:
         if _active is self:
             _active = None
         self._stop.set()
+        if self._wake_w is not None:  # wake the thread from its poll now, not up to 1 s later
+            try:
+                self._wake_w.send(b"\0")  # no signal has number 0
+            except OSError:  # the buffer is full of signal numbers: it wakes anyway
+                pass
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
@@ -199,10 +204,15 @@ class Watchdog:
 
     def _run(self) -> None:
         poll_s = min(1.0, self.timeout_s / 4)
+        # poll, not select: select refuses descriptors >= 1024 (FD_SETSIZE), which a process
+        # that has set up many trainers (each with its process groups' sockets) reaches.
+        poller = None
+        if self._wake_r is not None:
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
         while not self._stop.is_set():
-            if self._wake_r is not None:
-                readable, _, _ = select.select([self._wake_r], [], [], poll_s)
-                if readable:
+            if poller is not None:
+                if poller.poll(poll_s * 1000) and not self._stop.is_set():
                     self._on_signals(self._wake_r.recv(64))
             else:
                 self._stop.wait(poll_s)
