@@ -319,7 +319,7 @@ def test_hf_config_that_disagrees_with_the_weights_is_refused_before_the_model(i
         code, stderr = inputs[case]
         line = _one_line(stderr)
         assert code == 2, line
-        assert line.startswith(f"{program}: CheckpointError: tensor model.layers.0.self_attn."
+        assert line.startswith(f"{program}: checkpoint.CheckpointError: tensor model.layers.0.self_attn."
                                "k_proj.weight has shape [64, 64] in "), line
         assert "kv_heads/model.safetensors but " in line and "kv_heads/config.json implies " \
             "[32, 64] (num_key_value_heads=2 x head_dim=16)" in line, line
@@ -438,7 +438,7 @@ def _point(folder: str, tensor: str, filename: str) -> None:
 
 def test_index_files_must_stay_inside_the_folder(tmp_path):
     from megatron_mile.checkpoint_hf import hf_weight_map, read_safetensors_shapes
-    from megatron_mile.training.checkpointing import CheckpointError
+    from megatron_mile.training import checkpoint
 
     folder = _safetensors_folder(tmp_path / "model")
     assert hf_weight_map(folder) == {"a": "model-00001-of-00002.safetensors",
@@ -456,7 +456,7 @@ def test_index_files_must_stay_inside_the_folder(tmp_path):
                os.path.join(folder, "linked.safetensors"))
     for filename, reason in cases.items():
         _point(folder, "b", filename)
-        with pytest.raises(CheckpointError) as err:
+        with pytest.raises(checkpoint.CheckpointError) as err:
             hf_weight_map(folder)
         assert f"tensor b is stored in {filename!r}, {reason} outside the model folder" \
             in str(err.value), str(err.value)

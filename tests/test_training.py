@@ -103,10 +103,10 @@ def _pair(rank: int, world_size: int, tmp: str) -> dict:
     except Exception as e:  # noqa: BLE001 - the message is the result
         out["nan"] = f"{type(e).__name__}: {e}"
 
-    from megatron_mile.training.checkpointing import find_latest_checkpoint
+    from megatron_mile.training import checkpoint
 
     out["signal"] = {"reason": sig["exit_reason"], "iteration": sig["iteration"],
-                     "checkpoint": find_latest_checkpoint(os.path.join(tmp, "signal"))}
+                     "checkpoint": checkpoint.find(os.path.join(tmp, "signal"))}
     return out
 
 
@@ -162,7 +162,7 @@ def test_mile_gamma_zero_is_cross_entropy(single):
 
 
 def test_resume_is_bit_exact_with_dropout_in_one_process(single):
-    """The layouts' resumes (dropout on at TP=2+SP and PP=2) are in test_checkpointing.py."""
+    """The layouts' resumes (dropout on at TP=2+SP and PP=2) are in test_checkpoint.py."""
     curves = single["dropout"]
     assert curves["resumed_start"] == 5
     assert curves["first"] == curves["straight"][:4]
