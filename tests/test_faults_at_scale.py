@@ -512,6 +512,40 @@ def test_signals_during_a_save(slow_mount, tmp_path):
     assert not [n for n in os.listdir(data) if n.endswith(".tmp")], os.listdir(data)
 
 
+def test_a_background_save_killed_mid_write_and_one_slower_than_the_timeout(slow_mount,
+                                                                            tmp_path):
+    """checkpoint.async_save on the slow target: the save of iteration 4 waits for the one of
+    2 (said in the log); SIGKILL mid-write of 4 leaves 2 the latest; the restart resumes from
+    2, cleans the partial save and, at the end, waits several timeouts for its last background
+    save with progress (no watchdog exit), then publishes it and exits 0."""
+    from megatron_mile.training import checkpoint
+
+    save, data = slow_mount / "mnt" / "async", slow_mount / "data" / "async"
+    run = [*TIMEOUT, *BIGGER, f"checkpoint.save={save}", "checkpoint.save_interval=2",
+           "checkpoint.async_save=true"]
+    procs = launch(tmp_path, "kill", [*run, "training.train_iters=6"])
+    try:
+        wait_for_line(tmp_path, "kill", procs, "waiting for the checkpoint save of iteration 2 "
+                      "to finish before saving iteration 4")
+        _wait_for_save(data, 4, procs)
+        assert all(p.poll() is None for p in procs)
+    finally:
+        kill(procs)  # SIGKILL, mid-write of iteration 4
+    assert checkpoint.find(str(save)) == 2
+    assert (data / "iter_0000004.tmp").is_dir()
+
+    procs = launch(tmp_path, "again", [*run, "training.train_iters=4"])
+    codes = _wait(procs)
+    log = (tmp_path / "again1.out").read_text()
+    assert codes == [0, 0], (tmp_path / "again0.err").read_text() + log
+    assert "resumed from checkpoint at iteration 2" in log
+    background_s = _seconds(r"saved checkpoint at iteration 4 to \S+ \(([\d.]+) s in the "
+                            r"background\)", log)
+    assert background_s > 2.5 * TIMEOUT_S, background_s
+    assert checkpoint.find(str(save)) == 4
+    assert not [n for n in os.listdir(data) if n.endswith(".tmp")], os.listdir(data)
+
+
 def test_a_rank_killed_during_evaluation(tmp_path):
     """SIGKILL one rank mid-evaluation: the other ends with one line naming the phase, exit
     3; the restart resumes from the last checkpoint."""

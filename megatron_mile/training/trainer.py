@@ -371,8 +371,7 @@ class Trainer:
     @functools.cached_property
     def saver(self) -> checkpoint.AsyncSaver:
         """The background writer of checkpoint.async_save (created at the first save)."""
-        return checkpoint.AsyncSaver(self.cfg.parallel.distributed_timeout_minutes * 60,
-                                     log=self.logger.info)
+        return checkpoint.AsyncSaver(log=self.logger.info)
 
     def _finalize_save(self, blocking: bool) -> None:
         """Publish an asynchronous save once every rank has written it (blocking: wait for

@@ -94,10 +94,13 @@ class AsyncSaver:
     main thread.
     """
 
-    def __init__(self, timeout_s: float = 1800.0,
+    def __init__(self, timeout_s: float = 24 * 3600.0,
                  log: Callable[[str], None] = print) -> None:
-        """``timeout_s``: timeout of the background writer's gloo group (torch DCP's
-        collectives there); ``log``: where "waiting for the save" and "saved" lines go."""
+        """``timeout_s``: timeout of the background writer's gloo group (torch DCP's plan
+        exchange and results gather there). Long on purpose: a peer still writing to a slow
+        filesystem must not fail the save; a dead or hung peer is caught on the main thread
+        instead (the step-boundary all-reduce, or a blocking finalize that sees no progress,
+        ends in the watchdog). ``log``: where the "staged", "waiting" and "saved" lines go."""
         self.timeout_s = timeout_s
         self.log = log
         self._group: Any = None
