@@ -25,6 +25,7 @@ from megatron_mile.errors import CheckpointError
 
 
 def current_layout() -> dict[str, int]:
+    """This run's world size and TP/PP/DP/VP sizes, as recorded in every checkpoint."""
     return {
         "world_size": dist.get_world_size(),
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
@@ -163,8 +164,12 @@ def restore_adam_steps(optimizer: Any) -> None:
 
 
 def build_state(model, optimizer, opt_param_scheduler, *, is_loading: bool,
-                        with_rng: bool, distopt_sharding: str,
-                        rng_keys: Optional[Sequence[str]] = None) -> dict[str, Any]:
+                with_rng: bool, distopt_sharding: str,
+                rng_keys: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Megatron's sharded state dict of a save, or the request of a load (``is_loading``):
+    each model chunk unwrapped, the optimizer's state mapped onto the model's ShardedTensors,
+    the scheduler (saves only) and, with ``with_rng``, this rank's RNG states (when loading,
+    placeholders of the ``rng_keys`` the checkpoint holds). Local: no collectives."""
     state: dict[str, Any] = {}
     for key, chunk in zip(model_keys(model), unwrap_model(list(model))):
         # Unwrapped (no DDP/Float16Module): tensor keys do not depend on the wrapping.
