@@ -223,6 +223,7 @@ def _failures(rank: int, world_size: int, root: str) -> dict:
         out["async_failed"] = _outcome(saver.finalize, blocking=True)
     finally:
         storage._ProgressStream.write = original
+    dist.barrier()  # rank 0 removes the partial save after the agreement
     out["async_after_failure"] = (checkpoint.find(adir), sorted(os.listdir(adir)))
     out["async_load"] = _outcome(load, adir)
 
