@@ -266,7 +266,7 @@ class Trainer:
     def _check_resume(self, common: dict) -> None:
         """Refuse a checkpoint that does not fit this run, before anything is loaded: another
         vocabulary, or (when its optimizer state is loaded) another lr schedule. Local: called
-        on every rank by load_checkpoint."""
+        on every rank by checkpoint.load."""
         self._check_vocabulary((common.get("extra_state") or {}).get("vocabulary"))
         if self.cfg.checkpoint.load_optimizer:
             self._check_schedule(common)
@@ -330,7 +330,7 @@ class Trainer:
 
     def _check_schedule(self, common: dict) -> None:
         """Refuse a checkpoint whose lr schedule differs from the config's, unless told which
-        to use (Megatron-LM stops likewise). Local: called on every rank by load_checkpoint."""
+        to use (Megatron-LM stops likewise). Local: called on every rank by checkpoint.load."""
         ck = self.cfg.checkpoint
         saved = common.get("opt_param_scheduler")
         if saved is None or ck.use_checkpoint_opt_param_scheduler or \

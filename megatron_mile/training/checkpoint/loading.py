@@ -139,7 +139,7 @@ def load(
     """Restore model, optimizer, scheduler and RNG state; return the saved ``extra_state``.
 
     Args:
-        load_dir: checkpoint root (as passed to ``save_checkpoint``).
+        load_dir: checkpoint root (as passed to ``save``).
         model: this rank's freshly built chunks, same wrapping as at save time or not (keys
             are the same with or without DDP/Float16Module); any TP/PP layout.
         optimizer: the megatron optimizer to restore, or None (evaluation / export).
