@@ -114,6 +114,7 @@ def _outcome(fn, *args, **kwargs) -> tuple[str, str]:
 
 
 def _failures(rank: int, world_size: int, root: str) -> dict:
+    import torch
     import torch.distributed as dist
 
     from megatron_mile.config import load_config
@@ -227,6 +228,30 @@ def _failures(rank: int, world_size: int, root: str) -> dict:
     out["async_after_failure"] = (checkpoint.find(adir), sorted(os.listdir(adir)))
     out["async_load"] = _outcome(load, adir)
 
+    # What is written is the copy staged at save(): parameters changed afterwards (by the
+    # next optimizer step) never reach the files, here while the write is held back.
+    gate = threading.Event()
+
+    def held_back(stream, data):
+        if threading.current_thread() is not threading.main_thread():
+            gate.wait()
+        return original(stream, data)
+
+    params = [p for chunk in run.model for p in chunk.parameters()]
+    staged = [p.detach().clone() for p in params]
+    storage._ProgressStream.write = held_back
+    try:
+        saver.save(adir, 5, run.model, run.optimizer, run.scheduler, {"step": 5})
+        with torch.no_grad():
+            for p in params:
+                p.add_(1.0)
+        gate.set()
+        saver.finalize(blocking=True)
+    finally:
+        storage._ProgressStream.write = original
+    out["async_staged_load"] = _outcome(load, adir)
+    out["async_staged_exact"] = all(torch.equal(p, s) for p, s in zip(params, staged))
+
     # The process group survived all of that: a final collective works.
     out["still_alive"] = _outcome(load, good)
     trainer.shutdown()
@@ -317,3 +342,9 @@ def test_a_failed_background_save_is_one_line_and_the_last_stays_latest(failures
         latest, names = out["async_after_failure"]
         assert latest == 3 and "iter_0000004" not in names and "iter_0000004.tmp" not in names
         assert out["async_load"] == ("ok", repr({"step": 3}))
+
+
+def test_an_async_save_writes_the_state_of_its_iteration(failures):
+    for out in failures:
+        assert out["async_staged_load"] == ("ok", repr({"step": 5}))
+        assert out["async_staged_exact"]
