@@ -319,7 +319,7 @@ def test_hf_config_that_disagrees_with_the_weights_is_refused_before_the_model(i
         code, stderr = inputs[case]
         line = _one_line(stderr)
         assert code == 2, line
-        assert line.startswith(f"{program}: checkpoint.CheckpointError: tensor model.layers.0.self_attn."
+        assert line.startswith(f"{program}: CheckpointError: tensor model.layers.0.self_attn."
                                "k_proj.weight has shape [64, 64] in "), line
         assert "kv_heads/model.safetensors but " in line and "kv_heads/config.json implies " \
             "[32, 64] (num_key_value_heads=2 x head_dim=16)" in line, line

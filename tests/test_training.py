@@ -162,7 +162,7 @@ def test_mile_gamma_zero_is_cross_entropy(single):
 
 
 def test_resume_is_bit_exact_with_dropout_in_one_process(single):
-    """The layouts' resumes (dropout on at TP=2+SP and PP=2) are in test_checkpoint.py."""
+    """The layouts' resumes (dropout on at TP=2+SP and PP=2) are in test_checkpointing.py."""
     curves = single["dropout"]
     assert curves["resumed_start"] == 5
     assert curves["first"] == curves["straight"][:4]
