@@ -466,9 +466,26 @@ class CheckpointConfig:
     training.train_iters (Megatron-LM's --override-opt_param-scheduler); the step count still
     comes from the checkpoint. By default a difference is an error."""
 
+    async_save: bool = False
+    """Write checkpoints in the background (Megatron-LM's --async-save, torchtitan's async
+    mode): at a save the ranks copy their state to host memory (the stall: one copy of the
+    rank's model, optimizer and RNG state, about the checkpoint's size per rank, held until
+    the write ends) and training goes on while a thread writes the files and hashes them; at a
+    later step boundary the ranks publish it exactly as a synchronous save does (checksums,
+    rename, tracker last). At most one save is in flight: the next waits for it, and a run
+    that stops (end, signal, time limit) finishes it first. A failed background save ends the
+    run with one line, the previous checkpoint still the latest. Cost: docs/benchmarks.md."""
+    keep_last: Optional[int] = None
+    """Keep only the newest N complete checkpoints in checkpoint.save: after each publish,
+    global rank 0 removes older complete iter_N directories (one log line each). The
+    published (latest) one is never removed. None or 0: keep all."""
+
     def __post_init__(self) -> None:
         _positive("checkpoint", save_interval=self.save_interval,
                   lock_stale_minutes=self.lock_stale_minutes)
+        if self.keep_last is not None and self.keep_last < 0:
+            raise ConfigError(f"checkpoint.keep_last={self.keep_last} must be >= 0 (0 or null: "
+                              "keep every checkpoint)")
         if self.use_checkpoint_opt_param_scheduler and self.override_opt_param_scheduler:
             raise ConfigError("checkpoint.use_checkpoint_opt_param_scheduler and checkpoint."
                               "override_opt_param_scheduler are exclusive: set one")

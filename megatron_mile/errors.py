@@ -5,7 +5,7 @@ into the tool's one-line message and that status.
 A leaf module (imports nothing of the package), so that ``megatron_mile.config`` and every
 other module can raise these without import cycles. The old homes of the subclasses
 (``megatron_mile.config.ConfigError``, ``megatron_mile.data.integrity.DataError``,
-``megatron_mile.training.checkpointing.CheckpointError``, ...) re-export them.
+``megatron_mile.training.checkpoint.CheckpointError``, ...) re-export them.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ One 2-process gloo launch (each process imports megatron-core once), on the prod
   CPU), also with dropout on (every mask comes from the restored RNG state).
 - relayout: the TP=2 checkpoint loads weights-only into a PP=2 model; its first loss is the
   straight run's at that step (fp32, 1e-5: only the reduction order differs).
-- failures: atomicity and every error path of ``save_checkpoint``/``load_checkpoint``; each
+- failures: atomicity and every error path of ``checkpoint.save``/``checkpoint.load``; each
   must raise CheckpointError on BOTH ranks. A hang would exceed the launch timeout.
 (The CLI-level faults -- crashes in the publish window, a full disk, crafted files, hung
 peers -- are in test_faults.py.)
@@ -15,9 +15,11 @@ peers -- are in test_faults.py.)
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import shutil
+import threading
 
 import pytest
 
@@ -38,13 +40,26 @@ RESUME_LAYOUTS = {
                         "model.num_layers=4"],
     "tp2_sp_dropout": [*TP2, "parallel.sequence_parallel=true", *DROPOUT],
     "pp2_dropout": [*PP2, *DROPOUT],
+    # checkpoint.async_save, every iteration (a save is often in flight at the next), DP=2
+    # (the save distribution over DP runs while staging), keeping the last two.
+    "dp2_distopt_async": [*DISTOPT, "checkpoint.async_save=true", "checkpoint.save_interval=1",
+                          "checkpoint.keep_last=2"],
 }
 
 
 def _checkpoints(rank: int, world_size: int, root: str) -> dict:
-    out: dict = {}
+    import logging
+
+    out: dict = {"removed": []}
+    retention = logging.getLogger("megatron_mile.training.checkpoint.protocol")
+    retention.setLevel(logging.INFO)
+    handler = logging.Handler()
+    handler.emit = lambda record: out["removed"].append(record.getMessage())
+    retention.addHandler(handler)
     for name, layout in RESUME_LAYOUTS.items():
         out[name] = resume_curves(BASE + layout, world_size, os.path.join(root, name), steps=4)
+    retention.removeHandler(handler)
+    out["async_dir"] = sorted(os.listdir(os.path.join(root, "dp2_distopt_async")))
     # The TP=2 checkpoint (latest: iteration 4) into PP=2, weights only: iteration 5's loss is
     # computed from the same weights as in a straight TP=2 run.
     out["straight_tp2"] = curve(run_trainer(BASE + TP2 + ["training.train_iters=5"], world_size))
@@ -99,13 +114,13 @@ def _outcome(fn, *args, **kwargs) -> tuple[str, str]:
 
 
 def _failures(rank: int, world_size: int, root: str) -> dict:
+    import torch
     import torch.distributed as dist
 
     from megatron_mile.config import load_config
-    from megatron_mile.training.checkpointing import (
-        TRACKER_FILENAME, checkpoint_path, find_latest_checkpoint, load_checkpoint,
-        save_checkpoint,
-    )
+    from megatron_mile.training import checkpoint
+    from megatron_mile.training.checkpoint import TRACKER_FILENAME, checkpoint_path
+    from megatron_mile.training.checkpoint import storage
     from megatron_mile.training.trainer import Trainer
 
     trainer = Trainer(load_config("tiny", BASE + RESUME_LAYOUTS["tp2"], world_size=world_size))
@@ -113,11 +128,11 @@ def _failures(rank: int, world_size: int, root: str) -> dict:
     trainer.train_step()
     run = trainer  # its model, optimizer and scheduler are what the API saves and loads
     good = os.path.join(root, "good")
-    save_checkpoint(good, 2, run.model, run.optimizer, run.scheduler, {"step": 2})
-    out: dict = {"latest": find_latest_checkpoint(good)}
+    checkpoint.save(good, 2, run.model, run.optimizer, run.scheduler, {"step": 2})
+    out: dict = {"latest": checkpoint.find(good)}
 
     def load(where, **kwargs):
-        return load_checkpoint(where, run.model, run.optimizer, run.scheduler, **kwargs)
+        return checkpoint.load(where, run.model, run.optimizer, run.scheduler, **kwargs)
 
     def on_rank0(action):
         if rank == 0:
@@ -142,25 +157,25 @@ def _failures(rank: int, world_size: int, root: str) -> dict:
     on_rank0(lambda: (shutil.copytree(checkpoint_path(good, 2),
                                       checkpoint_path(good, 4) + ".tmp"),
                       shutil.copytree(checkpoint_path(good, 2), checkpoint_path(good, 6))))
-    out["latest_with_stale"] = find_latest_checkpoint(good)
+    out["latest_with_stale"] = checkpoint.find(good)
     out["load_with_stale"] = _outcome(load, good)
     # A new save at 4 replaces the stale .tmp and publishes.
-    out["save_over_stale_tmp"] = _outcome(save_checkpoint, good, 4, run.model, run.optimizer,
+    out["save_over_stale_tmp"] = _outcome(checkpoint.save, good, 4, run.model, run.optimizer,
                                           run.scheduler, {"step": 4})
-    out["latest_after_save"] = find_latest_checkpoint(good)
+    out["latest_after_save"] = checkpoint.find(good)
     out["load_after_save"] = _outcome(load, good)
     out["load_explicit_iteration"] = _outcome(load, good, iteration=2)
-    out["save_existing"] = _outcome(save_checkpoint, good, 4, run.model, run.optimizer,
+    out["save_existing"] = _outcome(checkpoint.save, good, 4, run.model, run.optimizer,
                                     run.scheduler, {"step": 4})
 
     # Error paths.
     out["missing_dir"] = _outcome(load, os.path.join(root, "nope"))
     empty = os.path.join(root, "empty")
     on_rank0(lambda: os.makedirs(empty))
-    out["fresh_latest"] = find_latest_checkpoint(empty)
+    out["fresh_latest"] = checkpoint.find(empty)
     out["no_tracker"] = _outcome(load, empty)
     corrupt_tracker = variant("corrupt_tracker", 2, tracker="two\n")
-    out["corrupt_tracker_latest"] = _outcome(find_latest_checkpoint, corrupt_tracker)
+    out["corrupt_tracker_latest"] = _outcome(checkpoint.find, corrupt_tracker)
     out["corrupt_tracker"] = _outcome(load, corrupt_tracker)
     out["tracker_names_missing"] = _outcome(load, variant("names_missing", 2, tracker="99\n"))
     out["incomplete"] = _outcome(load, variant(
@@ -183,6 +198,59 @@ def _failures(rank: int, world_size: int, root: str) -> dict:
     one_rank = variant("one_rank_missing", 2, damage=lambda p: os.remove(
         sorted(glob.glob(os.path.join(p, "*.distcp")))[-1]))
     out["one_rank_missing"] = _outcome(load, good if rank == 0 else one_rank, iteration=2)
+
+    # checkpoint.async_save through the API: a second save waits for the first (one line); a
+    # background write failing on rank 1 (a full disk) is one line on every rank at the
+    # finalize, and iteration 3 stays the latest.
+    lines: list[str] = []
+    saver = checkpoint.AsyncSaver(log=lines.append)
+    adir = os.path.join(root, "async")
+    saver.save(adir, 2, run.model, run.optimizer, run.scheduler, {"step": 2})
+    saver.save(adir, 3, run.model, run.optimizer, run.scheduler, {"step": 3})
+    out["async_published"] = _outcome(saver.finalize, blocking=True)
+    out["async_lines"] = lines
+    out["async_latest"] = checkpoint.find(adir)
+    out["async_nothing_in_flight"] = saver.finalize()
+    original = storage._ProgressStream.write
+
+    def full_disk_on_rank1(stream, data):
+        if rank == 1 and threading.current_thread() is not threading.main_thread():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(stream, data)
+
+    storage._ProgressStream.write = full_disk_on_rank1
+    try:
+        saver.save(adir, 4, run.model, run.optimizer, run.scheduler, {"step": 4})
+        out["async_failed"] = _outcome(saver.finalize, blocking=True)
+    finally:
+        storage._ProgressStream.write = original
+    dist.barrier()  # rank 0 removes the partial save after the agreement
+    out["async_after_failure"] = (checkpoint.find(adir), sorted(os.listdir(adir)))
+    out["async_load"] = _outcome(load, adir)
+
+    # What is written is the copy staged at save(): parameters changed afterwards (by the
+    # next optimizer step) never reach the files, here while the write is held back.
+    gate = threading.Event()
+
+    def held_back(stream, data):
+        if threading.current_thread() is not threading.main_thread():
+            gate.wait()
+        return original(stream, data)
+
+    params = [p for chunk in run.model for p in chunk.parameters()]
+    staged = [p.detach().clone() for p in params]
+    storage._ProgressStream.write = held_back
+    try:
+        saver.save(adir, 5, run.model, run.optimizer, run.scheduler, {"step": 5})
+        with torch.no_grad():
+            for p in params:
+                p.add_(1.0)
+        gate.set()
+        saver.finalize(blocking=True)
+    finally:
+        storage._ProgressStream.write = original
+    out["async_staged_load"] = _outcome(load, adir)
+    out["async_staged_exact"] = all(torch.equal(p, s) for p, s in zip(params, staged))
 
     # The process group survived all of that: a final collective works.
     out["still_alive"] = _outcome(load, good)
@@ -240,3 +308,43 @@ def test_one_rank_missing_is_reported_from_the_rank_that_saw_it(failures):
     for out in failures:
         message = out["one_rank_missing"][1]
         assert "rank 1:" in message and "rank 0:" not in message
+
+
+def test_async_saves_keep_the_last_two_and_log_each_removal(checkpoints):
+    names = [n for n in checkpoints[0]["async_dir"] if n.startswith("iter_")]
+    assert names == ["iter_0000003", "iter_0000004"], checkpoints[0]["async_dir"]
+    removed = [line for line in checkpoints[0]["removed"] if "keep_last" in line]
+    assert len(removed) == 2, checkpoints[0]["removed"]  # rank 0 only, one line each
+    assert "iter_0000001 (checkpoint.keep_last=2)" in removed[0], removed
+    assert "iter_0000002 (checkpoint.keep_last=2)" in removed[1], removed
+    assert not [line for line in checkpoints[1]["removed"] if "keep_last" in line]
+
+
+def test_async_save_waits_for_the_one_in_flight_and_publishes(failures):
+    for out in failures:
+        assert out["async_published"][0] == "ok", out["async_published"]
+        assert out["async_published"][1].endswith("iter_0000003'")
+        assert out["async_latest"] == 3 and out["async_nothing_in_flight"] is None
+        waits = [line for line in out["async_lines"] if line.startswith("waiting")]
+        assert waits == ["waiting for the checkpoint save of iteration 2 to finish before "
+                         "saving iteration 3 (checkpoint.async_save: at most one save in "
+                         "flight)"], out["async_lines"]
+
+
+def test_a_failed_background_save_is_one_line_and_the_last_stays_latest(failures):
+    for out in failures:
+        kind, message = out["async_failed"]
+        assert kind == "CheckpointError", message
+        # torch DCP gathers rank 1's failure to every rank: each one names it
+        assert "\n" not in message and ": writing " in message, message
+        assert "iter_0000004.tmp" in message and "No space left on device" in message, message
+        assert message.endswith("the last published checkpoint (iteration 3) is untouched")
+        latest, names = out["async_after_failure"]
+        assert latest == 3 and "iter_0000004" not in names and "iter_0000004.tmp" not in names
+        assert out["async_load"] == ("ok", repr({"step": 3}))
+
+
+def test_an_async_save_writes_the_state_of_its_iteration(failures):
+    for out in failures:
+        assert out["async_staged_load"] == ("ok", repr({"step": 5}))
+        assert out["async_staged_exact"]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import shutil
 import signal
@@ -64,29 +63,43 @@ def _main(*overrides: str) -> tuple[int, str]:
 
 
 def _latest(save: str):
-    from megatron_mile.training.checkpointing import find_latest_checkpoint
+    from megatron_mile.training import checkpoint
 
-    return find_latest_checkpoint(save)
+    return checkpoint.find(save)
 
 
 # --------------------------------------------------------------------------- publishing, disk
 
 
 def _publish_and_disk(rank: int, world_size: int, root: str, tmpfs: str | None) -> dict:
-    from megatron_mile.training.checkpointing import TRACKER_FILENAME, checkpoint_path
+    """The faults below with synchronous and with asynchronous saves, in one launch."""
+    out = {"sync": _publish_faults(os.path.join(root, "sync"), tmpfs)}
+    if tmpfs is not None:
+        shutil.rmtree(os.path.join(tmpfs, "run"))
+    out["async"] = _publish_faults(os.path.join(root, "async"), tmpfs,
+                                   "checkpoint.async_save=true")
+    return out
+
+
+def _publish_faults(root: str, tmpfs: str | None, *mode: str) -> dict:
+    from megatron_mile.training.checkpoint import TRACKER_FILENAME, checkpoint_path
     from megatron_mile.utils import temp_file_prefix
 
+    def run(*overrides: str) -> tuple[int, str]:
+        return _main(*mode, *overrides)
+
+    os.makedirs(root)
     out: dict = {}
     save = os.path.join(root, "run")
-    out["first"] = _main("training.train_iters=2", f"checkpoint.save={save}")
+    out["first"] = run("training.train_iters=2", f"checkpoint.save={save}")
 
     # 1. The tracker write fails after iter_4 was renamed into place.
     blocker = os.path.join(save, temp_file_prefix(TRACKER_FILENAME) + str(os.getpid()))
     os.makedirs(blocker)
-    out["publish_fails"] = _main("training.train_iters=4", f"checkpoint.save={save}")
+    out["publish_fails"] = run("training.train_iters=4", f"checkpoint.save={save}")
     out["after_publish_failure"] = (_latest(save), sorted(os.listdir(save)))
     os.rmdir(blocker)
-    out["after_publish_retry"] = _main("training.train_iters=4", f"checkpoint.save={save}")
+    out["after_publish_retry"] = run("training.train_iters=4", f"checkpoint.save={save}")
     out["latest_after_retry"] = _latest(save)
 
     # 2. What kill -9 between the rename and the tracker update leaves: iter_6 complete but
@@ -97,14 +110,14 @@ def _publish_and_disk(rank: int, world_size: int, root: str, tmpfs: str | None) 
     shutil.copytree(checkpoint_path(crashed, 4), checkpoint_path(crashed, 8) + ".tmp")
     with open(os.path.join(crashed, temp_file_prefix(TRACKER_FILENAME) + "999999"), "w") as f:
         f.write("6\n")
-    out["crash_resume"] = _main("training.train_iters=6", f"checkpoint.save={crashed}",
+    out["crash_resume"] = run("training.train_iters=6", f"checkpoint.save={crashed}",
                                 "checkpoint.save_interval=100")
     out["after_crash_resume"] = (_latest(crashed), sorted(os.listdir(crashed)))
 
     # 3. The disk fills up during a save (a 2-checkpoint tmpfs, filled after the first save).
     if tmpfs is not None:
         disk = os.path.join(tmpfs, "run")
-        out["disk_first"] = _main("training.train_iters=2", f"checkpoint.save={disk}")
+        out["disk_first"] = run("training.train_iters=2", f"checkpoint.save={disk}")
         filler = os.path.join(tmpfs, "filler")
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
         for block in (1 << 16, 1 << 12, 1):  # to the last byte
@@ -125,16 +138,16 @@ def _publish_and_disk(rank: int, world_size: int, root: str, tmpfs: str | None) 
         except OSError as exc:
             out["tracker_write"] = str(exc)
         out["tracker_after_full_write"] = (open(tracker).read(), sorted(os.listdir(disk)))
-        out["disk_full"] = _main("training.train_iters=4", f"checkpoint.save={disk}")
+        out["disk_full"] = run("training.train_iters=4", f"checkpoint.save={disk}")
         out["after_disk_full"] = (_latest(disk), sorted(os.listdir(disk)))
         os.remove(filler)
-        out["disk_freed"] = _main("training.train_iters=4", f"checkpoint.save={disk}")
+        out["disk_freed"] = run("training.train_iters=4", f"checkpoint.save={disk}")
         out["latest_after_disk_freed"] = _latest(disk)
     return out
 
 
 @pytest.fixture(scope="module")
-def publish(tmp_path_factory):
+def publish_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("publish")
     tmpfs = None
     if os.geteuid() == 0 and shutil.which("mount"):
@@ -148,6 +161,12 @@ def publish(tmp_path_factory):
     finally:
         if tmpfs is not None:
             subprocess.run(["umount", tmpfs])
+
+
+@pytest.fixture(params=["sync", "async"])
+def publish(publish_runs, request):
+    """The publish and disk faults with checkpoint.async_save off and on."""
+    return publish_runs[request.param]
 
 
 def test_failed_publish_leaves_the_previous_checkpoint_and_a_retry_succeeds(publish):
@@ -199,24 +218,20 @@ def test_tracker_rewrite_on_a_full_disk_leaves_no_temp_file(publish):
 
 def _rewrite_checksums(path: str) -> None:
     """What an attacker who edits files would do: make the recorded digests match again."""
-    from megatron_mile.training.checkpointing import CHECKSUM_FILENAME
+    from megatron_mile.training import checkpoint
     from megatron_mile.utils import file_checksum
 
-    file = os.path.join(path, CHECKSUM_FILENAME)
-    with open(file) as f:
-        recorded = json.load(f)
-    for name in recorded["files"]:
-        full = os.path.join(path, name)
-        recorded["files"][name] = [os.path.getsize(full), file_checksum(full)]
-    with open(file, "w") as f:
-        json.dump(recorded, f)
+    _, files = checkpoint.read_checksums(path)
+    checkpoint.write_checksums(path, {
+        name: [os.path.getsize(os.path.join(path, name)),
+               file_checksum(os.path.join(path, name))] for name in files})
 
 
 def _overwrite_item(path: str, key_part: str, data: bytes) -> None:
     """Overwrite the bytes of the first stored item whose key contains ``key_part``."""
-    from megatron_mile.training.checkpointing import read_dcp_metadata
+    from megatron_mile.training import checkpoint
 
-    index = read_dcp_metadata(path)
+    index = checkpoint.read_dcp_metadata(path)
     info = next(v for k, v in index.storage_data.items() if key_part in k.fqn)
     assert len(data) <= info.length, (key_part, len(data), info.length)
     with open(os.path.join(path, info.relative_path), "r+b") as f:
@@ -230,7 +245,8 @@ def _crafted(rank: int, world_size: int, root: str) -> dict:
     import torch
 
     from megatron_mile.evaluation.loading import load_inference_model
-    from megatron_mile.training.checkpointing import CheckpointError, checkpoint_path
+    from megatron_mile.training import checkpoint
+    from megatron_mile.training.checkpoint import checkpoint_path
 
     good = os.path.join(root, "good")
     out: dict = {"good": _main("training.train_iters=2", f"checkpoint.save={good}")}
@@ -271,7 +287,7 @@ def _crafted(rank: int, world_size: int, root: str) -> dict:
     try:
         load_inference_model(eval_case)
         out["eval_byte_item"] = "loaded"
-    except CheckpointError as exc:
+    except checkpoint.CheckpointError as exc:
         out["eval_byte_item"] = str(exc)
     finally:
         from megatron.core import parallel_state
@@ -281,9 +297,9 @@ def _crafted(rank: int, world_size: int, root: str) -> dict:
 
     # Flipped bytes inside a tensor: refused by the checksum, loaded without the check.
     def flip(path):
-        from megatron_mile.training.checkpointing import read_dcp_metadata
+        from megatron_mile.training import checkpoint
 
-        index = read_dcp_metadata(path)
+        index = checkpoint.read_dcp_metadata(path)
         info = next(v for k, v in index.storage_data.items() if "word_embeddings" in k.fqn)
         with open(os.path.join(path, info.relative_path), "r+b") as f:
             f.seek(info.offset + info.length // 2)  # inside the tensor data, past the zip header

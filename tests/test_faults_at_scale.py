@@ -60,7 +60,7 @@ def _seconds(pattern: str, text: str) -> float:
 
 def test_slow_save_load_and_evaluation_finish(slow_mount, tmp_path):
     """A save, a resume and an evaluation that each take several times the timeout."""
-    from megatron_mile.training.checkpointing import find_latest_checkpoint
+    from megatron_mile.training import checkpoint
 
     save = str(slow_mount / "mnt" / "run")
     procs = launch(tmp_path, "save", [*TIMEOUT, *BIGGER, "training.train_iters=2",
@@ -69,7 +69,7 @@ def test_slow_save_load_and_evaluation_finish(slow_mount, tmp_path):
     codes = _wait(procs)
     log = (tmp_path / "save1.out").read_text()
     assert codes == [0, 0], (tmp_path / "save0.err").read_text() + log
-    assert find_latest_checkpoint(save) == 2
+    assert checkpoint.find(save) == 2
     save_s = _seconds(r"saved checkpoint at iteration 2 to \S+ in ([\d.]+) s", log)
     eval_s = _seconds(r"validation at iteration 2 \|.*\| ([\d.]+) s", log)
     print(f"save {save_s:.1f} s, evaluation {eval_s:.1f} s, timeout {TIMEOUT_S:g} s")
@@ -91,7 +91,7 @@ def test_slow_save_load_and_evaluation_finish(slow_mount, tmp_path):
 def test_a_peer_stopped_during_a_slow_save_is_caught_within_the_timeout(slow_mount, tmp_path):
     """SIGSTOP the straggler (rank 0, writing to the slow target) mid-save: rank 1, done with
     its files and waiting for it, exits 3 within the timeout; nothing is published."""
-    from megatron_mile.training.checkpointing import find_latest_checkpoint
+    from megatron_mile.training import checkpoint
 
     save = slow_mount / "mnt" / "stopped"
     procs = launch(tmp_path, "stop", [*TIMEOUT, *BIGGER, "training.train_iters=2",
@@ -116,7 +116,7 @@ def test_a_peer_stopped_during_a_slow_save_is_caught_within_the_timeout(slow_mou
     assert code == 3, line
     assert "in iteration 2 (checkpoint save: waiting for 1 of 2 ranks" in line, line
     assert waited < TIMEOUT_S + 10, waited
-    assert find_latest_checkpoint(str(save)) is None
+    assert checkpoint.find(str(save)) is None
 
 
 # --------------------------------------------------------------------------- non-finite updates
@@ -132,7 +132,7 @@ def _non_finite(rank: int, world_size: int, root: str) -> dict:
 
     from megatron_mile.config import load_config
     from megatron_mile.train import main
-    from megatron_mile.training import checkpointing
+    from megatron_mile.training import checkpoint
     from megatron_mile.training.trainer import NonFiniteLossError, Trainer
     from fault_runs import TINY
 
@@ -144,8 +144,8 @@ def _non_finite(rank: int, world_size: int, root: str) -> dict:
 
     def checkpoint_finite(save):
         """Whether every tensor of the published checkpoint is finite (read back for real)."""
-        path = checkpointing.checkpoint_path(save, checkpointing.find_latest_checkpoint(save))
-        index = checkpointing.read_dcp_metadata(path)
+        path = checkpoint.checkpoint_path(save, checkpoint.find(save))
+        index = checkpoint.read_dcp_metadata(path)
         state = {}
         for key, meta in index.state_dict_metadata.items():
             if hasattr(meta, "size"):
@@ -159,7 +159,7 @@ def _non_finite(rank: int, world_size: int, root: str) -> dict:
     out["lr100"] = cli("optimizer.lr=100", "optimizer.lr_warmup_iters=0",
                        "training.train_iters=20", f"checkpoint.save={save}",
                        "checkpoint.save_interval=1")
-    out["lr100_latest"] = checkpointing.find_latest_checkpoint(save)
+    out["lr100_latest"] = checkpoint.find(save)
     out["lr100_finite"] = checkpoint_finite(save)
     skip = os.path.join(root, "lr100_skip")
     out["lr100_skip"] = cli("optimizer.lr=100", "optimizer.lr_warmup_iters=0",
@@ -190,7 +190,7 @@ def _non_finite(rank: int, world_size: int, root: str) -> dict:
     out["transient_skip"] = run(["training.train_iters=6", "training.on_non_finite=skip"], {3})
     out["transient_stop"] = run(["training.train_iters=6", f"checkpoint.save={root}/stop",
                                  "checkpoint.save_interval=2"], {3})
-    out["transient_stop_latest"] = checkpointing.find_latest_checkpoint(f"{root}/stop")
+    out["transient_stop_latest"] = checkpoint.find(f"{root}/stop")
 
     # Parameters poisoned behind the optimizer's back: the save refuses them.
     poisoned = os.path.join(root, "poisoned")
@@ -206,7 +206,7 @@ def _non_finite(rank: int, world_size: int, root: str) -> dict:
         out["poisoned"] = str(exc)
     finally:
         trainer.shutdown()
-    out["poisoned_dir"] = (checkpointing.find_latest_checkpoint(poisoned),
+    out["poisoned_dir"] = (checkpoint.find(poisoned),
                            sorted(os.listdir(poisoned)))
     return out
 
@@ -266,7 +266,7 @@ def test_non_finite_parameters_are_never_saved(non_finite):
 
 def test_a_second_run_on_the_same_directory_is_refused_and_a_dead_ones_lock_taken_over(
         tmp_path):
-    from megatron_mile.training.checkpointing import find_latest_checkpoint
+    from megatron_mile.training import checkpoint
 
     save = tmp_path / "run"
     common = [f"checkpoint.save={save}", "checkpoint.save_interval=2"]
@@ -281,21 +281,21 @@ def test_a_second_run_on_the_same_directory_is_refused_and_a_dead_ones_lock_take
         assert first[0].poll() is None  # the holder trains on, untouched
     finally:
         kill(first)  # SIGKILL: its lock stays behind, naming a process that is gone
-    latest = find_latest_checkpoint(str(save))
+    latest = checkpoint.find(str(save))
     third = launch(tmp_path, "third", [*common, f"training.train_iters={latest + 2}"],
                    world_size=1, tp=1)
     assert _wait(third)[0] == 0, (tmp_path / "third0.err").read_text()
     log = (tmp_path / "third0.out").read_text()
     assert f"its process {first[0].pid} no longer exists" in log, log
     assert f"resumed from checkpoint at iteration {latest}" in log
-    assert find_latest_checkpoint(str(save)) == latest + 2
+    assert checkpoint.find(str(save)) == latest + 2
     assert not (save / "mile.lock").exists()  # released at the end
 
 
 def test_a_file_removed_during_the_save_is_never_published(slow_mount, tmp_path):
     """Another process removes rank 1's finished data file while rank 0 still writes its own:
     the manifest comes from the checkpoint's index, so the save fails and publishes nothing."""
-    from megatron_mile.training.checkpointing import find_latest_checkpoint
+    from megatron_mile.training import checkpoint
 
     save = slow_mount / "mnt" / "removed"
     tmp_dir = slow_mount / "data" / "removed" / "iter_0000002.tmp"
@@ -317,7 +317,7 @@ def test_a_file_removed_during_the_save_is_never_published(slow_mount, tmp_path)
         assert codes[rank] == 1, line
         assert "is missing __1_0.distcp, named by its index" in line, line
         assert "it is not published" in line and "(none) is untouched" in line, line
-    assert find_latest_checkpoint(str(save)) is None
+    assert checkpoint.find(str(save)) is None
     assert sorted(os.listdir(slow_mount / "data" / "removed")) == ["mile.lock"] or \
         sorted(os.listdir(slow_mount / "data" / "removed")) == []
 
@@ -467,7 +467,7 @@ def test_signals_during_a_save(slow_mount, tmp_path):
     """SIGUSR1 twice mid-save: one stop request (the save finishes, one more iteration, a stop
     save, exit 0). SIGTERM twice mid-save: exit at once (143), nothing published, and the next
     start resumes from the last published checkpoint and cleans the partial save."""
-    from megatron_mile.training.checkpointing import find_latest_checkpoint
+    from megatron_mile.training import checkpoint
 
     save, data = slow_mount / "mnt" / "signals", slow_mount / "data" / "signals"
     run = ["training.train_iters=6", f"checkpoint.save={save}", "checkpoint.save_interval=2"]
@@ -484,7 +484,7 @@ def test_signals_during_a_save(slow_mount, tmp_path):
     log = (tmp_path / "usr11.out").read_text()
     assert codes == [0, 0], (tmp_path / "usr10.err").read_text() + log
     assert _log_ints(r"saved checkpoint at iteration (\d+)", log) == [2, 3], log
-    assert "exiting on signal" in log and find_latest_checkpoint(str(save)) == 3
+    assert "exiting on signal" in log and checkpoint.find(str(save)) == 3
 
     procs = launch(tmp_path, "term", run)
     try:
@@ -500,7 +500,7 @@ def test_signals_during_a_save(slow_mount, tmp_path):
     for rank in (0, 1):
         line = one_line((tmp_path / f"term{rank}.err").read_text())
         assert "second SIGTERM during iteration 4 (checkpoint save" in line, line
-    assert find_latest_checkpoint(str(save)) == 3
+    assert checkpoint.find(str(save)) == 3
     assert (data / "iter_0000004.tmp").is_dir()  # what the kill left
 
     procs = launch(tmp_path, "again", run)
@@ -508,7 +508,41 @@ def test_signals_during_a_save(slow_mount, tmp_path):
     log = (tmp_path / "again1.out").read_text()
     assert codes == [0, 0], (tmp_path / "again0.err").read_text() + log
     assert "resumed from checkpoint at iteration 3" in log
-    assert find_latest_checkpoint(str(save)) == 6
+    assert checkpoint.find(str(save)) == 6
+    assert not [n for n in os.listdir(data) if n.endswith(".tmp")], os.listdir(data)
+
+
+def test_a_background_save_killed_mid_write_and_one_slower_than_the_timeout(slow_mount,
+                                                                            tmp_path):
+    """checkpoint.async_save on the slow target: the save of iteration 4 waits for the one of
+    2 (said in the log); SIGKILL mid-write of 4 leaves 2 the latest; the restart resumes from
+    2, cleans the partial save and, at the end, waits several timeouts for its last background
+    save with progress (no watchdog exit), then publishes it and exits 0."""
+    from megatron_mile.training import checkpoint
+
+    save, data = slow_mount / "mnt" / "async", slow_mount / "data" / "async"
+    run = [*TIMEOUT, *BIGGER, f"checkpoint.save={save}", "checkpoint.save_interval=2",
+           "checkpoint.async_save=true"]
+    procs = launch(tmp_path, "kill", [*run, "training.train_iters=6"])
+    try:
+        wait_for_line(tmp_path, "kill", procs, "waiting for the checkpoint save of iteration 2 "
+                      "to finish before saving iteration 4")
+        _wait_for_save(data, 4, procs)
+        assert all(p.poll() is None for p in procs)
+    finally:
+        kill(procs)  # SIGKILL, mid-write of iteration 4
+    assert checkpoint.find(str(save)) == 2
+    assert (data / "iter_0000004.tmp").is_dir()
+
+    procs = launch(tmp_path, "again", [*run, "training.train_iters=4"])
+    codes = _wait(procs)
+    log = (tmp_path / "again1.out").read_text()
+    assert codes == [0, 0], (tmp_path / "again0.err").read_text() + log
+    assert "resumed from checkpoint at iteration 2" in log
+    background_s = _seconds(r"saved checkpoint at iteration 4 to \S+ \(([\d.]+) s in the "
+                            r"background\)", log)
+    assert background_s > 2.5 * TIMEOUT_S, background_s
+    assert checkpoint.find(str(save)) == 4
     assert not [n for n in os.listdir(data) if n.endswith(".tmp")], os.listdir(data)
 
 

@@ -211,7 +211,7 @@ def test_missing_folder_and_bias_tensors(tmp_path, capsys, monkeypatch):
     from safetensors.torch import save_file
 
     from megatron_mile.checkpoint_hf import HFCheckpoint
-    from megatron_mile.training.checkpointing import CheckpointError
+    from megatron_mile.training import checkpoint
 
     code, lines = _train_main(capsys, monkeypatch,
                               [f"checkpoint.init_from_hf={tmp_path}/absent"])
@@ -219,7 +219,7 @@ def test_missing_folder_and_bias_tensors(tmp_path, capsys, monkeypatch):
     folder = _config_folder(tmp_path, {})
     save_file({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)},
               os.path.join(folder, "model.safetensors"))
-    with pytest.raises(CheckpointError, match="q_proj.bias is a bias"):
+    with pytest.raises(checkpoint.CheckpointError, match="q_proj.bias is a bias"):
         HFCheckpoint(folder)
 
 

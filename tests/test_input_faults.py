@@ -438,7 +438,7 @@ def _point(folder: str, tensor: str, filename: str) -> None:
 
 def test_index_files_must_stay_inside_the_folder(tmp_path):
     from megatron_mile.checkpoint_hf import hf_weight_map, read_safetensors_shapes
-    from megatron_mile.training.checkpointing import CheckpointError
+    from megatron_mile.training import checkpoint
 
     folder = _safetensors_folder(tmp_path / "model")
     assert hf_weight_map(folder) == {"a": "model-00001-of-00002.safetensors",
@@ -456,7 +456,7 @@ def test_index_files_must_stay_inside_the_folder(tmp_path):
                os.path.join(folder, "linked.safetensors"))
     for filename, reason in cases.items():
         _point(folder, "b", filename)
-        with pytest.raises(CheckpointError) as err:
+        with pytest.raises(checkpoint.CheckpointError) as err:
             hf_weight_map(folder)
         assert f"tensor b is stored in {filename!r}, {reason} outside the model folder" \
             in str(err.value), str(err.value)

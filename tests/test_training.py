@@ -103,10 +103,10 @@ def _pair(rank: int, world_size: int, tmp: str) -> dict:
     except Exception as e:  # noqa: BLE001 - the message is the result
         out["nan"] = f"{type(e).__name__}: {e}"
 
-    from megatron_mile.training.checkpointing import find_latest_checkpoint
+    from megatron_mile.training import checkpoint
 
     out["signal"] = {"reason": sig["exit_reason"], "iteration": sig["iteration"],
-                     "checkpoint": find_latest_checkpoint(os.path.join(tmp, "signal"))}
+                     "checkpoint": checkpoint.find(os.path.join(tmp, "signal"))}
     return out
 
 

@@ -41,7 +41,7 @@ def main() -> None:
     import torch.distributed as dist
 
     from megatron_mile.config import load_config
-    from megatron_mile.training import checkpointing
+    from megatron_mile.training import checkpoint
     from megatron_mile.training.trainer import Trainer
 
     cfg = load_config(args.config, [
@@ -63,20 +63,19 @@ def main() -> None:
                 where = os.path.join(root, f"{rep}_{checksums}")
                 dist.barrier()
                 start = time.perf_counter()
-                checkpointing.save_checkpoint(where, 1, trainer.model, trainer.optimizer,
-                                              trainer.scheduler, {"iteration": 1},
-                                              checksums=checksums)
+                checkpoint.save(where, 1, trainer.model, trainer.optimizer,
+                                trainer.scheduler, {"iteration": 1}, checksums=checksums)
                 dist.barrier()
                 times["save_checksums" if checksums else "save_plain"].append(
                     time.perf_counter() - start)
-                path = checkpointing.checkpoint_path(where, 1)
+                path = checkpoint.checkpoint_path(where, 1)
                 size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
             where = os.path.join(root, f"{rep}_True")
             for verify in order:
                 dist.barrier()
                 start = time.perf_counter()
-                checkpointing.load_checkpoint(where, trainer.model, trainer.optimizer,
-                                              trainer.scheduler, verify_checksums=verify)
+                checkpoint.load(where, trainer.model, trainer.optimizer,
+                                trainer.scheduler, verify_checksums=verify)
                 dist.barrier()
                 times["load_verify" if verify else "load_plain"].append(
                     time.perf_counter() - start)

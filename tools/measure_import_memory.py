@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import megatron_mile.hf.importer as importer
     import megatron_mile.training.builders as builders
-    import megatron_mile.training.checkpointing as checkpointing
+    from megatron_mile.training import checkpoint
     from megatron_mile.launch import default_single_process_env, initialize_distributed
 
     def traced(fn, before, after):
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     builders.build_model = traced(builders.build_model, "before build", "model built")
     importer.import_hf_weights = traced(importer.import_hf_weights, None,
                                         "weights imported")
-    checkpointing.save_checkpoint = traced(checkpointing.save_checkpoint, None,
-                                           "checkpoint saved")
+    checkpoint.save = traced(checkpoint.save, None,
+                             "checkpoint saved")
     default_single_process_env()
     initialize_distributed()
     importer.import_to_checkpoint(args.hf, args.output, dtype=args.dtype,

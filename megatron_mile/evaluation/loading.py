@@ -12,18 +12,14 @@ config, never from the loading layout.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from megatron_mile.config import TrainConfig, config_from_dict
-from megatron_mile.training.checkpointing import (
-    CheckpointError,
-    checkpoint_path,
-    find_latest_checkpoint,
-)
+from megatron_mile.training import checkpoint
+from megatron_mile.training.checkpoint import CheckpointError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,7 +45,7 @@ def resolve_iteration(load_dir: str, iteration: Optional[int] = None) -> int:
     """``iteration``, or the one the tracker file of ``load_dir`` names."""
     if iteration is not None:
         return iteration
-    found = find_latest_checkpoint(load_dir)
+    found = checkpoint.find(load_dir)
     if found is None:
         raise CheckpointError(f"{load_dir} holds no complete checkpoint (no tracker file); "
                               "pass the checkpoint.save directory of a finished run")
@@ -59,13 +55,9 @@ def resolve_iteration(load_dir: str, iteration: Optional[int] = None) -> int:
 def read_checkpoint_state(load_dir: str, iteration: Optional[int] = None) -> dict:
     """The common (non-tensor) state of a checkpoint: ``extra_state`` and format metadata.
 
-    Local, no collectives; reads ``common.pt`` only (``torch.load(weights_only=True)``).
+    Local, no collectives; ``checkpoint.read_common`` (``torch.load(weights_only=True)``).
     """
-    path = checkpoint_path(load_dir, resolve_iteration(load_dir, iteration))
-    try:
-        return torch.load(os.path.join(path, "common.pt"), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot read {path}/common.pt: {exc}") from exc
+    return checkpoint.read_common(load_dir, resolve_iteration(load_dir, iteration))
 
 
 def read_checkpoint_config(load_dir: str, iteration: Optional[int] = None,
@@ -101,10 +93,9 @@ def load_inference_model(load_dir: str, tp: int = 1, pp: int = 1, dtype: Optiona
         overrides: dotted config overrides (e.g. a moved ``data.tokenizer_model``).
 
     Collectives: ``builders.initialize_parallel`` (the rendezvous unless a group exists,
-    megatron's ``initialize_model_parallel``) and ``load_checkpoint``'s agreement and reads.
+    megatron's ``initialize_model_parallel``) and ``checkpoint.load``'s agreement and reads.
     """
     from megatron_mile.training.builders import build_model, initialize_parallel
-    from megatron_mile.training.checkpointing import load_checkpoint
 
     iteration = resolve_iteration(load_dir, iteration)
     layout = [f"parallel.tensor_model_parallel_size={tp}",
@@ -127,7 +118,7 @@ def load_inference_model(load_dir: str, tp: int = 1, pp: int = 1, dtype: Optiona
     device = initialize_parallel(cfg)
     (model,) = build_model(cfg, vocab_size, device, for_training=False,
                            valid_vocab_size=tokenizer_vocab)
-    load_checkpoint(load_dir, [model], None, None, iteration=iteration)
+    checkpoint.load(load_dir, [model], None, None, iteration=iteration)
     model.eval()
     return InferenceModel(cfg=cfg, model=model, vocab_size=vocab_size,
                           tokenizer_vocab_size=tokenizer_vocab, iteration=iteration,

@@ -122,7 +122,7 @@ def import_to_checkpoint(hf_folder: str, out_dir: str, *, config: Optional[str] 
     or tokenizer.model) when it has one, else a null tokenizer of the model's vocabulary.
     Runs in the current world (one process, or every rank under torchrun with ``parallel.*``
     overrides to split the memory); the checkpoint loads into any layout. Collectives:
-    ``initialize_parallel``'s and ``save_checkpoint``'s.
+    ``initialize_parallel``'s and ``checkpoint.save``'s.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -130,7 +130,7 @@ def import_to_checkpoint(hf_folder: str, out_dir: str, *, config: Optional[str] 
     from megatron_mile.model import padded_vocab_size
     from megatron_mile.run_config import load_run_config
     from megatron_mile.training.builders import build_model, initialize_parallel
-    from megatron_mile.training.checkpointing import save_checkpoint
+    from megatron_mile.training import checkpoint
 
     hf = read_hf_config(hf_folder)
     dtype = dtype or _DTYPES.get(hf.get("torch_dtype") or hf.get("dtype"), "fp32")
@@ -152,7 +152,7 @@ def import_to_checkpoint(hf_folder: str, out_dir: str, *, config: Optional[str] 
         model = build_model(cfg, padded_vocab_size(valid, cfg), device, for_training=False,
                             valid_vocab_size=valid)
         import_hf_weights(hf_folder, model, cfg, valid)
-        save_checkpoint(out_dir, 0, model, None, None,
+        checkpoint.save(out_dir, 0, model, None, None,
                         {"iteration": 0, "consumed_samples": 0, "config": cfg.to_dict()})
     finally:
         parallel_state.destroy_model_parallel()

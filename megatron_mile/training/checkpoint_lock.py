@@ -19,7 +19,7 @@ another process, or the host rebooted); on another host, its lock was not refres
 A holder that was frozen past ``stale_s`` and wakes up finds another token at its next publish
 (:meth:`CheckpointLock.verify`, called before every publish) and refuses to publish.
 
-Local: no collectives (``checkpointing.lock_save_dir`` takes it on rank 0 and agrees).
+Local: no collectives (``checkpoint.lock_save_dir`` takes it on rank 0 and agrees).
 """
 
 from __future__ import annotations

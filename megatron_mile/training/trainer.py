@@ -48,7 +48,7 @@ from megatron_mile.loss import LossNormalizer, WeightedCrossEntropy
 from megatron_mile.models import get_family
 from megatron_mile.model import flops_per_token, num_parameters, padded_vocab_size
 from megatron_mile.run_config import resolve_model
-from megatron_mile.training import checkpointing
+from megatron_mile.training import checkpoint
 from megatron_mile.training.checkpoint_lock import CheckpointLock
 from megatron_mile.training.builders import build_model, build_optimizer, initialize_parallel
 from megatron_mile.training.logger import MetricsLogger
@@ -152,8 +152,8 @@ class Trainer:
                                  world_size).start()
         try:
             if cfg.checkpoint.save:  # one run per directory, before anything is read there
-                self.lock = checkpointing.lock_save_dir(cfg.checkpoint.save,
-                                                        cfg.checkpoint.lock_stale_minutes)
+                self.lock = checkpoint.lock_save_dir(cfg.checkpoint.save,
+                                                     cfg.checkpoint.lock_stale_minutes)
             load_dir = self._resume_dir()
             if load_dir is None and cfg.checkpoint.init_from_hf:
                 # The safetensors headers against config.json, before the model is allocated.
@@ -235,7 +235,7 @@ class Trainer:
         if ck.load is not None:
             return ck.load
         if ck.auto_resume and ck.save:
-            if checkpointing.find_latest_checkpoint(ck.save) is not None:
+            if checkpoint.find(ck.save) is not None:
                 return ck.save
             self.logger.info(f"no checkpoint in {ck.save}: starting from scratch"
                              + (f" (weights of {ck.init_from_hf})" if ck.init_from_hf else ""))
@@ -257,7 +257,7 @@ class Trainer:
             return
         with_optimizer = ck.load_optimizer
         start = time.time()
-        state = checkpointing.load_checkpoint(
+        state = checkpoint.load(
             load_dir, self.model, self.optimizer if with_optimizer else None,
             self.scheduler if with_optimizer else None, verify_checksums=ck.verify_checksums,
             check_common=self._check_resume)
@@ -281,7 +281,7 @@ class Trainer:
     def _check_resume(self, common: dict) -> None:
         """Refuse a checkpoint that does not fit this run, before anything is loaded: another
         vocabulary, or (when its optimizer state is loaded) another lr schedule. Local: called
-        on every rank by load_checkpoint."""
+        on every rank by checkpoint.load."""
         self._check_vocabulary((common.get("extra_state") or {}).get("vocabulary"))
         if self.cfg.checkpoint.load_optimizer:
             self._check_schedule(common)
@@ -298,13 +298,13 @@ class Trainer:
             return f"{v['size']} tokens, {v['tokenizer']}, digest {v['digest'][:12]}"
         change = f"checkpoint: {describe(saved)}; this run: {describe(current)}"
         if not ck.allow_vocab_change:
-            raise checkpointing.CheckpointError(
+            raise checkpoint.CheckpointError(
                 f"the vocabulary differs from the checkpoint's ({change}): its token ids would "
                 "mean other tokens. Use the checkpoint's tokenizer (data.tokenizer_model / "
                 "data.vocab_size), or set checkpoint.allow_vocab_change=true for a deliberate "
                 "change (a vocabulary extension)")
         if saved["padded_size"] != current["padded_size"] and ck.load_optimizer:
-            raise checkpointing.CheckpointError(
+            raise checkpoint.CheckpointError(
                 f"the vocabulary changes size ({change}, padded {saved['padded_size']} -> "
                 f"{current['padded_size']}): set checkpoint.load_optimizer=false too (the "
                 "optimizer state holds the old embedding shape)")
@@ -345,7 +345,7 @@ class Trainer:
 
     def _check_schedule(self, common: dict) -> None:
         """Refuse a checkpoint whose lr schedule differs from the config's, unless told which
-        to use (Megatron-LM stops likewise). Local: called on every rank by load_checkpoint."""
+        to use (Megatron-LM stops likewise). Local: called on every rank by checkpoint.load."""
         ck = self.cfg.checkpoint
         saved = common.get("opt_param_scheduler")
         if saved is None or ck.use_checkpoint_opt_param_scheduler or \
@@ -356,7 +356,7 @@ class Trainer:
                  for key, field in self._SCHEDULE_FIELDS.items()
                  if key in saved and saved[key] != current[key]]
         if diffs:
-            raise checkpointing.CheckpointError(
+            raise checkpoint.CheckpointError(
                 "the learning-rate schedule differs from the checkpoint's: "
                 f"{'; '.join(dict.fromkeys(diffs))}. Set checkpoint.override_opt_param_"
                 "scheduler=true to use the config's schedule (e.g. to extend training), or "
@@ -371,13 +371,31 @@ class Trainer:
                 f"refusing to save iteration {self.iteration}: the parameters hold NaN/inf. "
                 "Nothing was written; the last published checkpoint is intact")
         start = time.time()
-        path = checkpointing.save_checkpoint(
-            ck.save, self.iteration, self.model, self.optimizer, self.scheduler,
-            {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
-             "config": self.cfg.to_dict(), "vocabulary": self._vocabulary},
-            checksums=ck.verify_checksums, lock=self.lock)
+        args = (ck.save, self.iteration, self.model, self.optimizer, self.scheduler,
+                {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                 "config": self.cfg.to_dict(), "vocabulary": self._vocabulary})
+        options = {"checksums": ck.verify_checksums, "lock": self.lock,
+                   "keep_last": ck.keep_last}
+        if ck.async_save:  # published by a later _finalize_save
+            self.saver.save(*args, **options)
+            return
+        path = checkpoint.save(*args, **options)
         self.logger.info(f"saved checkpoint at iteration {self.iteration} to {path} in "
                          f"{time.time() - start:.1f} s")
+
+    @functools.cached_property
+    def saver(self) -> checkpoint.AsyncSaver:
+        """The background writer of checkpoint.async_save (created at the first save)."""
+        return checkpoint.AsyncSaver(log=self.logger.info)
+
+    def _finalize_save(self, blocking: bool) -> None:
+        """Publish an asynchronous save once every rank has written it (blocking: wait for
+        it, as before the run ends). Collectives: ``AsyncSaver.finalize``'s, while one is in
+        flight; none otherwise."""
+        if self.cfg.checkpoint.async_save and self.saver.in_flight is not None:
+            if blocking:
+                self.watchdog.beat(self.iteration, "finishing the background checkpoint save")
+            self.saver.finalize(blocking=blocking)
 
     # ------------------------------------------------------------------ one step
 
@@ -656,6 +674,7 @@ class Trainer:
                     self.logger.log_valid(self.iteration, valid, time.time() - eval_start)
             ck = cfg.checkpoint
             stop = self._stop_reason(flags)
+            self._finalize_save(blocking=False)
             if ck.save and ((ck.save_interval and self.iteration % ck.save_interval == 0)
                             or self.iteration == t.train_iters or stop):
                 self.watchdog.beat(self.iteration, "checkpoint save")
@@ -663,9 +682,11 @@ class Trainer:
             window_start += time.time() - pause_start  # tokens/s counts training only
             if stop:
                 exit_reason = stop
+                self._finalize_save(blocking=True)
                 self.logger.info(self._stop_message(stop, flags))
                 break
         self.profiler.stop()  # a run that stopped inside the profile window
+        self._finalize_save(blocking=True)  # a save in flight is published before exit 0
         _to_host(history[len(history) - pending:])
         self.logger.close()
         return {"history": history, "exit_reason": exit_reason, "iteration": self.iteration}
