@@ -135,3 +135,28 @@ def test_torchrun_errors_are_one_line(agent, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
     assert "RuntimeError: The connection to the C10d store has failed. details" in err
+
+
+def test_a_peer_failure_ignores_the_sigterms_that_end_the_step(monkeypatch, capsys):
+    """After a dead peer, Slurm ends the step with SIGTERM (sometimes twice): the trainer
+    ignores it from then on, also once it gives back its own handlers, and exits 3 with its
+    one line (not 143 as a "second SIGTERM", nor killed by the signal)."""
+    from megatron_mile import train
+
+    class Trainer:  # what _peer_failure reads of a trainer that failed in its training loop
+        rank, watchdog = 0, None
+        setup_phase = "setting up the model"
+        _previous_handlers = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.SIG_DFL}
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.delenv(NODE_AGENT_ENV, raising=False)
+    try:
+        trainer = Trainer()
+        assert train._peer_failure(trainer, RuntimeError("Connection closed by peer")) == 3
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert set(trainer._previous_handlers.values()) == {signal.SIG_IGN}
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert "rank 0: a collective failed in setup (setting up the model)" in capsys.readouterr().err
