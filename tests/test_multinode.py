@@ -282,9 +282,9 @@ are ended within it. (It also bounds the start's process-group rendezvous, which
 
 
 class _FaultRun:
-    """2-node jobs on one checkpoint directory (saving every 3 iterations: a fault comes
-    between saves, not in one), so that each resubmission after a fault resumes from what the
-    one before saved."""
+    """2-node jobs on one checkpoint directory, saving every 3 iterations (a fault may hit a
+    step or a save: the outcome is the same), so that each resubmission after a fault resumes
+    from what the one before published."""
 
     def __init__(self, cluster: SlurmCluster, root: Path) -> None:
         self.cluster, self.root, self.jobs = cluster, root, 0
