@@ -20,7 +20,8 @@ torchrun's own agent (``torch.distributed.run``) and differs in two ways:
   tables and tracebacks) are off. When trainers fail, the agent prints one line per outcome
   naming the node, the global and local ranks, the pids and how they ended ("ranks 0, 1 (local
   ranks 0, 1; pids 17, 18) exited with 3 (a peer rank died or hung)"), then exits with the
-  first failed rank's exit code (128 + N when signal N killed it), so that ``srun --kill-on-bad-exit`` ends the job.
+  first failed rank's exit code (128 + N when signal N killed it), so that
+  ``srun --kill-on-bad-exit`` ends the job.
   The failing trainer's own message (one line for the failures the trainer knows, a
   traceback for a bug) stays in the log above it; a dead or hung peer is said once per node,
   by local rank 0 (the agent sets ``MILE_NODE_AGENT=1`` for its trainers).
