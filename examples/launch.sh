@@ -81,6 +81,7 @@ GAMMA=${GAMMA:-}
 SIGMA=${SIGMA:-}
 TP=${TP:-}
 PP=${PP:-}
+CP=${CP:-}                                 # context parallel: each sequence split over CP ranks
 VPP=${VPP:-}                               # virtual pipeline stages per rank (interleaving)
 SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-$( [[ -z $TP ]] || { (( TP > 1 )) && echo true || echo false; })}
 DISTRIBUTED_OPTIMIZER=${DISTRIBUTED_OPTIMIZER:-}   # true: shard optimizer state over DP
@@ -119,6 +120,7 @@ add LOSS_ARGS loss.sigma "$SIGMA"
 PARALLEL_ARGS=()
 add PARALLEL_ARGS parallel.tensor_model_parallel_size "$TP"
 add PARALLEL_ARGS parallel.pipeline_model_parallel_size "$PP"
+add PARALLEL_ARGS parallel.context_parallel_size "$CP"
 add PARALLEL_ARGS parallel.sequence_parallel "$SEQUENCE_PARALLEL"
 add PARALLEL_ARGS parallel.use_distributed_optimizer "$DISTRIBUTED_OPTIMIZER"
 add PARALLEL_ARGS parallel.virtual_pipeline_model_parallel_size "$VPP"
@@ -190,7 +192,7 @@ if [[ ${MILE_LAUNCH_ROLE:-} != node ]]; then
     if $in_allocation; then
         export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
         srun_args=(--nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES"
-                   --kill-on-bad-exit=1 --cpu-bind=none)
+                   --kill-on-bad-exit=1 --cpu-bind=none --quiet)
         if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
         read -r -a extra <<<"$SRUN_EXTRA_ARGS"
         if [[ $CONTAINER == pyxis ]]; then srun_args+=("${wrap[@]}"); wrap=(); fi

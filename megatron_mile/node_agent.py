@@ -17,11 +17,14 @@ torchrun's own agent (``torch.distributed.run``) and differs in two ways:
   while a trainer starts up is dropped instead of killing it. Otherwise (``MILE_SIGNALS=forward``, the default:
   a launch by hand) torchrun forwards them as usual (``--signals-to-handle``).
 * **Logs.** torchrun's agent logs (warnings about closing signals, ``ChildFailedError``
-  tables and tracebacks) are off. When a trainer fails, the agent prints one line naming the
-  node, the global and local rank, the pid and how it ended, then exits with that rank's exit
-  code (128 + N when signal N killed it), so that ``srun --kill-on-bad-exit`` ends the job.
+  tables and tracebacks) are off. When trainers fail, the agent prints one line per outcome
+  naming the node, the global and local ranks, the pids and how they ended ("ranks 0, 1 (local
+  ranks 0, 1; pids 17, 18) exited with 3 (a peer rank died or hung)"), then exits with the
+  first failed rank's exit code (128 + N when signal N killed it), so that
+  ``srun --kill-on-bad-exit`` ends the job.
   The failing trainer's own message (one line for the failures the trainer knows, a
-  traceback for a bug) stays in the log above it.
+  traceback for a bug) stays in the log above it; a dead or hung peer is said once per node,
+  by local rank 0 (the agent sets ``MILE_NODE_AGENT=1`` for its trainers).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import os
 import signal
 import socket
 import sys
+
+from megatron_mile.training.watchdog import NODE_AGENT_ENV
 
 PROG = "megatron-mile-node"
 _QUIET = ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")
@@ -53,12 +58,25 @@ def _quiet_torchrun() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _how(exitcode: int) -> str:
+def _which(failed: list) -> str:
+    """"rank 2 (local rank 0, pid 17)" or "ranks 2, 3 (local ranks 0, 1; pids 17, 18)"."""
+    failed = sorted(failed, key=lambda rank_failure: rank_failure[0])
+    if len(failed) == 1:
+        rank, f = failed[0]
+        return f"rank {rank} (local rank {f.local_rank}, pid {f.pid})"
+    ranks = ", ".join(str(rank) for rank, _ in failed)
+    local = ", ".join(str(f.local_rank) for _, f in failed)
+    pids = ", ".join(str(f.pid) for _, f in failed)
+    return f"ranks {ranks} (local ranks {local}; pids {pids})"
+
+
+def _how(exitcode: int, plural: bool = False) -> str:
     if exitcode < 0:
+        was = "were" if plural else "was"
         try:
-            return f"was killed by {signal.Signals(-exitcode).name}"
+            return f"{was} killed by {signal.Signals(-exitcode).name}"
         except ValueError:
-            return f"was killed by signal {-exitcode}"
+            return f"{was} killed by signal {-exitcode}"
     what = {3: " (a peer rank died or hung)", 2: " (bad input)", 1: " (the run failed)"}
     return f"exited with {exitcode}{what.get(exitcode, '')}"
 
@@ -85,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     _quiet_torchrun()
+    # The trainers' one-line messages about a dead or hung peer come from local rank 0 only:
+    # every trainer of the node saw the same event (megatron_mile/training/watchdog.py).
+    os.environ[NODE_AGENT_ENV] = "1"
     received: list[str] = []
     if os.environ.get("MILE_SIGNALS", "forward") == "slurm":
         # Slurm signals the trainers itself: note the signal, forward nothing, wait for them.
@@ -103,12 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        codes = []
+        # One line per outcome: the trainers of a node that all saw the same dead peer (or
+        # were all killed) are one event.
+        outcomes: dict[int, list] = {}
         for rank, failure in sorted(e.failures.items(), key=lambda kv: kv[1].timestamp):
-            _say(f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) "
-                 f"{_how(failure.exitcode)}")
-            if failure.exitcode != 0:
-                codes.append(failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode)
+            outcomes.setdefault(failure.exitcode, []).append((rank, failure))
+        for exitcode, failed in outcomes.items():
+            _say(f"{_which(failed)} {_how(exitcode, plural=len(failed) > 1)}")
+        codes = [c if c > 0 else 128 - c for c in outcomes if c != 0]
         return codes[0] if codes else 1  # the first failure's
     except Exception as e:  # noqa: BLE001 - torchrun's own failures: one line, not a traceback
         sigval = getattr(e, "sigval", None)

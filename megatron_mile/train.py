@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from megatron_mile.errors import EXIT_FAILED, INPUT_ERRORS, ConfigError, MileError, cli_error
@@ -82,9 +83,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _peer_failure(trainer, error: BaseException) -> int:
-    """One line for a collective that failed because a peer died or hung; exit 3."""
-    from megatron_mile.training.watchdog import EXIT_STALLED
+    """One line for a collective that failed because a peer died or hung (from local rank 0
+    only under the node agent: one line per node); exit 3.
 
+    From here SIGTERM and SIGINT are ignored, also after the trainer gives back its handlers:
+    the job is ending, and the SIGTERMs with which Slurm ends the step on every node (`srun
+    --kill-on-bad-exit`, sometimes twice) must not turn this exit into a "second SIGTERM"
+    exit 143 or a death by signal."""
+    from megatron_mile.training.watchdog import EXIT_STALLED, speaks_for_node
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    handlers = getattr(trainer, "_previous_handlers", {})
+    for sig in handlers:
+        handlers[sig] = signal.SIG_IGN
+    if not speaks_for_node():
+        return EXIT_STALLED
     if trainer.watchdog is not None:
         where = trainer.watchdog.where()
     else:

@@ -55,6 +55,25 @@ def wait_for_training(tmp: Path, name: str, procs, timeout_s: float = 180) -> No
     wait_for_line(tmp, name, procs, "iteration 3/", timeout_s)
 
 
+def wait_all(procs, timeout_s: float = 240) -> list[int]:
+    """Every rank's exit code; whatever still runs after ``timeout_s`` is killed (and the
+    wait fails)."""
+    try:
+        return [p.wait(timeout=timeout_s) for p in procs]
+    finally:
+        kill(procs)
+
+
+def wait_for_files(directory: Path, names: list[str], procs, timeout_s: float = 60) -> None:
+    """Until every one of ``names`` exists in ``directory`` (the data files of a save in
+    progress, in its ``.tmp``); fails if a rank exits first."""
+    deadline = time.monotonic() + timeout_s
+    while not all((directory / n).exists() for n in names):
+        assert all(p.poll() is None for p in procs), f"a rank exited before {names} existed"
+        assert time.monotonic() < deadline, f"no {names} in {directory} after {timeout_s} s"
+        time.sleep(0.02)
+
+
 def kill(procs) -> None:
     """SIGKILL what still runs (also a SIGSTOPped rank) and reap it."""
     for p in procs:

@@ -26,6 +26,11 @@ Namespaces and slurmd need root: without it ``find_or_install_slurm`` returns th
 Needs Debian's slurmctld, slurmd, slurm-client and munge (Slurm 22.05 on Debian 12):
 ``find_or_install_slurm`` installs them with apt-get when missing and this is root, and
 otherwise returns the reason the tests should skip.
+
+The test modules share one cluster of :data:`SHARED_NODES` nodes (the pytest fixtures at the
+end of this file, registered by tests/conftest.py): starting one takes seconds, and every job
+of the suite fits on it (one-node jobs on node0, two-node jobs on two of them, the 4-node
+case on all).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
+
+import pytest
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "squeue", "scancel")
@@ -107,6 +114,28 @@ def _wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2) -
             return
         time.sleep(interval_s)
     raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def wait_for_log(cluster: "SlurmCluster", job: str, log: Path, pattern: str, count: int = 1,
+                 timeout_s: float = 300, allow_end: bool = False) -> str:
+    """Poll the job's log until ``pattern`` occurs ``count`` times; return the log. Fails the
+    test if the job ends first (unless ``allow_end``) or after ``timeout_s``."""
+    def read() -> str:
+        return log.read_text(errors="replace") if log.exists() else ""
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if len(re.findall(pattern, read())) >= count:
+            return read()
+        state = cluster.state(job)
+        if state in FINAL_STATES and not allow_end:
+            time.sleep(1)  # the last lines of an ending job
+            if len(re.findall(pattern, read())) >= count:
+                return read()
+            pytest.fail(f"job {job} ended ({state}) before {pattern!r} x{count} in its log:\n"
+                        f"{read()}")
+        time.sleep(0.3)
+    pytest.fail(f"no {pattern!r} x{count} in job {job}'s log after {timeout_s} s:\n{read()}")
 
 
 def node_address(index: int) -> str:
@@ -211,6 +240,22 @@ class SlurmCluster:
         return [int(e.name) for e in Path("/proc").iterdir()
                 if e.name.isdigit() and _uts_ns(int(e.name)) == ns]
 
+    def job_nodes(self, job_id: str) -> list[str]:
+        """The nodes the job runs on (``NodeList`` expanded), in order."""
+        nodelist = self.job(job_id).get("NodeList", "")
+        if not nodelist or nodelist == "(null)":
+            return []
+        return self.run("scontrol", "show", "hostnames", nodelist).stdout.split()
+
+    def cancel_all(self, timeout_s: float = 60) -> None:
+        """Cancel every job and wait until none is left (a failed test must not leave its job
+        holding the nodes for the next one)."""
+        jobs = self.run("squeue", "--noheader", "--format=%i").stdout.split()
+        if jobs:
+            self.run("scancel", *jobs)
+            _wait_for(lambda: not self.run("squeue", "--noheader").stdout.strip(), timeout_s,
+                      f"jobs {jobs} to end", 0.5)
+
     def job_pids(self, node: str) -> list[int]:
         """The processes of the jobs running on ``node`` (all but slurmd and slurmstepd)."""
         return [p for p in self.node_pids(node) if _comm(p) not in ("slurmd", "slurmstepd")]
@@ -283,7 +328,7 @@ SlurmdLogFile={d['log']}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
@@ -416,3 +461,37 @@ def _teardown(cluster: SlurmCluster, marker: str) -> None:
     for pid in _pids_with_env(marker):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+# ---- The suite's shared cluster ---------------------------------------------------------
+
+SHARED_NODES = 4
+"""Nodes of the shared cluster: the 4-node layout test needs them all; the other jobs take
+one or two."""
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
+    """The suite's Slurm cluster (:data:`SHARED_NODES` nodes), started once for every test
+    module that asks for it and stopped at the end of the session; skips where Slurm, munge
+    or root are missing."""
+    reason = find_or_install_slurm()
+    if reason:
+        pytest.skip(reason)
+    with slurm_cluster(tmp_path_factory.mktemp("slurm"), nodes=SHARED_NODES) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def _slurm_jobs_left(request) -> Iterator[None]:
+    """After each test that used the shared cluster: cancel what it left running, bring back
+    a node it took down, wait until every node is idle again."""
+    yield
+    if "cluster" not in request.fixturenames:
+        return
+    c: SlurmCluster = request.getfixturevalue("cluster")
+    c.cancel_all()
+    for node in c.nodes:
+        if f"slurmd-{node}" not in c.procs:
+            c.start_node(node)
+    c.wait_idle(120)

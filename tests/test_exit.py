@@ -3,7 +3,7 @@ why (``MILE_EXIT_FILE``), and the next start resumes from that checkpoint.
 
 The Slurm side (examples/slurm/pretrain.sbatch turning the job's time limit into
 ``training.exit_duration_in_mins`` and requeueing) runs on a real cluster in
-tests/test_slurm.py.
+tests/test_multinode.py.
 """
 
 from __future__ import annotations

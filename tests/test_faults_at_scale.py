@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from fault_runs import kill, launch, one_line, wait_for_line
+from fault_runs import kill, launch, one_line, wait_all, wait_for_files, wait_for_line
 from megatron_mile.testing import slow_fs
 
 pytestmark = pytest.mark.slow
@@ -45,13 +45,6 @@ def slow_mount(tmp_path_factory):
         yield root
 
 
-def _wait(procs, timeout_s: float = 240) -> list[int]:
-    try:
-        return [p.wait(timeout=timeout_s) for p in procs]
-    finally:
-        kill(procs)
-
-
 def _seconds(pattern: str, text: str) -> float:
     found = re.search(pattern, text)
     assert found, (pattern, text[-3000:])
@@ -66,7 +59,7 @@ def test_slow_save_load_and_evaluation_finish(slow_mount, tmp_path):
     procs = launch(tmp_path, "save", [*TIMEOUT, *BIGGER, "training.train_iters=2",
                                       f"checkpoint.save={save}", "training.eval_interval=2",
                                       "training.eval_iters=300"])
-    codes = _wait(procs)
+    codes = wait_all(procs)
     log = (tmp_path / "save1.out").read_text()
     assert codes == [0, 0], (tmp_path / "save0.err").read_text() + log
     assert checkpoint.find(save) == 2
@@ -79,7 +72,7 @@ def test_slow_save_load_and_evaluation_finish(slow_mount, tmp_path):
     procs = launch(tmp_path, "load", [*TIMEOUT, *BIGGER, "training.train_iters=3",
                                       f"checkpoint.load={save}",
                                       f"checkpoint.save={tmp_path / 'fast'}"])
-    codes = _wait(procs)
+    codes = wait_all(procs)
     log = (tmp_path / "load1.out").read_text()
     assert codes == [0, 0], (tmp_path / "load0.err").read_text() + log
     load_s = _seconds(r"resumed from checkpoint at iteration 2 \(\S+, ([\d.]+) s\)", log)
@@ -98,12 +91,9 @@ def test_a_peer_stopped_during_a_slow_save_is_caught_within_the_timeout(slow_mou
                                       f"checkpoint.save={save}"])
     try:
         wait_for_line(tmp_path, "stop", procs, "iteration 2/2")
-        tmp_dir = slow_mount / "data" / "stopped" / "iter_0000002.tmp"
-        deadline = time.monotonic() + 60
-        while not any(n.endswith(".distcp") for n in
-                      (os.listdir(tmp_dir) if tmp_dir.is_dir() else [])):
-            assert time.monotonic() < deadline, "the save never started writing"
-            time.sleep(0.05)
+        # rank 0 writes its data file to the slow target: stop it a second into that
+        wait_for_files(slow_mount / "data" / "stopped" / "iter_0000002.tmp", ["__0_0.distcp"],
+                       procs)
         time.sleep(1)
         os.kill(procs[0].pid, signal.SIGSTOP)
         stopped = time.monotonic()
@@ -274,7 +264,7 @@ def test_a_second_run_on_the_same_directory_is_refused_and_a_dead_ones_lock_take
     try:
         wait_for_line(tmp_path, "first", first, "saved checkpoint at iteration 2")
         second = launch(tmp_path, "second", common, world_size=1, tp=1)
-        code = _wait(second, timeout_s=120)[0]
+        code = wait_all(second, timeout_s=120)[0]
         line = one_line((tmp_path / "second0.err").read_text())
         assert code == 2, line
         assert f"pid {first[0].pid}" in line and "is in use by another run" in line, line
@@ -284,7 +274,7 @@ def test_a_second_run_on_the_same_directory_is_refused_and_a_dead_ones_lock_take
     latest = checkpoint.find(str(save))
     third = launch(tmp_path, "third", [*common, f"training.train_iters={latest + 2}"],
                    world_size=1, tp=1)
-    assert _wait(third)[0] == 0, (tmp_path / "third0.err").read_text()
+    assert wait_all(third)[0] == 0, (tmp_path / "third0.err").read_text()
     log = (tmp_path / "third0.out").read_text()
     assert f"its process {first[0].pid} no longer exists" in log, log
     assert f"resumed from checkpoint at iteration {latest}" in log
@@ -303,13 +293,10 @@ def test_a_file_removed_during_the_save_is_never_published(slow_mount, tmp_path)
                                     f"checkpoint.save={save}"])
     try:
         wait_for_line(tmp_path, "rm", procs, "iteration 2/2")
-        deadline = time.monotonic() + 60
-        while not ((tmp_dir / "__1_0.distcp").exists() and (tmp_dir / "__0_0.distcp").exists()):
-            assert time.monotonic() < deadline, "the save never started writing"
-            time.sleep(0.05)
+        wait_for_files(tmp_dir, ["__0_0.distcp", "__1_0.distcp"], procs)
         time.sleep(0.5)
         os.remove(tmp_dir / "__1_0.distcp")
-        codes = _wait(procs)
+        codes = wait_all(procs)
     finally:
         kill(procs)
     for rank in (0, 1):
@@ -455,121 +442,104 @@ def _log_ints(pattern: str, text: str) -> list[int]:
 def _wait_for_save(data_dir, iteration: int, procs, timeout_s: float = 120) -> None:
     """Until both ranks' data files of ``iteration``'s save exist in its ``.tmp`` (mid-save:
     rank 0's is still being written to the slow target)."""
-    tmp_dir = data_dir / f"iter_{iteration:07d}.tmp"
-    deadline = time.monotonic() + timeout_s
-    while not ((tmp_dir / "__0_0.distcp").exists() and (tmp_dir / "__1_0.distcp").exists()):
-        assert all(p.poll() is None for p in procs), "a rank exited before the save"
-        assert time.monotonic() < deadline, f"the save of iteration {iteration} never started"
-        time.sleep(0.02)
+    wait_for_files(data_dir / f"iter_{iteration:07d}.tmp", ["__0_0.distcp", "__1_0.distcp"],
+                   procs, timeout_s)
 
 
-def test_signals_during_a_save(slow_mount, tmp_path):
-    """SIGUSR1 twice mid-save: one stop request (the save finishes, one more iteration, a stop
-    save, exit 0). SIGTERM twice mid-save: exit at once (143), nothing published, and the next
-    start resumes from the last published checkpoint and cleans the partial save."""
+@pytest.fixture(scope="module")
+def interrupted_runs(slow_mount, tmp_path_factory) -> dict:
+    """One run directory on the slow filesystem, interrupted three ways in turn (4 launches,
+    each resuming from what the one before published):
+
+    1. SIGUSR1 twice during the save of iteration 2: saves 2 and 3, exit 0.
+    2. SIGTERM twice during the save of iteration 4: exit 143 at once, 4 never published.
+    3. Resumed from 3; SIGKILL of rank 0 during the evaluation of iteration 4.
+    4. Resumed from 3 again, trains to 6 and cleans the partial save of step 2."""
     from megatron_mile.training import checkpoint
 
+    tmp = tmp_path_factory.mktemp("interrupted")
     save, data = slow_mount / "mnt" / "signals", slow_mount / "data" / "signals"
     run = ["training.train_iters=6", f"checkpoint.save={save}", "checkpoint.save_interval=2"]
-    procs = launch(tmp_path, "usr1", run)
+    out: dict = {"tmp": tmp, "data": data}
+
+    def latest() -> int | None:
+        return checkpoint.find(str(save))
+
+    procs = launch(tmp, "usr1", run)
     try:
         _wait_for_save(data, 2, procs)
         for _ in range(2):
             for p in procs:
                 os.kill(p.pid, signal.SIGUSR1)
             time.sleep(0.2)
-        codes = _wait(procs)
+        out["usr1"] = (wait_all(procs), latest())
     finally:
         kill(procs)
-    log = (tmp_path / "usr11.out").read_text()
-    assert codes == [0, 0], (tmp_path / "usr10.err").read_text() + log
-    assert _log_ints(r"saved checkpoint at iteration (\d+)", log) == [2, 3], log
-    assert "exiting on signal" in log and checkpoint.find(str(save)) == 3
 
-    procs = launch(tmp_path, "term", run)
+    procs = launch(tmp, "term", run)
     try:
         _wait_for_save(data, 4, procs)
         for _ in range(2):
             for p in procs:
                 os.kill(p.pid, signal.SIGTERM)
             time.sleep(0.2)
-        codes = _wait(procs, timeout_s=30)
+        out["term"] = (wait_all(procs, timeout_s=30), latest(),
+                       (data / "iter_0000004.tmp").is_dir())  # what the kill left
     finally:
         kill(procs)
-    assert codes == [128 + signal.SIGTERM] * 2, codes
-    for rank in (0, 1):
-        line = one_line((tmp_path / f"term{rank}.err").read_text())
-        assert "second SIGTERM during iteration 4 (checkpoint save" in line, line
-    assert checkpoint.find(str(save)) == 3
-    assert (data / "iter_0000004.tmp").is_dir()  # what the kill left
 
-    procs = launch(tmp_path, "again", run)
-    codes = _wait(procs)
-    log = (tmp_path / "again1.out").read_text()
-    assert codes == [0, 0], (tmp_path / "again0.err").read_text() + log
-    assert "resumed from checkpoint at iteration 3" in log
-    assert checkpoint.find(str(save)) == 6
-    assert not [n for n in os.listdir(data) if n.endswith(".tmp")], os.listdir(data)
-
-
-def test_a_background_save_killed_mid_write_and_one_slower_than_the_timeout(slow_mount,
-                                                                            tmp_path):
-    """checkpoint.async_save on the slow target: the save of iteration 4 waits for the one of
-    2 (said in the log); SIGKILL mid-write of 4 leaves 2 the latest; the restart resumes from
-    2, cleans the partial save and, at the end, waits several timeouts for its last background
-    save with progress (no watchdog exit), then publishes it and exits 0."""
-    from megatron_mile.training import checkpoint
-
-    save, data = slow_mount / "mnt" / "async", slow_mount / "data" / "async"
-    run = [*TIMEOUT, *BIGGER, f"checkpoint.save={save}", "checkpoint.save_interval=2",
-           "checkpoint.async_save=true"]
-    procs = launch(tmp_path, "kill", [*run, "training.train_iters=6"])
+    evaluating = [*run, "training.eval_interval=2", "training.eval_iters=400"]
+    procs = launch(tmp, "eval", evaluating)
     try:
-        wait_for_line(tmp_path, "kill", procs, "waiting for the checkpoint save of iteration 2 "
-                      "to finish before saving iteration 4")
-        _wait_for_save(data, 4, procs)
-        assert all(p.poll() is None for p in procs)
-    finally:
-        kill(procs)  # SIGKILL, mid-write of iteration 4
-    assert checkpoint.find(str(save)) == 2
-    assert (data / "iter_0000004.tmp").is_dir()
-
-    procs = launch(tmp_path, "again", [*run, "training.train_iters=4"])
-    codes = _wait(procs)
-    log = (tmp_path / "again1.out").read_text()
-    assert codes == [0, 0], (tmp_path / "again0.err").read_text() + log
-    assert "resumed from checkpoint at iteration 2" in log
-    background_s = _seconds(r"saved checkpoint at iteration 4 to \S+ \(([\d.]+) s in the "
-                            r"background\)", log)
-    assert background_s > 2.5 * TIMEOUT_S, background_s
-    assert checkpoint.find(str(save)) == 4
-    assert not [n for n in os.listdir(data) if n.endswith(".tmp")], os.listdir(data)
-
-
-def test_a_rank_killed_during_evaluation(tmp_path):
-    """SIGKILL one rank mid-evaluation: the other ends with one line naming the phase, exit
-    3; the restart resumes from the last checkpoint."""
-    save = tmp_path / "run"
-    run = ["training.train_iters=3", f"checkpoint.save={save}", "checkpoint.save_interval=1",
-           "training.eval_interval=2", "training.eval_iters=400"]
-    procs = launch(tmp_path, "eval", run)
-    try:
-        wait_for_line(tmp_path, "eval", procs, "iteration 2/3")
+        wait_for_line(tmp, "eval", procs, "iteration 4/6")
         time.sleep(0.5)
         procs[0].kill()
-        code = procs[1].wait(timeout=60)
+        out["eval"] = procs[1].wait(timeout=60)
     finally:
         kill(procs)
-    line = one_line((tmp_path / "eval1.err").read_text())
-    assert code == 3, line
-    assert "rank 1: a collective failed in iteration 2 (evaluation)" in line, line
-    assert "validation at iteration 2" not in (tmp_path / "eval1.out").read_text()
-    procs = launch(tmp_path, "rerun", run)
-    codes = _wait(procs)
-    log = (tmp_path / "rerun1.out").read_text()
-    assert codes == [0, 0], (tmp_path / "rerun0.err").read_text() + log
-    # Evaluation comes before the save of its iteration: the last checkpoint is 1.
-    assert "resumed from checkpoint at iteration 1" in log and "iteration 3/3" in log
+
+    out["again"] = (wait_all(launch(tmp, "again", run)), latest(),
+                    [n for n in os.listdir(data) if n.endswith(".tmp")])
+    return out
+
+
+def test_signals_during_a_save(interrupted_runs):
+    """SIGUSR1 twice mid-save: one stop request (the save finishes, one more iteration, a stop
+    save, exit 0). SIGTERM twice mid-save: exit at once (143), nothing published, and the next
+    start resumes from the last published checkpoint and cleans the partial save."""
+    tmp = interrupted_runs["tmp"]
+    codes, latest = interrupted_runs["usr1"]
+    log = (tmp / "usr11.out").read_text()
+    assert codes == [0, 0], (tmp / "usr10.err").read_text() + log
+    assert _log_ints(r"saved checkpoint at iteration (\d+)", log) == [2, 3], log
+    assert "exiting on signal" in log and latest == 3
+
+    codes, latest, tmp_left = interrupted_runs["term"]
+    assert codes == [128 + signal.SIGTERM] * 2, codes
+    for rank in (0, 1):
+        line = one_line((tmp / f"term{rank}.err").read_text())
+        assert "second SIGTERM during iteration 4 (checkpoint save" in line, line
+    assert latest == 3 and tmp_left
+
+    codes, latest, tmp_dirs = interrupted_runs["again"]
+    log = (tmp / "again1.out").read_text()
+    assert codes == [0, 0], (tmp / "again0.err").read_text() + log
+    assert "resumed from checkpoint at iteration 3" in log
+    assert latest == 6 and not tmp_dirs, tmp_dirs
+
+
+def test_a_rank_killed_during_evaluation(interrupted_runs):
+    """SIGKILL one rank mid-evaluation: the other ends with one line naming the phase, exit
+    3; the restart resumes from the last checkpoint."""
+    tmp = interrupted_runs["tmp"]
+    line = one_line((tmp / "eval1.err").read_text())
+    assert interrupted_runs["eval"] == 3, line
+    assert "rank 1: a collective failed in iteration 4 (evaluation)" in line, line
+    log = (tmp / "eval1.out").read_text()
+    assert "resumed from checkpoint at iteration 3" in log, log
+    assert "validation at iteration 4" not in log
+    # Evaluation comes before the save of its iteration: the restart resumes from 3.
+    assert "resumed from checkpoint at iteration 3" in (tmp / "again1.out").read_text()
 
 
 # --------------------------------------------------------------------------- resharding
@@ -582,28 +552,30 @@ def _printed(log: str, key: str) -> dict[int, str]:
 
 def test_distributed_optimizer_state_across_layouts(tmp_path):
     """With the distributed optimizer and its state loaded: another DP size resumes exactly;
-    another TP size is one line naming what cannot be resharded and the fix."""
+    another TP size is one line naming what cannot be resharded and the fix. One DP=1, TP=1
+    checkpoint serves both (4 launches)."""
     distopt = ["parallel.use_distributed_optimizer=true"]
-    save = tmp_path / "tp2"
-    assert _wait(launch(tmp_path, "tp2", [*distopt, "training.train_iters=2",
-                                          f"checkpoint.save={save}"]))[0] == 0
-    procs = launch(tmp_path, "tp1", [*distopt, "training.train_iters=3",
-                                     f"checkpoint.save={save}"], tp=1)
-    codes = _wait(procs)
-    line = one_line((tmp_path / "tp10.err").read_text())
+    # A straight DP=1 run to iteration 4, and a DP=1 run stopped at iteration 2.
+    one = [*distopt, "training.train_iters=4"]
+    save = tmp_path / "dp1"
+    assert wait_all(launch(tmp_path, "straight", one, world_size=1, tp=1))[0] == 0
+    assert wait_all(launch(tmp_path, "half", [*distopt, "training.train_iters=2",
+                                              f"checkpoint.save={save}"],
+                           world_size=1, tp=1))[0] == 0
+
+    # TP 1 -> 2 (world 2): refused before any read.
+    procs = launch(tmp_path, "tp2", [*distopt, "training.train_iters=3",
+                                     f"checkpoint.save={save}"], tp=2)
+    codes = wait_all(procs)
+    line = one_line((tmp_path / "tp20.err").read_text())
     assert codes == [2, 2], line
     assert "the distributed optimizer state (dp_reshardable) reshards across data-parallel " \
-           "sizes only, and this run changes TP 2 -> 1: resume at TP 2, PP 1" in line, line
+           "sizes only, and this run changes TP 1 -> 2: resume at TP 1, PP 1" in line, line
     assert "checkpoint.load_optimizer=false" in line
 
-    # DP=1 -> DP=2 with the optimizer state: iterations 3-4 as in a straight DP=1 run.
-    one = [*distopt, "training.train_iters=4"]
-    assert _wait(launch(tmp_path, "straight", one, world_size=1, tp=1))[0] == 0
-    assert _wait(launch(tmp_path, "half", [*distopt, "training.train_iters=2",
-                                           f"checkpoint.save={tmp_path / 'dp1'}"],
-                        world_size=1, tp=1))[0] == 0
-    procs = launch(tmp_path, "dp2", [*one, f"checkpoint.save={tmp_path / 'dp1'}"], tp=1)
-    assert _wait(procs) == [0, 0], (tmp_path / "dp20.err").read_text()
+    # DP=1 -> DP=2 with the optimizer state: iterations 3-4 as in the straight DP=1 run.
+    procs = launch(tmp_path, "dp2", [*one, f"checkpoint.save={save}"], tp=1)
+    assert wait_all(procs) == [0, 0], (tmp_path / "dp20.err").read_text()
     straight = (tmp_path / "straight0.out").read_text()
     resumed = (tmp_path / "dp21.out").read_text()
     assert "resumed from checkpoint at iteration 2" in resumed
@@ -634,7 +606,7 @@ def test_a_dataset_build_longer_than_the_timeout_is_one_line(tmp_path):
             "parallel.distributed_timeout_minutes=0.05", "training.train_iters=2",
             "data.mock=false", f"data.data_path=[{tmp_path / 'mnt' / 'corpus'}]",
             f"data.path_to_cache={tmp_path / 'cache'}"])
-        codes = _wait(procs)
+        codes = wait_all(procs)
     for rank in (0, 1):
         line = one_line((tmp_path / f"data{rank}.err").read_text())
         assert codes[rank] == 3, line
@@ -642,3 +614,37 @@ def test_a_dataset_build_longer_than_the_timeout_is_one_line(tmp_path):
     line = one_line((tmp_path / "data1.err").read_text())
     assert "took longer than parallel.distributed_timeout_minutes to build the dataset " \
            "indices" in line, line
+
+
+def test_a_background_save_killed_mid_write_and_one_slower_than_the_timeout(slow_mount,
+                                                                            tmp_path):
+    """checkpoint.async_save on the slow target: the save of iteration 4 waits for the one of
+    2 (said in the log); SIGKILL mid-write of 4 leaves 2 the latest; the restart resumes from
+    2, cleans the partial save and, at the end, waits several timeouts for its last background
+    save with progress (no watchdog exit), then publishes it and exits 0."""
+    from megatron_mile.training import checkpoint
+
+    save, data = slow_mount / "mnt" / "async", slow_mount / "data" / "async"
+    run = [*TIMEOUT, *BIGGER, f"checkpoint.save={save}", "checkpoint.save_interval=2",
+           "checkpoint.async_save=true"]
+    procs = launch(tmp_path, "kill", [*run, "training.train_iters=6"])
+    try:
+        wait_for_line(tmp_path, "kill", procs, "waiting for the checkpoint save of iteration 2 "
+                      "to finish before saving iteration 4")
+        _wait_for_save(data, 4, procs)
+        assert all(p.poll() is None for p in procs)
+    finally:
+        kill(procs)  # SIGKILL, mid-write of iteration 4
+    assert checkpoint.find(str(save)) == 2
+    assert (data / "iter_0000004.tmp").is_dir()
+
+    procs = launch(tmp_path, "again", [*run, "training.train_iters=4"])
+    codes = wait_all(procs)
+    log = (tmp_path / "again1.out").read_text()
+    assert codes == [0, 0], (tmp_path / "again0.err").read_text() + log
+    assert "resumed from checkpoint at iteration 2" in log
+    background_s = _seconds(r"saved checkpoint at iteration 4 to \S+ \(([\d.]+) s in the "
+                            r"background\)", log)
+    assert background_s > 2.5 * TIMEOUT_S, background_s
+    assert checkpoint.find(str(save)) == 4
+    assert not [n for n in os.listdir(data) if n.endswith(".tmp")], os.listdir(data)

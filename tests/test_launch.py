@@ -122,6 +122,22 @@ def test_variables_become_trainer_overrides():
     assert trainer[-1] == "optimizer.lr=1e-4"
 
 
+def test_cp_reaches_the_config():
+    """CP= becomes parallel.context_parallel_size, and the config the trainer loads from
+    those arguments has it."""
+    from megatron_mile.config import load_config
+
+    done = _dry_run(CP="2", TP="2", NPROC_PER_NODE="4")
+    assert "--nproc-per-node=4" in done.stdout.split()
+    assert done.returncode == 0, done.stderr
+    trainer = done.stdout.split("megatron_mile.train")[1].split()
+    assert trainer[:2] == ["--config", "tiny"]
+    assert "parallel.context_parallel_size=2" in trainer, trainer
+    config = load_config(trainer[1], trainer[2:], world_size=4)
+    assert config.parallel.context_parallel_size == 2
+    assert config.parallel.tensor_model_parallel_size == 2
+
+
 def test_unset_variables_leave_the_config_alone():
     done = _dry_run(CONFIG="llama_6.7b")
     assert done.stdout.split("megatron_mile.train")[1].split() == ["--config", "llama_6.7b"]

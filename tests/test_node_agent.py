@@ -11,6 +11,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 from torch.distributed.run import parse_args
 
 from megatron_mile import node_agent
+from megatron_mile.training.watchdog import NODE_AGENT_ENV, speaks_for_node
 
 ARGS = ["--nnodes=2", "--nproc-per-node=2",
         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "-m", "megatron_mile.train"]
@@ -25,6 +26,7 @@ def agent(monkeypatch):
     def start(behaviour, mode):
         monkeypatch.setenv("MILE_SIGNALS", mode)
         monkeypatch.setenv("SLURM_NODEID", "0")
+        monkeypatch.setenv(NODE_AGENT_ENV, "0")  # restored after the agent sets it
 
         def run(args):
             seen["signals_to_handle"] = args.signals_to_handle
@@ -71,7 +73,8 @@ def test_by_hand_the_agent_forwards_as_torchrun_does(agent):
     assert seen["signals_to_handle"] == "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
-def test_failed_ranks_are_one_line_each_and_the_first_failure_is_the_exit_code(agent, capsys):
+def test_failed_ranks_are_one_line_per_outcome_and_the_first_failure_is_the_exit_code(
+        agent, capsys):
     def two_failures(args):
         raise ChildFailedError("megatron_mile.train", {3: _failure(1, -9, 2.0),
                                                        2: _failure(0, 3, 1.0)})
@@ -83,6 +86,39 @@ def test_failed_ranks_are_one_line_each_and_the_first_failure_is_the_exit_code(a
         "rank 2 (local rank 0, pid 100) exited with 3 (a peer rank died or hung)",
         "rank 3 (local rank 1, pid 101) was killed by SIGKILL"]
     assert all(line.startswith("megatron-mile-node: ") for line in err)
+
+
+def test_ranks_of_a_node_that_fail_alike_are_one_line(agent, capsys):
+    """Both trainers of a surviving node exit 3 (they saw the same dead peer): one line,
+    in rank order whichever ended first."""
+    def both_saw_a_dead_peer(args):
+        raise ChildFailedError("megatron_mile.train", {5: _failure(1, 3, 1.0),
+                                                       4: _failure(0, 3, 2.0)})
+
+    rc, _ = agent(both_saw_a_dead_peer, "slurm")
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 3
+    assert [line.split(": ", 2)[2] for line in err] == [
+        "ranks 4, 5 (local ranks 0, 1; pids 100, 101) exited with 3 (a peer rank died or hung)"]
+
+
+def test_under_the_agent_only_local_rank_0_speaks_for_the_node(agent, monkeypatch):
+    def trainers_see(args):
+        import os
+
+        seen["env"] = os.environ.get(NODE_AGENT_ENV)
+
+    seen = {}
+    agent(trainers_see, "slurm")
+    assert seen["env"] == "1"  # set for the trainers it starts
+    for local_rank, under_agent, speaks in [("0", "1", True), ("1", "1", False),
+                                            ("1", "0", True), ("3", None, True)]:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        if under_agent is None:
+            monkeypatch.delenv(NODE_AGENT_ENV, raising=False)
+        else:
+            monkeypatch.setenv(NODE_AGENT_ENV, under_agent)
+        assert speaks_for_node() is speaks, (local_rank, under_agent)
 
 
 def test_a_rank_killed_first_gives_128_plus_the_signal(agent, capsys):
@@ -99,3 +135,28 @@ def test_torchrun_errors_are_one_line(agent, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
     assert "RuntimeError: The connection to the C10d store has failed. details" in err
+
+
+def test_a_peer_failure_ignores_the_sigterms_that_end_the_step(monkeypatch, capsys):
+    """After a dead peer, Slurm ends the step with SIGTERM (sometimes twice): the trainer
+    ignores it from then on, also once it gives back its own handlers, and exits 3 with its
+    one line (not 143 as a "second SIGTERM", nor killed by the signal)."""
+    from megatron_mile import train
+
+    class Trainer:  # what _peer_failure reads of a trainer that failed in its training loop
+        rank, watchdog = 0, None
+        setup_phase = "setting up the model"
+        _previous_handlers = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.SIG_DFL}
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.delenv(NODE_AGENT_ENV, raising=False)
+    try:
+        trainer = Trainer()
+        assert train._peer_failure(trainer, RuntimeError("Connection closed by peer")) == 3
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert set(trainer._previous_handlers.values()) == {signal.SIG_IGN}
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert "rank 0: a collective failed in setup (setting up the model)" in capsys.readouterr().err

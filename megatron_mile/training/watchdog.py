@@ -51,6 +51,17 @@ from typing import Any, Optional
 EXIT_STALLED = 3
 """Exit code of a rank that saw no progress for the timeout (a hung or dead peer)."""
 
+NODE_AGENT_ENV = "MILE_NODE_AGENT"
+"""Set to 1 by megatron_mile/node_agent.py for the trainers it starts (see
+:func:`speaks_for_node`)."""
+
+
+def speaks_for_node() -> bool:
+    """Whether this rank prints the one line about a dead or hung peer: under the node agent
+    only local rank 0 does (the node's other trainers saw the same event, and one line per
+    node is the log's rule); otherwise every rank, each being its own report."""
+    return os.environ.get(NODE_AGENT_ENV) != "1" or os.environ.get("LOCAL_RANK", "0") == "0"
+
 _FINAL_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 """Signals whose second arrival exits at once (SIGUSR1, Slurm's early warning, does not count)."""
 
@@ -197,9 +208,10 @@ class Watchdog:
             self._wake_w.close()
             self._wake_r = self._wake_w = None
 
-    def _exit(self, code: int, message: str) -> None:
-        sys.stderr.write(f"{self.prog}: rank {self.rank}: {message}\n")
-        sys.stderr.flush()
+    def _exit(self, code: int, message: str, quiet: bool = False) -> None:
+        if not quiet:
+            sys.stderr.write(f"{self.prog}: rank {self.rank}: {message}\n")
+            sys.stderr.flush()
         os._exit(code)
 
     def _run(self) -> None:
@@ -223,7 +235,8 @@ class Watchdog:
                     f"({self._phase}): a peer rank is hung or dead, or this phase made no "
                     "progress for longer than parallel.distributed_timeout_minutes="
                     f"{self.timeout_s / 60:g}. "
-                    "Exiting; the last published checkpoint is intact"))
+                    "Exiting; the last published checkpoint is intact"),
+                    quiet=not speaks_for_node())
 
     def _on_signals(self, signums: bytes) -> None:
         for signum in signums:
