@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -69,6 +70,27 @@ class _HeldOutput:
         self.released = True
 
 
+_STORE_RETRY_LINE = re.compile(
+    rb"^(\[[EW]\d{4} [^\]]*\] \[c10d\] .*(client socket|TCP client failed to connect)"
+    rb"|Exception raised from \w+ at .*c10d"
+    rb"|frame #\d+: |<omitting python frames>)")
+
+
+def _without_store_retries(output: bytes) -> bytes:
+    """``output`` without c10d's TCPStore connection-retry reports (an ``[E...]``/``[W...]``
+    line, then ``Exception raised from ...`` and its C++ frames): a rank that starts before
+    the store's host retries its connection, and a rendezvous that then succeeds has nothing
+    to report. Everything else is kept."""
+    kept, in_report = [], False
+    for line in output.splitlines(keepends=True):
+        if _STORE_RETRY_LINE.match(line) or (in_report and not line.strip()):
+            in_report = True  # a report's lines, and the blank line that ends it
+        else:
+            kept.append(line)
+            in_report = False
+    return b"".join(kept)
+
+
 @contextlib.contextmanager
 def _held_back_stderr() -> Iterator[_HeldOutput]:
     """Hold back what C++ code writes to file descriptor 2 inside the block (c10d's TCPStore
@@ -92,7 +114,7 @@ def _held_back_stderr() -> Iterator[_HeldOutput]:
             os.close(saved)
             if held.released:
                 file.seek(0)
-                os.write(2, file.read())  # where it was going
+                os.write(2, _without_store_retries(file.read()))  # where it was going
 
 
 def initialize_distributed(timeout_minutes: float = 10) -> torch.device:

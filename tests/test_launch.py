@@ -207,3 +207,35 @@ def test_dockerfile_is_hadolint_clean():
     done = subprocess.run([hadolint, str(ROOT / "docker" / "Dockerfile")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+_LATE_STORE = r"""
+import socket, sys, threading, time
+from datetime import timedelta
+import torch.distributed as dist
+from megatron_mile.launch import _held_back_stderr
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+server = []  # the store's host starts after the client's first connection attempt timed out
+threading.Thread(target=lambda: (time.sleep(3.3), server.append(dist.TCPStore(
+    "127.0.0.1", port, 2, True, timedelta(seconds=30), wait_for_workers=False)))).start()
+with _held_back_stderr() as held:
+    dist.TCPStore("127.0.0.1", port, 2, False, timedelta(seconds=3))
+    held.release()
+print("a warning of the program's own", file=sys.stderr)
+"""
+
+
+def test_a_rendezvous_that_succeeds_after_retries_prints_nothing_of_them():
+    """A rank that starts before the store's host retries its connection, and c10d reports
+    every failed attempt on file descriptor 2 with a C++ stack trace; once the rendezvous
+    succeeds, only those reports are dropped (megatron_mile.launch._held_back_stderr), what
+    else was written there is kept. Real TCPStore, server 3.3 s late, 3 s connect timeout."""
+    out = subprocess.run([sys.executable, "-c", _LATE_STORE], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines()
+             if line.strip() and "Warning" not in line and "warnings.warn" not in line]
+    assert lines == ["a warning of the program's own"], out.stderr
