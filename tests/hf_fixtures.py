@@ -123,8 +123,6 @@ def layout_body(rank: int, world_size: int, folders: dict, tokens: list, tmp: st
     logits and per-token CE of the imported model on ``tokens`` (last stage, TP-gathered),
     then three training steps on repeated data. Then the round trip
     (:func:`round_trip_body`) in the same launch."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
 
     from megatron_mile.config import load_config
     from megatron_mile.training.trainer import Trainer
@@ -144,13 +142,8 @@ def layout_body(rank: int, world_size: int, folders: dict, tokens: list, tmp: st
             logits = _pipeline_outputs(trainer, {k: v.clone() for k, v in batch.items()},
                                        False)
             stats = _pipeline_outputs(trainer, {k: v.clone() for k, v in batch.items()}, True)
-            if logits:  # last stage: gather the vocabulary shards
-                logits_bsv = logits[0].detach().contiguous()
-                tp_group = parallel_state.get_tensor_model_parallel_group()
-                shards = [torch.empty_like(logits_bsv)
-                          for _ in range(dist.get_world_size(tp_group))]
-                dist.all_gather(shards, logits_bsv, group=tp_group)
-                res["logits"] = torch.cat(shards, dim=-1).tolist()
+            if logits:  # last stage
+                res["logits"] = _full_vocabulary(logits[0])
                 res["ce"] = stats[0].ce.tolist()
                 res["entropy"] = stats[0].entropy.tolist()
             trainer.train_iterator = ([itertools.repeat(batch) for _ in trainer.model]
@@ -255,8 +248,6 @@ def family_matrix_body(rank: int, world_size: int, folders: dict, tokens: list, 
     model's full-vocabulary logits on ``tokens`` (last stage, TP-gathered) and the lm_loss and
     objective of two training steps on them, through the trainer; then the round trip of
     each folder (:func:`round_trip_body`)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
 
     from megatron_mile.config import load_config
     from megatron_mile.training.trainer import Trainer
@@ -277,13 +268,8 @@ def family_matrix_body(rank: int, world_size: int, folders: dict, tokens: list, 
                 res = {}
                 logits = _pipeline_outputs(trainer, {k: v.clone() for k, v in batch.items()},
                                            False, FAMILY_SEQ)
-                if logits:  # last stage: gather the vocabulary shards
-                    logits_bsv = logits[0].detach().contiguous()
-                    tp_group = parallel_state.get_tensor_model_parallel_group()
-                    shards = [torch.empty_like(logits_bsv)
-                              for _ in range(dist.get_world_size(tp_group))]
-                    dist.all_gather(shards, logits_bsv, group=tp_group)
-                    res["logits"] = torch.cat(shards, dim=-1).tolist()
+                if logits:  # last stage
+                    res["logits"] = _full_vocabulary(logits[0])
                 trainer.train_iterator = ([itertools.repeat(batch) for _ in trainer.model]
                                           if len(trainer.model) > 1 else itertools.repeat(batch))
                 steps = [trainer.train_step() for _ in range(2)]
@@ -302,3 +288,17 @@ def family_matrix_body(rank: int, world_size: int, folders: dict, tokens: list, 
     round_trip = round_trip_body(rank, world_size, folders, tmp,
                                  (f"model.seq_length={FAMILY_SEQ}",))
     return {"layouts": results, "round_trip": round_trip}
+
+
+def _full_vocabulary(logits_bsv) -> list:
+    """``[b, s, v/tp]`` logits of this TP rank -> the whole vocabulary's ``[b, s, v]`` as a
+    list (one all-gather over the tensor-parallel group)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    logits_bsv = logits_bsv.detach().contiguous()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    shards = [torch.empty_like(logits_bsv) for _ in range(dist.get_world_size(tp_group))]
+    dist.all_gather(shards, logits_bsv, group=tp_group)
+    return torch.cat(shards, dim=-1).tolist()
