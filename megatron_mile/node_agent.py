@@ -21,7 +21,10 @@ torchrun's own agent (``torch.distributed.run``) and differs in two ways:
   naming the node, the global and local ranks, the pids and how they ended ("ranks 0, 1 (local
   ranks 0, 1; pids 17, 18) exited with 3 (a peer rank died or hung)"), then exits with the
   first failed rank's exit code (128 + N when signal N killed it), so that
-  ``srun --kill-on-bad-exit`` ends the job.
+  ``srun --kill-on-bad-exit`` ends the job. On the node where a multi-node job failed (its
+  trainers killed or crashed, not exiting 3 for a dead peer) it first waits up to
+  ``MILE_PEER_REPORT_S`` (10 s) for Slurm to end the step, so that the other nodes' trainers
+  say "a peer rank died" before Slurm cancels them.
   The failing trainer's own message (one line for the failures the trainer knows, a
   traceback for a bug) stays in the log above it; a dead or hung peer is said once per node,
   by local rank 0 (the agent sets ``MILE_NODE_AGENT=1`` for its trainers).
@@ -34,12 +37,14 @@ import os
 import signal
 import socket
 import sys
+import time
 
-from megatron_mile.training.watchdog import NODE_AGENT_ENV
+from megatron_mile.training.watchdog import EXIT_STALLED, NODE_AGENT_ENV
 
 PROG = "megatron-mile-node"
 _QUIET = ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")
 _SLURM_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+PEER_REPORT_ENV = "MILE_PEER_REPORT_S"
 
 
 def _node() -> str:
@@ -81,6 +86,36 @@ def _how(exitcode: int, plural: bool = False) -> str:
     return f"exited with {exitcode}{what.get(exitcode, '')}"
 
 
+def _nodes(nnodes: str) -> int:
+    """The most nodes of torchrun's ``--nnodes`` ("2" or "1:2")."""
+    try:
+        return int(str(nnodes).split(":")[-1])
+    except ValueError:
+        return 1
+
+
+def _let_the_peers_speak(received: list[str]) -> None:
+    """Wait (up to ``MILE_PEER_REPORT_S``, default 10 s) before this node's bad exit, unless
+    Slurm ends the step first (a SIGTERM, noted in ``received``).
+
+    This node is where a multi-node job failed (its trainers were killed or crashed; a
+    survivor's trainers exit 3 instead). ``srun --kill-on-bad-exit`` cancels the step on
+    every node as soon as one node agent exits non-zero: leaving at once would cancel the
+    surviving nodes before their trainers notice the dead peer, and the log would end with
+    Slurm's "STEP CANCELLED" instead of their one-line message. Their collectives fail within
+    an iteration (at once, when they are waiting on this node); their agents' exit then ends
+    the step, this agent included. Costs nothing where the peers speak first; at most the
+    wait where they do not (a peer computing a long iteration).
+    """
+    try:
+        wait_s = float(os.environ.get(PEER_REPORT_ENV, "10"))
+    except ValueError:
+        wait_s = 10.0
+    deadline = time.monotonic() + wait_s
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def _import_torchrun():
     """torch.distributed.run, with torch's C++ warnings off in this process only (the c10d
     store's "recvValue failed ... frame #0 ..." walls when a node goes away); the trainers
@@ -107,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     # every trainer of the node saw the same event (megatron_mile/training/watchdog.py).
     os.environ[NODE_AGENT_ENV] = "1"
     received: list[str] = []
-    if os.environ.get("MILE_SIGNALS", "forward") == "slurm":
+    slurm = os.environ.get("MILE_SIGNALS", "forward") == "slurm"
+    if slurm:
         # Slurm signals the trainers itself: note the signal, forward nothing, wait for them.
         handled = {s.strip() for s in args.signals_to_handle.split(",")}
         args.signals_to_handle = ",".join(
@@ -132,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         for exitcode, failed in outcomes.items():
             _say(f"{_which(failed)} {_how(exitcode, plural=len(failed) > 1)}")
         codes = [c if c > 0 else 128 - c for c in outcomes if c != 0]
+        if slurm and _nodes(args.nnodes) > 1 and EXIT_STALLED not in outcomes:
+            _let_the_peers_speak(received)
         return codes[0] if codes else 1  # the first failure's
     except Exception as e:  # noqa: BLE001 - torchrun's own failures: one line, not a traceback
         sigval = getattr(e, "sigval", None)

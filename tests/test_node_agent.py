@@ -160,3 +160,66 @@ def test_a_peer_failure_ignores_the_sigterms_that_end_the_step(monkeypatch, caps
         for s, h in saved.items():
             signal.signal(s, h)
     assert "rank 0: a collective failed in setup (setting up the model)" in capsys.readouterr().err
+
+
+def _trainers_killed(args):
+    raise ChildFailedError("megatron_mile.train", {2: _failure(0, -9, 1.0),
+                                                   3: _failure(1, -9, 1.1)})
+
+
+def test_the_failed_node_waits_for_slurm_to_end_the_step(agent, capsys, monkeypatch):
+    """Its trainers killed: the agent says so at once, then waits (here up to 60 s) until
+    Slurm ends the step (SIGTERM, after a surviving node's agent exited 3), so that the
+    survivors' "a peer rank died" comes before srun --kill-on-bad-exit cancels them."""
+    import os
+    import threading
+    import time
+
+    monkeypatch.setenv(node_agent.PEER_REPORT_ENV, "60")
+    said = []
+    timer = threading.Timer(1.0, lambda: (said.append(capsys.readouterr().err),
+                                          os.kill(os.getpid(), signal.SIGTERM)))
+    start = time.monotonic()
+    timer.start()
+    try:
+        rc, _ = agent(_trainers_killed, "slurm")
+    finally:
+        timer.cancel()
+    took = time.monotonic() - start
+    assert rc == 137
+    assert 1.0 <= took < 30, took  # until the SIGTERM, not the 60 s
+    assert said and "ranks 2, 3 (local ranks 0, 1; pids 100, 101) were killed by SIGKILL" \
+        in said[0]  # printed before the wait
+
+
+def test_the_failed_node_gives_up_waiting_after_the_peer_report_time(agent, monkeypatch):
+    import time
+
+    monkeypatch.setenv(node_agent.PEER_REPORT_ENV, "0.5")
+    start = time.monotonic()
+    rc, _ = agent(_trainers_killed, "slurm")
+    assert rc == 137 and 0.5 <= time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize("mode,nnodes,failure", [
+    ("slurm", "2", 3),      # a survivor: its trainers saw the dead peer
+    ("slurm", "1", -9),     # one node: nobody else to speak
+    ("forward", "2", -9),   # by hand: no srun to cancel the others
+])
+def test_no_wait_for_survivors_single_nodes_and_launches_by_hand(agent, monkeypatch, mode,
+                                                                 nnodes, failure):
+    import time
+
+    monkeypatch.setenv(node_agent.PEER_REPORT_ENV, "60")
+    monkeypatch.setattr(node_agent, "main", _with_nnodes(node_agent.main, nnodes))
+    start = time.monotonic()
+    rc, _ = agent(lambda args: (_ for _ in ()).throw(
+        ChildFailedError("t", {0: _failure(0, failure, 1.0)})), mode)
+    assert rc == (3 if failure == 3 else 137)
+    assert time.monotonic() - start < 20
+
+
+def _with_nnodes(main, nnodes):
+    def main_with(argv=None):
+        return main([f"--nnodes={nnodes}", *(argv or ARGS)[1:]])
+    return main_with
