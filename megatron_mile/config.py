@@ -192,20 +192,21 @@ class LossConfig:
     """Check that every target id is inside the vocabulary (one host sync per micro-batch on
     GPU). Turn off only for benchmarking trusted data."""
 
-    fused_output_layer: bool = False
+    fused_output_layer: Optional[bool] = None
     """Compute the output layer and the loss together, a chunk of tokens at a time
     (``linear_weighted_cross_entropy``), so the ``[s, b, v/tp]`` logits and their gradient
     never exist; values and gradients equal the unfused path's within fp32 rounding, for
-    every parallel layout. In fp32 and bf16 the trainer hands the loss mask to the fused
-    loss, which then forms the gradients in forward (3 GEMMs of the output layer's size, as
-    unfused; at TP > 1 with two small all-reduces per chunk) and only scales them in
-    backward; fp16 recomputes the logits in backward (one extra GEMM: its gradients need the
-    loss scale before rounding; see ``fused_linear.PRECOMPUTE_DTYPES``). Off by default: the issue-20 goals (time
-    <= 1.0x unfused as a function, tokens/s >= 1.0x in training) are not shown met on the
-    shared 2-core CPU where it was measured, and it is not yet measured on a GPU, where
-    tools/gpu_checks.sh measures it (docs/benchmarks.md). Turn it on where the logits'
-    memory is the limit (128k vocabularies). ``cross_entropy`` then runs as weight-1 CE in
-    the same kernel, not megatron-core's CE."""
+    every parallel layout. null (the default): on in fp32 and bf16, off in fp16. In fp32 and
+    bf16 the trainer hands the loss mask to the fused loss, which then forms the gradients in
+    forward (3 GEMMs of the output layer's size, as unfused; at TP > 1 with two small
+    all-reduces per chunk) and only scales them in backward: measured at 0.73-1.00x the
+    unfused path's time as a function (v = 32000 and 128000, TP 1 and 2), 1.17x its tokens/s
+    and 0.55x its peak memory in a training step at v = 128000, 0.21x the function's peak
+    (docs/benchmarks.md, CPU). fp16 recomputes the logits in backward (one extra GEMM: its
+    gradients need the loss scale before rounding; ``fused_linear.PRECOMPUTE_DTYPES``), so
+    it is off there unless set true (where the logits' memory is the limit). With it on,
+    ``cross_entropy`` runs as weight-1 CE in the same kernel, not megatron-core's CE; false
+    gives megatron's output layer and the separate loss."""
 
     @property
     def weighting(self) -> str:

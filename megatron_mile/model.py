@@ -13,7 +13,8 @@ output to ``loss_func`` untouched (``forward_step_calc_loss`` in
 megatron/core/pipeline_parallel/schedules.py), so it need not be a tensor there; the bf16
 wrapper ``Float16Module`` passes it through too, being no tuple (see ``WeightedCrossEntropy``).
 
-With ``loss.fused_output_layer`` the output layer and the loss run as one chunked Function
+With ``loss.fused_output_layer`` (on by default in fp32 and bf16: :func:`fused_output_layer`)
+the output layer and the loss run as one chunked Function
 (:func:`~megatron_mile.loss.linear_weighted_cross_entropy`); see :class:`MileGPTModel` for how
 it is hooked in without copying megatron-core's ``_postprocess``.
 """
@@ -52,6 +53,21 @@ from megatron_mile.loss import (
     fused_token_losses,
     token_losses,
 )
+from megatron_mile.loss.fused_linear import forms_gradients_in_forward
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fused_output_layer(cfg: TrainConfig) -> bool:
+    """``loss.fused_output_layer`` resolved: as set, or where it is None (the default) on
+    exactly where the fused loss forms its gradients in forward for the run's dtype and TP
+    size (:func:`~megatron_mile.loss.fused_linear.forms_gradients_in_forward`: fp32 and bf16
+    at TP 1, 2, 4, 8), off elsewhere (fp16, whose backward would recompute the logits)."""
+    if cfg.loss.fused_output_layer is not None:
+        return cfg.loss.fused_output_layer
+    return forms_gradients_in_forward(_DTYPES[cfg.precision.dtype],
+                                      cfg.parallel.tensor_model_parallel_size)
 
 
 def padded_vocab_size(vocab_size: int, cfg: TrainConfig) -> int:
@@ -255,23 +271,25 @@ class MileGPTModel(GPTModel):
     copy of ``_postprocess`` that would drift between releases. Calls without labels
     (evaluation, generation) get real logits. A ``loss_mask`` given to ``forward`` (the
     trainer passes the one ``loss_func`` applies) travels in :class:`DeferredLogits` as the
-    fused loss's ``grad_factor``: at TP = 1 it lets the loss form its gradients in forward
-    (3 GEMMs, no recompute; see :func:`~megatron_mile.loss.linear_weighted_cross_entropy`).
+    fused loss's ``grad_factor``: in fp32 and bf16 it lets the loss form its gradients in
+    forward (3 GEMMs, no recompute; see :func:`~megatron_mile.loss.linear_weighted_cross_entropy`).
     """
 
     _FORWARD_SIGNATURE = inspect.signature(GPTModel.forward)
 
     def __init__(self, *args, loss_config: LossConfig, valid_vocab_size: Optional[int] = None,
-                 **kwargs):
+                 fused_output_layer: bool = False, **kwargs):
         """``valid_vocab_size``: the real vocabulary (the tokenizer's, or model.vocab_size)
         before padding to ``vocab_size``; the padded logit columns count nowhere in the loss
-        (:func:`megatron_mile.loss.token_losses`). None: every row is real."""
+        (:func:`megatron_mile.loss.token_losses`). None: every row is real.
+        ``fused_output_layer``: ``loss.fused_output_layer`` resolved (:func:`fused_output_layer`)."""
         super().__init__(*args, **kwargs)
         if getattr(self.config, "mtp_num_layers", None):
             raise ConfigError("multi-token prediction is not supported with MileGPTModel")
         self.loss_config = loss_config
         self.valid_vocab_size = valid_vocab_size
-        if loss_config.fused_output_layer and self.post_process:
+        self.fused_output_layer = fused_output_layer and self.post_process
+        if self.fused_output_layer:
             if self.output_layer.bias is not None or self.config.defer_embedding_wgrad_compute:
                 raise ConfigError("loss.fused_output_layer needs an output layer without bias "
                                   "and defer_embedding_wgrad_compute off")
@@ -279,7 +297,7 @@ class MileGPTModel(GPTModel):
     def forward(self, *args, **kwargs):  # type: ignore[override]
         """megatron-core's forward; with the fused loss and labels, the output layer defers
         its matmul to the loss (see the class docstring)."""
-        if not (self.loss_config.fused_output_layer and self.post_process):
+        if not self.fused_output_layer:
             return super().forward(*args, **kwargs)
         call = self._FORWARD_SIGNATURE.bind(self, *args, **kwargs).arguments
         if call.get("labels") is None or call.get("runtime_gather_output"):
@@ -354,6 +372,7 @@ def build_model_chunk(cfg: TrainConfig, config: TransformerConfig, vocab_size: i
         vp_stage=vp_stage,
         loss_config=cfg.loss,
         valid_vocab_size=valid_vocab_size,
+        fused_output_layer=fused_output_layer(cfg),
     )
 
 

@@ -423,6 +423,24 @@ def test_non_finite_hidden_gives_nan_not_a_finite_loss():
     assert torch.isfinite(out.weighted_ce[3]).all()  # other tokens are unaffected
 
 
+@pytest.mark.parametrize("overrides,on", [
+    ([], True),                                                   # tiny: fp32
+    (["precision.dtype=bf16", "parallel.tensor_model_parallel_size=2"], True),
+    (["precision.dtype=fp16"], False),                            # would recompute
+    (["parallel.tensor_model_parallel_size=2", "loss.fused_output_layer=false"], False),
+    (["precision.dtype=fp16", "loss.fused_output_layer=true"], True),
+])
+def test_on_by_default_exactly_where_it_forms_gradients_in_forward(overrides, on):
+    """``loss.fused_output_layer`` null (the default) resolves to on where the fused loss
+    forms its gradients in forward (where it was measured at least as fast as the unfused
+    path), off in fp16; true/false are kept as set."""
+    from megatron_mile.config import load_config
+    from megatron_mile.model import fused_output_layer
+
+    cfg = load_config("tiny", overrides, world_size=2)
+    assert fused_output_layer(cfg) is on
+
+
 def test_default_chunk_size():
     assert default_chunk_size(128000, torch.device("cpu")) == (1 << 25) // 128000 == 262
     assert default_chunk_size(1 << 30, torch.device("cpu")) == 256  # GEMMs stay efficient

@@ -90,16 +90,17 @@ def _fused_vs_unfused(rank: int, world_size: int) -> dict:
 
 
 def _forward_without_labels(world_size: int) -> dict:
-    """With the fused loss on, a forward without labels (evaluation, generation) still gets
-    the logits ``[b, s, v/tp]``; with labels, the per-token statistics."""
+    """The fused loss is on by default in fp32; with it on, a forward without labels
+    (evaluation, generation) still gets the logits ``[b, s, v/tp]``; with labels, the
+    per-token statistics."""
     import torch
 
     from megatron_mile.config import load_config
     from megatron_mile.loss import WeightedCrossEntropy
     from megatron_mile.training.trainer import Trainer
 
-    cfg = load_config("tiny", BASE + LAYOUTS["tp2_sp"] + ["loss.fused_output_layer=true"],
-                      world_size=world_size)
+    # The default (null): on in fp32 (the tiny config's dtype).
+    cfg = load_config("tiny", BASE + LAYOUTS["tp2_sp"], world_size=world_size)
     trainer = Trainer(cfg)
     trainer.setup()
     try:
@@ -111,7 +112,9 @@ def _forward_without_labels(world_size: int) -> dict:
             stats = model(tokens_bs, position_ids_bs, None, labels=tokens_bs)
     finally:
         trainer.shutdown()
-    return {"logits_shape": tuple(logits.shape) if isinstance(logits, torch.Tensor) else None,
+    return {"fused_by_default": model.module.fused_output_layer
+            if hasattr(model, "module") else model.fused_output_layer,
+            "logits_shape": tuple(logits.shape) if isinstance(logits, torch.Tensor) else None,
             "stats": isinstance(stats, WeightedCrossEntropy),
             "output_layer_restored": "forward" not in vars(model.module.output_layer)
             if hasattr(model, "module") else "forward" not in vars(model.output_layer)}
@@ -152,5 +155,6 @@ def test_fused_output_layer_trains_like_the_unfused_one(runs, layout):
 
 def test_forward_without_labels_still_returns_logits(runs):
     out = runs["no_labels"]
+    assert out["fused_by_default"] is True, out
     assert out["logits_shape"] == (2, 64, 256), out  # [b, s, v/tp]: 512 / TP=2
     assert out["stats"] and out["output_layer_restored"], out

@@ -218,14 +218,24 @@ fp16's normal range (6e-5) and lose their precision, which is what loss scaling 
 keeps the recompute, which forms ``c f w (softmax - onehot)`` as the unfused path does."""
 
 
+def forms_gradients_in_forward(dtype: torch.dtype, tp_size: int) -> bool:
+    """Whether the fused loss, given the loss mask, forms its gradients in forward (3 GEMMs of
+    the output layer's size, as the unfused path) for inputs of ``dtype`` at ``tp_size``:
+    ``dtype`` in :data:`PRECOMPUTE_DTYPES` and ``tp_size`` in :data:`PRECOMPUTE_TP_SIZES`.
+    Otherwise its backward recomputes the logits (4 GEMMs). Where it does, the fused path
+    was measured at least as fast as the unfused one (docs/benchmarks.md), which makes it
+    ``loss.fused_output_layer``'s default there."""
+    return dtype in PRECOMPUTE_DTYPES and tp_size in PRECOMPUTE_TP_SIZES
+
+
 def _precompute_applies(grad_factor: Optional[torch.Tensor], tp_size: int,
                         needs_grad: bool, dtype: torch.dtype) -> bool:
-    """Whether the forward forms the gradients (3 GEMMs): a per-token factor is known, a
-    gradient is wanted, ``tp_size`` is in :data:`PRECOMPUTE_TP_SIZES` and ``dtype`` in
-    :data:`PRECOMPUTE_DTYPES`: the same on every TP rank (one layer's shards share their
-    dtype), so every rank decides alike, as it must: the decision sets the collectives."""
-    return (grad_factor is not None and needs_grad and tp_size in PRECOMPUTE_TP_SIZES
-            and dtype in PRECOMPUTE_DTYPES)
+    """Whether this call forms the gradients in forward: a per-token factor is known, a
+    gradient is wanted and :func:`forms_gradients_in_forward`: the same on every TP rank (one
+    layer's shards share their dtype), so every rank decides alike, as it must: the decision
+    sets the collectives."""
+    return (grad_factor is not None and needs_grad
+            and forms_gradients_in_forward(dtype, tp_size))
 
 
 def _scalar_multiplier(grad_n: torch.Tensor, factor_n: torch.Tensor) -> Optional[torch.Tensor]:

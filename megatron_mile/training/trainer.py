@@ -46,7 +46,12 @@ from megatron_mile.fusions import Kernels, kernel_notice, resolve_transformer_im
 from megatron_mile.launch import job_start_time
 from megatron_mile.loss import LossNormalizer, WeightedCrossEntropy
 from megatron_mile.models import get_family
-from megatron_mile.model import flops_per_token, num_parameters, padded_vocab_size
+from megatron_mile.model import (
+    flops_per_token,
+    fused_output_layer,
+    num_parameters,
+    padded_vocab_size,
+)
 from megatron_mile.run_config import resolve_model
 from megatron_mile.training import checkpoint
 from megatron_mile.training.checkpoint_lock import CheckpointLock
@@ -188,7 +193,9 @@ class Trainer:
             f"{p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x CP "
             f"{p.context_parallel_size} x DP {self.dp_size}; {self.num_microbatches} "
             f"micro-batches/step; loss {cfg.loss.type} (gamma {cfg.loss.gamma}, sigma "
-            f"{cfg.loss.sigma}, {cfg.loss.normalization}); device {self.device}, "
+            f"{cfg.loss.sigma}, {cfg.loss.normalization}"
+            f"{', fused with the output layer' if fused_output_layer(cfg) else ''}); device "
+            f"{self.device}, "
             f"dtype {cfg.precision.dtype}")
         kernels = Kernels.detect()
         notice = kernel_notice(resolve_transformer_impl(cfg.model.transformer_impl, kernels),
