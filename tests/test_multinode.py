@@ -313,10 +313,6 @@ def _saved(log: Path) -> int:
     return max(int(i) for i in re.findall(r"saved checkpoint at iteration (\d+)", _read(log)))
 
 
-@pytest.mark.skipif(not os.environ.get("MILE_MULTINODE_FAULTS"),
-                    reason="opt-in (MILE_MULTINODE_FAULTS=1): flaky on the 2-core CI machine "
-                           "(srun's kill-on-bad-exit races node A's own dead-peer exit; the lost "
-                           "node's job was once failed instead of requeued); issue 18 stays open")
 @pytest.mark.timeout(900)
 def test_node_faults_end_as_promised_and_each_resubmission_resumes(cluster, tmp_path):
     """Killed trainers, a hung node, a lost node: three jobs on one checkpoint directory, each
