@@ -282,9 +282,9 @@ are ended within it. (It also bounds the start's process-group rendezvous, which
 
 
 class _FaultRun:
-    """2-node jobs on one checkpoint directory, saving every 3 iterations (a fault may hit a
-    step or a save: the outcome is the same), so that each resubmission after a fault resumes
-    from what the one before published."""
+    """2-node jobs on one checkpoint directory, saving every 3 iterations unless told
+    otherwise (the hung and lost nodes may hit a step or a save: the outcome is the same), so
+    that each resubmission after a fault resumes from what the one before published."""
 
     def __init__(self, cluster: SlurmCluster, root: Path) -> None:
         self.cluster, self.root, self.jobs = cluster, root, 0
@@ -293,8 +293,8 @@ class _FaultRun:
         """Submit the job; return its id, log and nodes once it has saved a checkpoint."""
         self.jobs += 1
         log = self.root / f"job{self.jobs}.out"
-        e = _env(self.root, CKPT_DIR=str(self.root / "ckpt"), TRAIN_ITERS="100000",
-                 SAVE_INTERVAL="3", MICRO_BATCH="2", **env)
+        e = _env(self.root, **{"CKPT_DIR": str(self.root / "ckpt"), "TRAIN_ITERS": "100000",
+                               "SAVE_INTERVAL": "3", "MICRO_BATCH": "2", **env})
         job = self.cluster.sbatch(
             [f"--output={log}", "--nodes=2", "--exclusive", str(PRETRAIN), *COMMON, *overrides],
             env=e, cwd=self.root)
@@ -319,9 +319,12 @@ def test_node_faults_end_as_promised_and_each_resubmission_resumes(cluster, tmp_
     a resubmission that resumes from the one before."""
     run = _FaultRun(cluster, tmp_path)
 
-    # 1. node B's two trainers killed (2 trainers per node, DP=4): node A's two trainers end at
-    # once, with one dead-peer line for the node; the job fails with one status line.
-    job, log, (node_a, node_b) = run.submit(NPROC_PER_NODE="2")
+    # 1. node B's two trainers killed (2 trainers per node, DP=4) in a training step (the
+    # first save at iteration 40, the next 40 iterations later: node A's trainers are in a
+    # collective with them, not waiting at a save for their files, which only the watchdog's
+    # timeout or Slurm ends: docs/launching.md): node A's two trainers end at once, with one
+    # dead-peer line for the node; the job fails with one status line.
+    job, log, (node_a, node_b) = run.submit(NPROC_PER_NODE="2", SAVE_INTERVAL="40")
     saved = _saved(log)
     victims = _trainer_pids(cluster, node_b)
     assert len(victims) == 2, f"trainers on {node_b}: {victims} of {cluster.job_pids(node_b)}"
