@@ -22,6 +22,8 @@ def agent(monkeypatch):
     """Run node_agent.main with ``behaviour(args)`` as torchrun's run; return (rc, seen)."""
     seen = {}
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    # No wait for the peers' reports unless a test asks for one (it sets this again).
+    monkeypatch.setenv(node_agent.PEER_REPORT_ENV, "0")
 
     def start(behaviour, mode):
         monkeypatch.setenv("MILE_SIGNALS", mode)
