@@ -1,7 +1,8 @@
 """Run a function in N processes joined by a gloo process group, and collect what each returns.
 
-Many cases should run inside one launch: each process pays the import of torch (about 2 s)
-and megatron-core (about 8 s) once.
+The import of torch (about 2 s) and megatron-core (about 8 s) is paid once per calling
+process, by the fork server the first launch starts (see below); later launches start their
+ranks in a fraction of a second.
 
     def _body(rank: int, world_size: int, gamma: float) -> float:
         ...                                  # torch.distributed is initialised here
