@@ -18,8 +18,8 @@ and training to the end. What is injected:
   ``parallel.distributed_timeout_minutes``; a second SIGTERM ends a rank blocked in a
   collective at once.
 
-The CLI's ``main`` runs in spawned processes (``run_distributed``, one process, many runs: each
-process imports megatron-core once); the hang tests launch ``python -m megatron_mile.train``.
+The CLI's ``main`` runs in one spawned process (``run_distributed``, one launch for every
+one-process group of runs: megatron-core is imported once); the hang tests launch ``python -m megatron_mile.train``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import time
+import traceback
 
 import pytest
 
@@ -146,21 +147,51 @@ def _publish_faults(root: str, tmpfs: str | None, *mode: str) -> dict:
     return out
 
 
+def _one_process(rank: int, world_size: int, roots: dict[str, str], tmpfs: str | None) -> dict:
+    """The one-process groups of runs (publish and disk, crafted checkpoints, bad inputs) in one
+    launch, so that megatron-core is imported once for all three: each group's result, or its
+    traceback, so that a group that raises fails its own tests only."""
+    groups = {
+        "publish": lambda: _publish_and_disk(rank, world_size, roots["publish"], tmpfs),
+        "crafted": lambda: _crafted(rank, world_size, roots["crafted"]),
+        "bad": lambda: _bad_inputs(rank, world_size, roots["bad"]),
+    }
+    out = {}
+    for name, group in groups.items():
+        try:
+            out[name] = (True, group())
+        except Exception:  # noqa: BLE001 - reported by that group's fixture
+            out[name] = (False, traceback.format_exc())
+    return out
+
+
 @pytest.fixture(scope="module")
-def publish_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("publish")
+def one_process_runs(tmp_path_factory):
+    roots = {name: str(tmp_path_factory.mktemp(name)) for name in ("publish", "crafted", "bad")}
     tmpfs = None
     if os.geteuid() == 0 and shutil.which("mount"):
-        tmpfs = str(root / "tmpfs")
+        tmpfs = os.path.join(roots["publish"], "tmpfs")
         os.makedirs(tmpfs)
         # One tiny checkpoint is about 2.2 MB: room for the first, not the filler too.
         if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", tmpfs]).returncode:
             tmpfs = None
     try:
-        yield run_distributed(_publish_and_disk, 1, args=(str(root), tmpfs), timeout_s=400)[0]
+        yield run_distributed(_one_process, 1, args=(roots, tmpfs), timeout_s=1000)[0]
     finally:
         if tmpfs is not None:
             subprocess.run(["umount", tmpfs])
+
+
+def _group(one_process_runs: dict, name: str) -> dict:
+    ok, result = one_process_runs[name]
+    if not ok:
+        pytest.fail(f"the {name} runs raised:\n{result}", pytrace=False)
+    return result
+
+
+@pytest.fixture(scope="module")
+def publish_runs(one_process_runs):
+    return _group(one_process_runs, "publish")
 
 
 @pytest.fixture(params=["sync", "async"])
@@ -314,9 +345,8 @@ def _crafted(rank: int, world_size: int, root: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def crafted(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("crafted"))
-    return run_distributed(_crafted, 1, args=(root,), timeout_s=300)[0]
+def crafted(one_process_runs):
+    return _group(one_process_runs, "crafted")
 
 
 @pytest.mark.parametrize("case, needle", [
@@ -415,9 +445,8 @@ def _bad_inputs(rank: int, world_size: int, root: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def bad(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("bad"))
-    return run_distributed(_bad_inputs, 1, args=(root,), timeout_s=300)[0]
+def bad(one_process_runs):
+    return _group(one_process_runs, "bad")
 
 
 @pytest.mark.parametrize("case, needle", [

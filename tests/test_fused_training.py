@@ -75,9 +75,9 @@ def _fused_vs_unfused(rank: int, world_size: int) -> dict:
     model_module.fused_token_losses = counting
     out: dict = {"no_labels": _forward_without_labels(world_size)}
     for name, layout in LAYOUTS.items():
-        if name in HALF:  # the fp32 reference of the half-precision runs
+        if name in HALF:  # the fp32 reference of the half-precision runs: step 1 only
             fp32 = [o for o in layout if not o.startswith("precision.dtype=")]
-            run = run_trainer(BASE + fp32, world_size)
+            run = run_trainer(BASE + fp32 + ["training.train_iters=1"], world_size)
             out[(name, "fp32")] = {"grad_norm": curve(run, "grad_norm")}
         for on in (False, True):
             calls["n"] = 0

@@ -5,6 +5,10 @@ Engine and apex are faked (``torch.cuda.is_available`` patched, the extension mo
 registered as importable, megatron's TE-provided fused RoPE stubbed, since megatron checks for
 it when the config is built), as on NVIDIA's container, on a GPU without TE and on CPU. The
 values must match the table in docs/launching.md, which users read.
+
+The subprocess imports torch and megatron-core once (most of its time), then forks one child
+per scenario: each fakes its own machine in a copy of that process, so no scenario's fakes
+reach another's.
 """
 
 from __future__ import annotations
@@ -30,43 +34,60 @@ REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ("gpu_te", "gpu", "cpu")  # the table's columns, in order
 
 _PROBE = r"""
-import importlib.machinery, json, sys, types
+import importlib.machinery, json, os, sys, traceback, types
 import torch
 import megatron.core.models.common.embeddings.rope_utils as rope_utils
 from megatron_mile.config import load_config
 from megatron_mile.fusions import FUSIONS, Kernels, resolve_transformer_impl
 from megatron_mile.model import transformer_config
 
-scenario = sys.argv[1]
-if scenario != "cpu":
-    torch.cuda.is_available = lambda: True
-if scenario == "gpu_te":  # NVIDIA's PyTorch container: Transformer Engine and apex
-    for name in ("transformer_engine", "fused_weight_gradient_mlp_cuda",
-                 "scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda",
-                 "apex", "apex.contrib", "apex.contrib.layer_norm"):
-        module = types.ModuleType(name)
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        sys.modules[name] = module
-    rope_utils.fused_apply_rotary_pos_emb = lambda *args, **kwargs: None  # TE's kernel
 
-cfg = load_config("llama_6.7b", ["data.data_path=[/data/x]", "data.tokenizer_model=/data/t.model"],
-                  world_size=128)
-config = transformer_config(cfg, use_cpu_initialization=scenario == "cpu")
-kernels = Kernels.detect()
-print(json.dumps({"transformer_impl": resolve_transformer_impl(cfg.model.transformer_impl, kernels),
-                  **{f.field: getattr(config, f.field) for f in FUSIONS}}))
+def probe(scenario):
+    if scenario != "cpu":
+        torch.cuda.is_available = lambda: True
+    if scenario == "gpu_te":  # NVIDIA's PyTorch container: Transformer Engine and apex
+        for name in ("transformer_engine", "fused_weight_gradient_mlp_cuda",
+                     "scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda",
+                     "apex", "apex.contrib", "apex.contrib.layer_norm"):
+            module = types.ModuleType(name)
+            module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            sys.modules[name] = module
+        rope_utils.fused_apply_rotary_pos_emb = lambda *args, **kwargs: None  # TE's kernel
+
+    cfg = load_config("llama_6.7b", ["data.data_path=[/data/x]",
+                                     "data.tokenizer_model=/data/t.model"], world_size=128)
+    config = transformer_config(cfg, use_cpu_initialization=scenario == "cpu")
+    kernels = Kernels.detect()
+    return {"transformer_impl": resolve_transformer_impl(cfg.model.transformer_impl, kernels),
+            **{f.field: getattr(config, f.field) for f in FUSIONS}}
+
+
+for scenario in sys.argv[1:]:
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:  # the child fakes its machine, prints one line and exits
+        try:
+            print(json.dumps({"scenario": scenario, **probe(scenario)}), flush=True)
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"scenario {scenario} failed")
 """
 
 
 @pytest.fixture(scope="module")
 def built() -> dict[str, dict]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = {}
-    for scenario in SCENARIOS:
-        proc = subprocess.run([sys.executable, "-c", _PROBE, scenario], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out[scenario] = json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *SCENARIOS], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    out = {line.pop("scenario"): line for line in lines}
+    assert list(out) == list(SCENARIOS), proc.stdout[-3000:]
     return out
 
 

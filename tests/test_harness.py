@@ -1,5 +1,8 @@
-"""The multi-process harness itself: results per rank, failures surfaced, hangs terminated."""
+"""The multi-process harness itself: results per rank, failures surfaced, hangs terminated, and
+what a rank inherits from its caller (ranks are forked from a warm fork server, not spawned).
+"""
 
+import os
 import time
 
 import pytest
@@ -28,6 +31,24 @@ def _hang(rank: int, world_size: int) -> None:
         dist.barrier()
     else:
         time.sleep(120)  # never reaches the barrier, never exits in time
+
+
+def _environment_and_hello(rank: int, world_size: int) -> list:
+    print(f"rank {rank} of {world_size} says hello", flush=True)
+    return [os.environ.get("MILE_HARNESS_MARK"), os.environ.get("OMP_NUM_THREADS"),
+            torch.get_num_threads()]
+
+
+def test_ranks_get_the_callers_environment_and_output_at_each_launch(monkeypatch, capfd):
+    """As a spawned rank would: the caller's os.environ at this launch (not the one the fork
+    server started with), one torch thread, and stdout to the caller's, here the capture."""
+    monkeypatch.setenv("MILE_HARNESS_MARK", "first")
+    with capfd.disabled():  # the fork server, if this starts it, starts outside the capture
+        assert run_distributed(_environment_and_hello, 2) == [["first", "1", 1]] * 2
+    monkeypatch.setenv("MILE_HARNESS_MARK", "second")
+    assert run_distributed(_environment_and_hello, 2) == [["second", "1", 1]] * 2
+    out = capfd.readouterr().out
+    assert "rank 0 of 2 says hello" in out and "rank 1 of 2 says hello" in out, out
 
 
 def test_results_are_indexed_by_rank():

@@ -1,7 +1,8 @@
 """Run a function in N processes joined by a gloo process group, and collect what each returns.
 
-Many cases should run inside one launch: each process pays the import of torch (about 2 s)
-and megatron-core (about 8 s) once.
+The import of torch (about 2 s) and megatron-core (about 8 s) is paid once per calling
+process, by the fork server the first launch starts (see below); later launches start their
+ranks in a fraction of a second.
 
     def _body(rank: int, world_size: int, gamma: float) -> float:
         ...                                  # torch.distributed is initialised here
@@ -15,18 +16,26 @@ queue through shared memory that disappears when its process exits (``.tolist()`
 A failure on any rank is re-raised in the caller with that rank's traceback, and the other
 ranks are terminated instead of being left blocked in a collective. A run that exceeds
 ``timeout_s`` is terminated and reported as a hang.
+
+Ranks start from a fork server (one per calling process, started by the first launch) that
+has imported torch and megatron-core once (``warm_start.py``): a rank is a fork of it, not a
+fresh interpreter, so a launch does not pay those imports again. Each rank gets the caller's
+environment and its stdout/stderr as they are at the launch, as a spawned process would.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import sys
 import tempfile
 import time
 import traceback
 from datetime import timedelta
+from multiprocessing import reduction
 from typing import Any, Callable, Sequence
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -37,6 +46,25 @@ class DistributedTestError(RuntimeError):
     """A rank raised, crashed or hung; the message carries the rank and its traceback."""
 
 
+class _CallerStdio:
+    """Pickles as the caller's stdout and stderr file descriptors (passed to the fork server's
+    child with the process object), which the child puts in place of its own: a rank's output
+    goes where a spawned rank's would (a test's captured output, say), not to the fork
+    server's."""
+
+    def __reduce__(self):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return _attach_stdio, (reduction.DupFd(1), reduction.DupFd(2))
+
+
+def _attach_stdio(out: Any, err: Any) -> None:
+    for target, dup in ((1, out), (2, err)):
+        fd = dup.detach()
+        os.dup2(fd, target)
+        os.close(fd)
+
+
 def _worker(
     rank: int,
     world_size: int,
@@ -45,8 +73,12 @@ def _worker(
     args: Sequence[Any],
     results: "mp.Queue",
     env: dict[str, str],
+    stdio: None = None,  # attached while unpickling (_CallerStdio)
 ) -> None:
+    os.environ.clear()  # the caller's environment at the launch, as a spawned rank inherits
     os.environ.update(env)
+    if "OMP_NUM_THREADS" in env:  # torch was imported in the fork server, before this
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
@@ -92,15 +124,17 @@ def run_distributed(
     Raises:
         DistributedTestError: a rank raised or died, or the run exceeded ``timeout_s``.
     """
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["megatron_mile.testing.warm_start"])  # used at its start
     results = ctx.Queue()
-    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     with tempfile.TemporaryDirectory(prefix="mile-dist-") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         procs = [
             ctx.Process(
                 target=_worker,
-                args=(rank, world_size, init_file, fn, tuple(args), results, env),
+                args=(rank, world_size, init_file, fn, tuple(args), results, env,
+                      _CallerStdio()),
                 daemon=True,
             )
             for rank in range(world_size)
