@@ -34,7 +34,8 @@ def _hang(rank: int, world_size: int) -> None:
 
 
 def _environment_and_hello(rank: int, world_size: int) -> list:
-    print(f"rank {rank} of {world_size} says hello", flush=True)
+    if os.environ.get("MILE_HARNESS_MARK") == "second":  # the launch inside the capture
+        print(f"rank {rank} of {world_size} says hello", flush=True)
     return [os.environ.get("MILE_HARNESS_MARK"), os.environ.get("OMP_NUM_THREADS"),
             torch.get_num_threads()]
 
