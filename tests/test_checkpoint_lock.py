@@ -5,6 +5,7 @@ stale one of another host is taken over, a holder that lost the lock refuses to 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -91,6 +92,35 @@ def test_another_hosts_lock_is_taken_over_only_when_stale(tmp_path):
     lock = CheckpointLock(str(tmp_path), stale_s=60).acquire()
     try:
         assert _record(tmp_path)["token"] == lock.token
+    finally:
+        lock.release()
+
+
+def test_a_requeued_job_takes_over_the_lock_of_its_previous_run(tmp_path, monkeypatch, caplog):
+    """A node lost during a save: Slurm kills the job's other processes before their lock is
+    released and requeues the job on other hosts, where the lock is not yet stale. The same
+    job at a later restart takes it over; another job, or the same restart, is refused."""
+    def held_by(job: str, restart):
+        record = {"host": "node-that-died", "pid": 4242, "start_ticks": 1, "boot_id": "x",
+                  "slurm_job_id": job, "token": "theirs", "created": time.time()}
+        if restart is not None:
+            record["slurm_restart"] = restart
+        (tmp_path / LOCK_FILENAME).write_text(json.dumps(record))
+
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    for job, restart in [("778", 0), ("777", 1), ("777", None)]:
+        held_by(job, restart)
+        with pytest.raises(LockError, match=rf"in use by another run .*Slurm job {job}"):
+            CheckpointLock(str(tmp_path), stale_s=600).acquire()
+    held_by("777", 0)
+    with caplog.at_level(logging.WARNING, logger="megatron_mile.training.checkpoint_lock"):
+        lock = CheckpointLock(str(tmp_path), stale_s=600).acquire()
+    try:
+        assert _record(tmp_path)["token"] == lock.token
+        assert _record(tmp_path)["slurm_restart"] == 1
+        assert "it was this Slurm job 777 before its requeue (restart 0; this is restart 1)" \
+            in caplog.text
     finally:
         lock.release()
 

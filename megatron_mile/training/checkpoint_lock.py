@@ -14,7 +14,9 @@ run that saves into ``save_dir`` holds ``save_dir/mile.lock`` for its whole life
 
 A second run is refused with one line naming the holder. The lock is taken over only when its
 holder is provably gone: on the same host, its process no longer exists (or the pid is now
-another process, or the host rebooted); on another host, its lock was not refreshed for
+another process, or the host rebooted); the holder was this Slurm job before a requeue (an
+earlier ``SLURM_RESTART_COUNT``: Slurm restarts a job only after its processes have ended);
+on another host, its lock was not refreshed for
 ``stale_s`` seconds (a live holder refreshes every ``refresh_s`` whatever its main thread does).
 A holder that was frozen past ``stale_s`` and wakes up finds another token at its next publish
 (:meth:`CheckpointLock.verify`, called before every publish) and refuses to publish.
@@ -70,7 +72,18 @@ def _me(token: str) -> dict[str, Any]:
     pid = os.getpid()
     return {"host": socket.gethostname(), "pid": pid, "start_ticks": _start_ticks(pid),
             "boot_id": _boot_id(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "token": token, "created": time.time()}
+            "slurm_restart": _slurm_restart(), "token": token, "created": time.time()}
+
+
+def _slurm_restart() -> Optional[int]:
+    """This job's restart count (``SLURM_RESTART_COUNT``: 0 until Slurm requeues it), or None
+    outside Slurm."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return None
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        return None
 
 
 def _describe(holder: dict[str, Any]) -> str:
@@ -172,6 +185,15 @@ class CheckpointLock:
             return None
         if holder is not None and holder.get("host") == socket.gethostname():
             return "this host rebooted since"
+        job, restart = os.environ.get("SLURM_JOB_ID"), _slurm_restart()
+        if (holder is not None and job and holder.get("slurm_job_id") == job
+                and isinstance(holder.get("slurm_restart"), int) and restart is not None
+                and holder["slurm_restart"] < restart):
+            # Slurm starts a requeued job once every process of its previous run has ended
+            # (or its node is down): the holder was this job before its requeue, killed
+            # before it could release the lock (a node lost during a save).
+            return (f"it was this Slurm job {job} before its requeue (restart "
+                    f"{holder['slurm_restart']}; this is restart {restart})")
         if age > self.stale_s:
             return (f"not refreshed for {age:.0f} s (checkpoint.lock_stale_minutes="
                     f"{self.stale_s / 60:g})")
