@@ -445,9 +445,10 @@ class CheckpointConfig:
     another size it needs checkpoint.load_optimizer=false (the Adam state has the old shape)."""
     lock_stale_minutes: float = 5.0
     """The run saving into checkpoint.save holds save/mile.lock (refreshed every 1/10 of this);
-    another run is refused. A lock of a process gone from this host is taken over at once; a
-    lock of another host only once it has not been refreshed for this long (its holder's
-    node died or froze: a frozen holder that wakes up later refuses to publish)."""
+    another run is refused. A lock of a process gone from this host, or of this Slurm job
+    before its requeue, is taken over at once; a lock of another host only once it has not
+    been refreshed for this long (its holder's node died or froze: a frozen holder that wakes
+    up later refuses to publish)."""
     use_checkpoint_opt_param_scheduler: bool = False
     """On resume, keep the checkpoint's learning-rate schedule (lr, min_lr, warm-up, decay
     iterations and style, weight decay) even where the config differs (Megatron-LM's
