@@ -56,9 +56,6 @@ from megatron_mile.loss import (
 from megatron_mile.loss.fused_linear import forms_gradients_in_forward
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def fused_output_layer(cfg: TrainConfig) -> bool:
     """``loss.fused_output_layer`` resolved: as set, or where it is None (the default) on
     exactly where the fused loss forms its gradients in forward for the run's dtype and TP
@@ -66,7 +63,7 @@ def fused_output_layer(cfg: TrainConfig) -> bool:
     at TP 1, 2, 4, 8), off elsewhere (fp16, whose backward would recompute the logits)."""
     if cfg.loss.fused_output_layer is not None:
         return cfg.loss.fused_output_layer
-    return forms_gradients_in_forward(_DTYPES[cfg.precision.dtype],
+    return forms_gradients_in_forward(cfg.precision.torch_dtype,
                                       cfg.parallel.tensor_model_parallel_size)
 
 
