@@ -53,7 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``megatron-mile-preprocess``; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
     # SIGTERM (kill, job schedulers) unwinds like Ctrl-C, so temporary files are removed.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _run(args)
+    finally:  # given back, for a caller that runs main() in its own process
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from megatron_mile.data.preprocess import BadInputError, preprocess, token_dtype
 

@@ -112,6 +112,9 @@ def _init_worker(tokenizer: SentencePieceTokenizer | HFTokenizer, json_key: str,
     if in_pool:
         import signal
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C, stops us
+        # Forked workers inherit the parent's handlers (a CLI's, a trainer's, SIG_IGN): the
+        # pool stops them with SIGTERM, which must end them, or terminate() waits forever.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _TOK = tokenizer  # pickled to pool workers with its model bytes
     _JSON_KEY = json_key
     _DTYPE = np.dtype(dtype_name).type
@@ -265,8 +268,12 @@ def preprocess(
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)
         fsync_path(os.path.dirname(os.path.abspath(idx_path)))
+        if pool is not None:  # every chunk is back: the workers end on their own
+            pool.close()
+            pool.join()
+            pool = None
     finally:
-        if pool is not None:
+        if pool is not None:  # an error or an interrupt: stop the workers mid-chunk
             pool.terminate()
             pool.join()
         if not builder.data_file.closed:
