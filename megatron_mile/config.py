@@ -267,6 +267,10 @@ class ParallelConfig:
                               "parallel.pipeline_model_parallel_size >= 2")
 
 
+DTYPES = ("fp32", "bf16", "fp16")
+"""The values of ``precision.dtype`` (and of the evaluation tools' ``--dtype``)."""
+
+
 @dataclass
 class PrecisionConfig:
     """Numeric formats. The loss always computes in fp32, whatever the logits' dtype."""
@@ -291,9 +295,8 @@ class PrecisionConfig:
     """fp16 only: iterations without overflow before the scale doubles."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision.dtype={self.dtype!r} is not one of ('fp32', 'bf16', "
-                              "'fp16')")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"precision.dtype={self.dtype!r} is not one of {DTYPES}")
         if self.fp8 not in (None, "hybrid", "e4m3"):
             raise ConfigError(f"precision.fp8={self.fp8!r} is not one of (None, 'hybrid', 'e4m3')")
         if self.fp8_amax_compute_algo not in ("max", "most_recent"):
@@ -307,7 +310,7 @@ class PrecisionConfig:
     def torch_dtype(self):
         import torch
 
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+        return dict(zip(DTYPES, (torch.float32, torch.bfloat16, torch.float16)))[self.dtype]
 
 
 @dataclass

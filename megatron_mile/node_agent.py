@@ -94,6 +94,21 @@ def _nodes(nnodes: str) -> int:
         return 1
 
 
+def _peer_report_s() -> float:
+    """``MILE_PEER_REPORT_S`` in seconds (default 10); ValueError naming it when it is not a
+    number >= 0."""
+    raw = os.environ.get(PEER_REPORT_ENV, "10")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:  # NaN too
+        raise ValueError(f"{PEER_REPORT_ENV}={raw!r} is not a number of seconds >= 0; set it "
+                         "to how long a failed node waits for its peers' reports (default 10), "
+                         "or unset it")
+    return value
+
+
 def _let_the_peers_speak(received: list[str]) -> None:
     """Wait (up to ``MILE_PEER_REPORT_S``, default 10 s) before this node's bad exit, unless
     Slurm ends the step first (a SIGTERM, noted in ``received``).
@@ -107,10 +122,7 @@ def _let_the_peers_speak(received: list[str]) -> None:
     the step, this agent included. Costs nothing where the peers speak first; at most the
     wait where they do not (a peer computing a long iteration).
     """
-    try:
-        wait_s = float(os.environ.get(PEER_REPORT_ENV, "10"))
-    except ValueError:
-        wait_s = 10.0
+    wait_s = _peer_report_s()
     deadline = time.monotonic() + wait_s
     while not received and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -137,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     ChildFailedError, parse_args, run = _import_torchrun()
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        _peer_report_s()  # checked now, not when a node has failed
+    except ValueError as e:
+        _say(str(e))
+        return 2
     _quiet_torchrun()
     # The trainers' one-line messages about a dead or hung peer come from local rank 0 only:
     # every trainer of the node saw the same event (megatron_mile/training/watchdog.py).

@@ -225,3 +225,13 @@ def _with_nnodes(main, nnodes):
     def main_with(argv=None):
         return main([f"--nnodes={nnodes}", *(argv or ARGS)[1:]])
     return main_with
+
+
+@pytest.mark.parametrize("value", ["ten", "-1", "nan"])
+def test_a_bad_peer_report_time_is_one_line_at_the_start(agent, capsys, monkeypatch, value):
+    started = []
+    monkeypatch.setenv(node_agent.PEER_REPORT_ENV, value)
+    rc, _ = agent(started.append, "slurm")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not started
+    assert len(err) == 1 and f"MILE_PEER_REPORT_S={value!r} is not a number of seconds" in err[0]

@@ -17,12 +17,9 @@ from typing import Optional
 
 import torch
 
-from megatron_mile.config import TrainConfig, config_from_dict
+from megatron_mile.config import DTYPES, TrainConfig, config_from_dict
 from megatron_mile.training import checkpoint
 from megatron_mile.training.checkpoint import CheckpointError
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass
 class InferenceModel:
@@ -105,8 +102,8 @@ def load_inference_model(load_dir: str, tp: int = 1, pp: int = 1, dtype: Optiona
               "parallel.use_distributed_optimizer=false",
               "model.recompute_granularity=null", "precision.fp8=null"]
     if dtype is not None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not one of {tuple(_DTYPES)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {DTYPES}")
         layout.append(f"precision.dtype={dtype}")
     trained = read_checkpoint_config(load_dir, iteration, overrides)
     vocab_size, tokenizer_vocab = trained_vocab_sizes(trained)
