@@ -23,3 +23,24 @@ from slurm_cluster import _slurm_jobs_left, cluster  # noqa: F401 - shared fixtu
 def model_path(tmp_path_factory) -> str:
     """A 400-piece SentencePiece BPE model trained on generated text (about a second)."""
     return train_small_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+_GUARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """Every test gives back the signal handlers it changed in the pytest process: a handler
+    left behind is inherited by every process later tests fork (a pool worker that ignores
+    SIGTERM never ends, and its pool's terminate() waits for it forever)."""
+    import signal
+
+    sigs = [getattr(signal, name) for name in _GUARDED_SIGNALS]
+    before = {sig: signal.getsignal(sig) for sig in sigs}
+    yield
+    leaked = {sig: signal.getsignal(sig) for sig in sigs if signal.getsignal(sig) != before[sig]}
+    for sig in leaked:
+        signal.signal(sig, before[sig])
+    if leaked:
+        pytest.fail("left signal handlers changed in the pytest process: " + ", ".join(
+            f"{signal.Signals(sig).name} -> {handler!r}" for sig, handler in leaked.items()))
