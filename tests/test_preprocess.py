@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import make_documents
-from megatron_mile.data.preprocess import BadInputError, preprocess
+from megatron_mile.data.preprocess import BadInputError, _encode_chunk, preprocess
 from megatron_mile.data.tokenizer import SentencePieceTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_strict_fails_on_first_bad_line_and_writes_nothing(tmp_path, model_path)
 
 _INHERITED_SIGTERM_RUN = """
 import signal, sys
-from megatron_mile.data.preprocess import BadInputError, preprocess
+from megatron_mile.data.preprocess import BadInputError, _encode_chunk, preprocess
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a trainer leaves it after a peer failure
 corpus, out, model = sys.argv[1:]
 stats = preprocess([corpus], out + "-lenient", model, workers=2, chunk_bytes=256, progress=None)
@@ -131,6 +131,40 @@ def test_pool_ends_whatever_sigterm_handler_the_caller_has(tmp_path, model_path)
         pytest.fail("preprocess hung stopping its workers (still running after 120 s)")
     assert proc.returncode == 0, err[-2000:]
     assert out.split("\n")[:2] == [f"lenient {len(good)}", "strict raised"]
+
+
+def _broken_on_line_31(fmt, records):  # runs in the forked workers
+    if any(r.line == 31 for r in records):
+        raise UnicodeError("a tokenizer bug")
+    return _encode_chunk(fmt, records)
+
+
+def _killed_on_line_31(fmt, records):
+    if any(r.line == 31 for r in records):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _encode_chunk(fmt, records)
+
+
+@pytest.mark.parametrize("chunk_bytes", [256, 1 << 20])  # many chunks; one chunk
+def test_worker_errors_reach_the_caller(tmp_path, model_path, monkeypatch, chunk_bytes):
+    """An exception in a worker is raised in the caller, and a dead worker (the OOM killer's
+    SIGKILL) is one clear error naming it and the fix, never a hang; nothing is written and
+    no worker is left behind."""
+    import multiprocessing as mp
+
+    from megatron_mile.data import preprocess as pre
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(60)))
+    killed = (r"tokenizer worker [12] of 2 \(pid \d+\) was killed by SIGKILL .* fewer "
+              r"--workers or a smaller --chunk-mb")
+    for encode, error in ((_broken_on_line_31, "a tokenizer bug"), (_killed_on_line_31, killed)):
+        monkeypatch.setattr(pre, "_encode_chunk", encode)
+        with pytest.raises((UnicodeError, pre.WorkerDiedError), match=error):
+            preprocess([str(corpus)], str(tmp_path / "out"), model_path, workers=2,
+                       chunk_bytes=chunk_bytes, progress=None)
+        assert sorted(os.listdir(tmp_path)) == ["c.jsonl"]
+        assert mp.active_children() == []
 
 
 def test_failure_before_commit_keeps_previous_dataset(tmp_path, model_path, monkeypatch):

@@ -9,7 +9,8 @@ byte-level BPE) or a folder holding one. Each document gets the tokenizer's EOS 
 JSON, missing --json-key, non-UTF-8 bytes, empty text) are skipped, counted and the first few
 printed with file:line; --strict stops at the first. Prints a progress line every
 --log-interval seconds and a summary at the end. Output appears only when complete: an
-interrupted run leaves no PREFIX.idx. Exit status: 0 done, 1 interrupted, 2 bad input/usage.
+interrupted run leaves no PREFIX.idx. Exit status: 0 done, 1 interrupted or a worker killed
+(the OOM killer: lower --workers or --chunk-mb), 2 bad input/usage.
 Pass the prefix to training as data_path. Also ``python -m megatron_mile.cli.preprocess`` and
 ``python tools/preprocess_data.py`` (Megatron-LM's name).
 """
@@ -62,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    from megatron_mile.data.preprocess import BadInputError, preprocess, token_dtype
+    from megatron_mile.data.preprocess import (
+        BadInputError, WorkerDiedError, preprocess, token_dtype,
+    )
 
     try:
         stats = preprocess(
@@ -77,6 +80,9 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except WorkerDiedError as err:
+        print(f"error: {err}; nothing written to {args.output_prefix}.idx", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: nothing written to {args.output_prefix}.idx", file=sys.stderr)
         return 1

@@ -14,7 +14,8 @@ CLI) and can be deleted by hand after a SIGKILL.
 
 Work split: the parent reads raw records (bytes, cheap) in chunks of about ``chunk_bytes``;
 workers decode, validate and tokenize a chunk each; the parent writes results in order, with
-at most ``4 * workers`` chunks in flight so memory stays bounded on any input size.
+one chunk per worker in flight so memory stays bounded on any input size. A worker that dies
+(the OOM killer) is :class:`WorkerDiedError`, never a hang.
 """
 
 from __future__ import annotations
@@ -107,15 +108,9 @@ _DTYPE: type = np.int32
 
 
 def _init_worker(tokenizer: SentencePieceTokenizer | HFTokenizer, json_key: str,
-                 dtype_name: str, in_pool: bool = False) -> None:
+                 dtype_name: str) -> None:
     global _TOK, _JSON_KEY, _DTYPE
-    if in_pool:
-        import signal
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C, stops us
-        # Forked workers inherit the parent's handlers (a CLI's, a trainer's, SIG_IGN): the
-        # pool stops them with SIGTERM, which must end them, or terminate() waits forever.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _TOK = tokenizer  # pickled to pool workers with its model bytes
+    _TOK = tokenizer  # pickled to spawned workers with its model bytes
     _JSON_KEY = json_key
     _DTYPE = np.dtype(dtype_name).type
 
@@ -246,7 +241,8 @@ def preprocess(
             _init_worker(tokenizer, json_key, np.dtype(dtype).name)
             results: Iterator[_ChunkResult] = (_encode_chunk(*c) for c in chunks)
         else:
-            pool, results = _start_pool(workers, tokenizer, json_key, dtype, chunks)
+            pool = _Workers(workers, tokenizer, json_key, dtype)
+            results = pool.map(chunks)
         for res in results:
             _write_chunk(builder, res, stats, strict, max_bad_examples)
             now = time.perf_counter()
@@ -268,14 +264,9 @@ def preprocess(
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)
         fsync_path(os.path.dirname(os.path.abspath(idx_path)))
-        if pool is not None:  # every chunk is back: the workers end on their own
-            pool.close()
-            pool.join()
-            pool = None
     finally:
-        if pool is not None:  # an error or an interrupt: stop the workers mid-chunk
-            pool.terminate()
-            pool.join()
+        if pool is not None:
+            pool.stop()
         if not builder.data_file.closed:
             builder.data_file.close()
         for p in (tmp_bin, tmp_idx):
@@ -288,27 +279,133 @@ def preprocess(
     return stats
 
 
-def _start_pool(workers: int, tokenizer, json_key: str, dtype: type,
-                chunks: Iterator[tuple[InputFormat, list[Record]]]):
-    """Start the pool; return it and an iterator over chunk results in input order."""
-    import multiprocessing as mp
+class WorkerDiedError(RuntimeError):
+    """A tokenizer worker process ended without being asked to (the OOM killer, a signal)."""
 
-    # fork: workers start in milliseconds (no re-import of torch/megatron-core).
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = ctx.Pool(workers, initializer=_init_worker,
-                    initargs=(tokenizer, json_key, np.dtype(dtype).name, True))
 
-    def ordered() -> Iterator[_ChunkResult]:
-        # Pool.imap would read the whole input ahead of the workers; keep a bounded window.
-        pending: collections.deque = collections.deque()
-        for c in chunks:
-            pending.append(pool.apply_async(_encode_chunk, c))
-            if len(pending) >= 4 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+class _Workers:
+    """``n`` tokenizer processes, each with its own pipe, given one chunk at a time in turn.
 
-    return pool, ordered()
+    Chunk ``k`` goes to worker ``k % n`` and its result is read back in the same order, so
+    results come in input order with one chunk per worker in flight (memory bounded on any
+    input), and the parent sends a worker its next chunk only after reading its last result
+    (neither side can block the other on a full pipe). A worker that dies is an error naming
+    it, not a hang (``multiprocessing.Pool`` waits forever for the task of a worker killed by
+    the OOM killer, and its ``terminate()`` can hang: CPython issues 78178 and 96995);
+    :meth:`stop` always returns, in bounded time.
+    """
+
+    def __init__(self, n: int, tokenizer: SentencePieceTokenizer | HFTokenizer,
+                 json_key: str, dtype: type) -> None:
+        import multiprocessing as mp
+
+        # fork: workers start in milliseconds (no re-import of torch/megatron-core).
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        self.procs: list = []
+        self.conns: list = []
+        self.busy: collections.deque = collections.deque()
+        """Workers with a chunk out, in input order."""
+        try:
+            for i in range(n):
+                here, there = ctx.Pipe()
+                proc = ctx.Process(target=_worker_main, name=f"preprocess-worker-{i}",
+                                   args=(there, tokenizer, json_key, np.dtype(dtype).name),
+                                   daemon=True)
+                proc.start()
+                there.close()  # the worker's end lives in the worker only: EOF when it dies
+                self.procs.append(proc)
+                self.conns.append(here)
+        except BaseException:
+            self.stop()
+            raise
+
+    def map(self, chunks: Iterator[tuple[InputFormat, list[Record]]]) -> Iterator[_ChunkResult]:
+        """Each chunk's result, in input order."""
+        busy = self.busy
+        for i, chunk in zip(range(len(self.conns)), chunks):
+            self.conns[i].send(chunk)
+            busy.append(i)
+        while busy:
+            i = busy[0]
+            result = self._receive(i)
+            busy.popleft()
+            chunk = next(chunks, None)
+            if chunk is not None:  # before the parent writes this result: overlap
+                self.conns[i].send(chunk)
+                busy.append(i)
+            yield result
+
+    def _receive(self, i: int) -> _ChunkResult:
+        try:
+            kind, payload = self.conns[i].recv()
+        except (EOFError, OSError):
+            proc = self.procs[i]
+            proc.join(timeout=10)
+            code = proc.exitcode
+            how = (f"was killed by {_signal_name(-code)}" if code is not None and code < 0
+                   else f"exited with {code}")
+            raise WorkerDiedError(
+                f"tokenizer worker {i + 1} of {len(self.procs)} (pid {proc.pid}) {how} while "
+                "tokenizing a chunk (SIGKILL is what the kernel's OOM killer sends when memory "
+                "runs out); run again with fewer --workers or a smaller --chunk-mb") from None
+        if kind == "error":
+            raise payload
+        return payload
+
+    def stop(self) -> None:
+        """End every worker, in bounded time: an idle one on its sentinel, one with a chunk
+        out (an error or an interrupt in the parent) at once, by SIGKILL."""
+        for i, (proc, conn) in enumerate(zip(self.procs, self.conns)):
+            if i in self.busy:
+                proc.kill()
+                continue
+            try:
+                conn.send(None)
+            except OSError:  # a dead worker's pipe
+                proc.kill()
+        deadline = time.monotonic() + 5
+        for proc in self.procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if proc.exitcode is None:  # not ended by its sentinel within 5 s
+                proc.kill()
+                proc.join()
+        for conn in self.conns:
+            conn.close()
+        self.procs, self.conns = [], []
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _worker_main(conn, tokenizer: SentencePieceTokenizer | HFTokenizer, json_key: str,
+                 dtype_name: str) -> None:
+    """A worker of :class:`_Workers`: encode chunks from ``conn`` until ``None`` or EOF."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops us
+    # Forked workers inherit the parent's handlers (a CLI's, a trainer's, SIG_IGN).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(tokenizer, json_key, dtype_name)
+    while True:
+        try:
+            chunk = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if chunk is None:
+            return
+        try:
+            conn.send(("ok", _encode_chunk(*chunk)))
+        except Exception as e:  # noqa: BLE001 - raised again in the parent
+            try:
+                conn.send(("error", e))
+            except Exception:  # noqa: BLE001 - an exception that does not pickle
+                conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}")))
 
 
 def _write_chunk(builder, res: _ChunkResult, stats: PreprocessStats, strict: bool,
