@@ -167,6 +167,24 @@ def test_worker_errors_reach_the_caller(tmp_path, model_path, monkeypatch, chunk
         assert mp.active_children() == []
 
 
+def test_a_worker_dead_before_its_next_chunk_is_the_same_error(model_path):
+    """A worker that dies between chunks: the send to it is the worker's error, not EPIPE."""
+    from megatron_mile.data import preprocess as pre
+    from megatron_mile.data.text_input import Record
+
+    workers = pre._Workers(2, pre.load_tokenizer(model_path), "text", np.uint16)
+    try:
+        workers.procs[1].kill()
+        workers.procs[1].join()
+        chunks = iter([("jsonl", [Record("c.jsonl", k, b'{"text": "a b"}')]) for k in (1, 2)])
+        with pytest.raises(pre.WorkerDiedError, match=r"worker 2 of 2 \(pid \d+\) was killed by "
+                                                      r"SIGKILL"):
+            list(workers.map(chunks))
+    finally:
+        workers.stop()
+    assert workers.procs == []
+
+
 def test_failure_before_commit_keeps_previous_dataset(tmp_path, model_path, monkeypatch):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 

@@ -323,7 +323,7 @@ class _Workers:
         """Each chunk's result, in input order."""
         busy = self.busy
         for i, chunk in zip(range(len(self.conns)), chunks):
-            self.conns[i].send(chunk)
+            self._send(i, chunk)
             busy.append(i)
         while busy:
             i = busy[0]
@@ -331,26 +331,35 @@ class _Workers:
             busy.popleft()
             chunk = next(chunks, None)
             if chunk is not None:  # before the parent writes this result: overlap
-                self.conns[i].send(chunk)
+                self._send(i, chunk)
                 busy.append(i)
             yield result
+
+    def _send(self, i: int, chunk: tuple[InputFormat, list[Record]]) -> None:
+        try:
+            self.conns[i].send(chunk)
+        except OSError:  # EPIPE: the worker is gone
+            raise self._died(i) from None
 
     def _receive(self, i: int) -> _ChunkResult:
         try:
             kind, payload = self.conns[i].recv()
         except (EOFError, OSError):
-            proc = self.procs[i]
-            proc.join(timeout=10)
-            code = proc.exitcode
-            how = (f"was killed by {_signal_name(-code)}" if code is not None and code < 0
-                   else f"exited with {code}")
-            raise WorkerDiedError(
-                f"tokenizer worker {i + 1} of {len(self.procs)} (pid {proc.pid}) {how} while "
-                "tokenizing a chunk (SIGKILL is what the kernel's OOM killer sends when memory "
-                "runs out); run again with fewer --workers or a smaller --chunk-mb") from None
+            raise self._died(i) from None
         if kind == "error":
             raise payload
         return payload
+
+    def _died(self, i: int) -> WorkerDiedError:
+        proc = self.procs[i]
+        proc.join(timeout=10)
+        code = proc.exitcode
+        how = (f"was killed by {_signal_name(-code)}" if code is not None and code < 0
+               else f"exited with {code}")
+        return WorkerDiedError(
+            f"tokenizer worker {i + 1} of {len(self.procs)} (pid {proc.pid}) {how} while "
+            "tokenizing (SIGKILL is what the kernel's OOM killer sends when memory runs out); "
+            "run again with fewer --workers or a smaller --chunk-mb")
 
     def stop(self) -> None:
         """End every worker, in bounded time: an idle one on its sentinel, one with a chunk
