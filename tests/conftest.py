@@ -31,8 +31,9 @@ _GUARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 @pytest.fixture(autouse=True)
 def _signal_handlers_restored():
     """Every test gives back the signal handlers it changed in the pytest process: a handler
-    left behind is inherited by every process later tests fork (a pool worker that ignores
-    SIGTERM never ends, and its pool's terminate() waits for it forever)."""
+    left behind is inherited by every process later tests fork (a worker that ignores SIGTERM
+    outlives whatever stops it that way; CI once hung 600 s in multiprocessing.Pool's
+    terminate() after an in-process CLI run had left its SIGTERM handler behind)."""
     import signal
 
     sigs = [getattr(signal, name) for name in _GUARDED_SIGNALS]

@@ -398,7 +398,9 @@ def _worker_main(conn, tokenizer: SentencePieceTokenizer | HFTokenizer, json_key
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops us
-    # Forked workers inherit the parent's handlers (a CLI's, a trainer's, SIG_IGN).
+    # A forked worker inherits the parent's handlers (the CLI's raising one, a trainer's,
+    # SIG_IGN): a SIGTERM to the whole job (scancel, kill of the process group) must end it
+    # quietly, not raise a traceback in it or leave it running; the parent cleans up.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _init_worker(tokenizer, json_key, dtype_name)
     while True:
