@@ -151,6 +151,23 @@ def test_worker_errors_reach_the_caller(tmp_path, model_path, monkeypatch, chunk
         assert mp.active_children() == []
 
 
+def test_cli_says_a_killed_worker_in_one_line(tmp_path, model_path, monkeypatch, capsys):
+    from megatron_mile.cli import preprocess as cli
+    from megatron_mile.data import preprocess as pre
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(60)))
+    monkeypatch.setattr(pre, "_encode_chunk", _killed_on_line_31)
+    assert cli.main(["--input", str(corpus), "--output-prefix", str(tmp_path / "out"),
+                     "--tokenizer-model", model_path, "--workers", "2", "--chunk-mb", "0.0005",
+                     "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: tokenizer worker "), err
+    assert "was killed by SIGKILL" in err[0]
+    assert err[0].endswith(f"nothing written to {tmp_path}/out.idx")
+    assert sorted(os.listdir(tmp_path)) == ["c.jsonl"]
+
+
 def test_a_worker_dead_before_its_next_chunk_is_the_same_error(model_path):
     """A worker that dies between chunks: the send to it is the worker's error, not EPIPE."""
     from megatron_mile.data import preprocess as pre
